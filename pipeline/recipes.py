@@ -1,0 +1,94 @@
+"""A training recipe resolved from config: the base optimizer plus the optional pieces.
+
+A recipe is `training.optimizer` overridden by the recipe's own `optimizer` entry, plus at most
+these pieces, each under its own key and switched on by being present:
+
+- `input_perturbation: {gamma}` (DDPM-IP): x_t is built from eps + gamma * xi; the target stays eps.
+- `sam: {rho, adaptive, asam_eta}`: SAM (or ASAM) around the base optimizer.
+- `fsgld: {beta_inv, eta, sigma, n_pert, antithetic}`: flatness-aware SGLD. With an SGD base this is
+  the paper's form; with an Adam base it is this project's extension and is labelled so.
+
+SAM and fSGLD both own the gradient evaluation point, so they exclude each other.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Mapping
+
+import torch
+
+from pipeline.config import deep_merge
+from pipeline.errors import PipelineError
+
+OPTIMIZER_KEYS = {"name", "lr", "weight_decay", "betas", "momentum"}
+PIECE_KEYS = {"optimizer", "input_perturbation", "sam", "fsgld"}
+SAM_DEFAULTS = {"rho": 0.1, "adaptive": False, "asam_eta": 0.0}
+FSGLD_DEFAULTS = {"beta_inv": 1e-8, "eta": 0.01, "sigma": None, "n_pert": 1, "antithetic": False}
+
+
+@dataclasses.dataclass(frozen=True)
+class Recipe:
+    name: str
+    optimizer: dict[str, Any]
+    ip_gamma: float = 0.0
+    sam: dict[str, Any] | None = None
+    fsgld: dict[str, Any] | None = None
+
+    @property
+    def label(self) -> str:
+        """How tables name the recipe's training: '+SAM', '+IP', '+fSGLD (Adam base, ext.)'..."""
+        parts = []
+        if self.ip_gamma:
+            parts.append("+IP")
+        if self.sam is not None:
+            parts.append("+ASAM" if self.sam["adaptive"] else "+SAM")
+        if self.fsgld is not None:
+            parts.append("+fSGLD" if self.optimizer["name"] == "sgd" else "+fSGLD (Adam base, ext.)")
+        return "".join(parts) or "ADM"
+
+    def describe(self) -> dict[str, Any]:
+        """Everything that defines the recipe, for provenance attributes."""
+        return {"name": self.name, "label": self.label, "optimizer": self.optimizer,
+                "input_perturbation": {"gamma": self.ip_gamma} if self.ip_gamma else None,
+                "sam": self.sam, "fsgld": self.fsgld}
+
+
+def resolve_recipe(config: Mapping[str, Any], name: str) -> Recipe:
+    """Build the named recipe from config['recipes'][name] over config['training']['optimizer']."""
+    recipes = config.get("recipes") or {}
+    if name not in recipes:
+        raise PipelineError(f"unknown recipe '{name}'; config.yaml defines: {', '.join(sorted(recipes))}.")
+    spec = recipes[name] or {}
+    unknown = set(spec) - PIECE_KEYS
+    if unknown:
+        raise PipelineError(f"recipe '{name}' has unknown keys {sorted(unknown)}; "
+                            f"allowed: {sorted(PIECE_KEYS)}.")
+    optimizer = deep_merge(config.get("training", {}).get("optimizer", {}), spec.get("optimizer") or {})
+    bad = set(optimizer) - OPTIMIZER_KEYS
+    if bad:
+        raise PipelineError(f"recipe '{name}': unknown optimizer keys {sorted(bad)}.")
+    if optimizer.get("name") not in ("adamw", "sgd"):
+        raise PipelineError(f"recipe '{name}': optimizer.name must be adamw or sgd, "
+                            f"got {optimizer.get('name')!r}.")
+    ip_gamma = float((spec.get("input_perturbation") or {}).get("gamma", 0.0))
+    if ip_gamma < 0:
+        raise PipelineError(f"recipe '{name}': input_perturbation.gamma must be >= 0, got {ip_gamma}.")
+    sam = deep_merge(SAM_DEFAULTS, spec["sam"] or {}) if "sam" in spec else None
+    if sam is not None and sam["rho"] < 0:
+        raise PipelineError(f"recipe '{name}': sam.rho must be >= 0, got {sam['rho']}.")
+    fsgld = deep_merge(FSGLD_DEFAULTS, spec["fsgld"] or {}) if "fsgld" in spec else None
+    if sam is not None and fsgld is not None:
+        raise PipelineError(f"recipe '{name}' combines sam and fsgld; both move the point where the "
+                            "gradient is taken, so pick one.")
+    return Recipe(name=name, optimizer=optimizer, ip_gamma=ip_gamma, sam=sam, fsgld=fsgld)
+
+
+def base_optimizer_class(recipe: Recipe) -> tuple[type[torch.optim.Optimizer], dict[str, Any]]:
+    """The torch optimizer class and its keyword arguments for the recipe's base."""
+    opt = recipe.optimizer
+    if opt["name"] == "adamw":
+        return torch.optim.AdamW, {"lr": float(opt["lr"]), "weight_decay": float(opt["weight_decay"]),
+                                   "betas": tuple(float(b) for b in opt["betas"])}
+    return torch.optim.SGD, {"lr": float(opt["lr"]), "weight_decay": float(opt["weight_decay"]),
+                             "momentum": float(opt.get("momentum", 0.0))}

@@ -1,0 +1,328 @@
+"""Train one ADM model with a recipe; writes raw, EMA and SWA weights and train.h5.
+
+One run yields three weights files (raw, EMA, SWA), so the paper's nine algorithms per dataset
+cost three runs. A checkpoint is written every `training.checkpoint_every` steps; rerunning the
+same command resumes from it and ends bit-identical (on CPU) to an uninterrupted run, because
+every random draw is derived from (seed, step) and the remaining state is in the checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any, Mapping
+
+import h5py
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from pipeline import seeding
+from pipeline.config import load_config, section
+from pipeline.data.loader import TrainingBatches
+from pipeline.diffusion.gaussian import create_diffusion
+from pipeline.diffusion.timestep_sampler import LossSecondMomentResampler, UniformSampler
+from pipeline.errors import PipelineError
+from pipeline.io import atomic_path, atomic_torch_save, provenance, write_attrs
+from pipeline.io.checkpoint import load_checkpoint, save_checkpoint
+from pipeline.nn.presets import build_unet
+from pipeline.optim.averages import EMA, SWA
+from pipeline.optim.fsgld import FSGLD
+from pipeline.optim.sam import SAM
+from pipeline.recipes import Recipe, base_optimizer_class, resolve_recipe
+
+WEIGHTS = {"none": "weights_raw.pt", "ema": "weights_ema.pt", "swa": "weights_swa.pt"}
+LOG_FIELDS = ("loss", "mse", "vb", "grad_norm", "lr")
+
+
+# ------------------------------------------------------------------------------------------
+# Settings: everything that defines a run, resolved once from config (and stored with it).
+
+def train_settings(config: Mapping[str, Any], dataset: str, recipe: str, seed: int) -> dict[str, Any]:
+    """The resolved settings of one training run; a pure function of config and wildcards."""
+    data = section(config, "datasets", dataset)
+    training = section(config, "training")
+    return {
+        "dataset": dataset,
+        "seed": int(seed),
+        "preset": data["preset"],
+        "batch_size": int(data["batch_size"]),
+        "random_flip": bool(data["random_flip"]),
+        "steps": int(training["steps"]),
+        "log_every": int(training["log_every"]),
+        "checkpoint_every": int(training["checkpoint_every"]),
+        "schedule_sampler": training["schedule_sampler"],
+        "diffusion": dict(training["diffusion"]),
+        "ema": dict(training["ema"]),
+        "swa": dict(training["swa"]),
+        "cuda": dict(training.get("cuda", {})),
+        "device": config.get("device", "auto"),
+        "recipe": resolve_recipe(config, recipe).describe(),
+    }
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise PipelineError("device 'cuda' was asked for but torch sees no CUDA device; "
+                            "set device: auto or cpu.")
+    return torch.device(name)
+
+
+# ------------------------------------------------------------------------------------------
+# The training loop.
+
+def train(settings: Mapping[str, Any], data_path: str | Path, out_dir: str | Path,
+          stop_after: int | None = None, progress: bool = True) -> None:
+    """Train (or resume) the run described by `settings`, writing into `out_dir`.
+
+    `stop_after` ends the process after that many steps of this invocation without writing the
+    final outputs (the checkpoint is written first): tests use it to interrupt a run.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    recipe = Recipe(**{k: v for k, v in _recipe_fields(settings["recipe"]).items()})
+    seed, total_steps = settings["seed"], settings["steps"]
+    device = resolve_device(settings["device"])
+    use_cuda_opts = device.type == "cuda"
+
+    # Data, model, diffusion.
+    batches = TrainingBatches(data_path, batch_size=settings["batch_size"], seed=seed,
+                              random_flip=settings["random_flip"])
+    torch.manual_seed(seeding.derive_seed(seed, stream="init"))
+    model = build_unet(settings["preset"], in_channels=batches.channels,
+                       learn_sigma=settings["diffusion"]["learn_sigma"]).to(device)
+    if batches.image_size != model.image_size:
+        raise PipelineError(f"{data_path} holds {batches.image_size}px images but preset "
+                            f"'{settings['preset']}' is built for {model.image_size}px.")
+    if use_cuda_opts and settings["cuda"].get("channels_last"):
+        model = model.to(memory_format=torch.channels_last)
+    diffusion = create_diffusion(steps=settings["diffusion"]["steps"],
+                                 noise_schedule=settings["diffusion"]["noise_schedule"],
+                                 learn_sigma=settings["diffusion"]["learn_sigma"])
+    sampler = (LossSecondMomentResampler(diffusion.num_timesteps)
+               if settings["schedule_sampler"] == "loss-second-moment"
+               else UniformSampler(diffusion.num_timesteps))
+    forward = torch.compile(model) if use_cuda_opts and settings["cuda"].get("compile") else model
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16,
+                              enabled=use_cuda_opts and bool(settings["cuda"].get("bf16")))
+
+    # Optimizer (the recipe decides the wrapper) and the two weight averages.
+    optimizer = build_optimizer(model, recipe, seed)
+    ema = EMA(model, decay=settings["ema"]["decay"])
+    swa = SWA(model, start_fraction=settings["swa"]["start_fraction"],
+              every=settings["swa"]["every"], total_steps=total_steps)
+
+    # Resume.
+    ckpt_path = out_dir / "checkpoint.pt"
+    log = {name: [] for name in LOG_FIELDS}
+    interval_times: list[float] = []
+    step = 0
+    ckpt = load_checkpoint(ckpt_path)
+    if ckpt is not None:
+        if ckpt["settings_json"] != json.dumps(settings, sort_keys=True):
+            raise PipelineError(f"{ckpt_path} belongs to a run with other settings; delete it (or the "
+                                f"whole {out_dir}) to start this run afresh.")
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        ema.load_state_dict(ckpt["ema"])
+        swa.load_state_dict(ckpt["swa"])
+        sampler.load_state_dict(ckpt["sampler"])
+        torch.set_rng_state(ckpt["torch_rng"])
+        log = {name: list(values) for name, values in ckpt["log"].items()}
+        interval_times = list(ckpt["interval_times"])
+        step = int(ckpt["step"])
+
+    def checkpoint() -> None:
+        save_checkpoint({
+            "settings_json": json.dumps(settings, sort_keys=True), "step": step,
+            "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+            "ema": ema.state_dict(), "swa": swa.state_dict(), "sampler": sampler.state_dict(),
+            "torch_rng": torch.get_rng_state(), "log": log, "interval_times": interval_times,
+        }, ckpt_path)
+
+    def losses(x0, t, weights, noise, input_noise):
+        """Importance-weighted batch loss and the per-sample terms, at the current weights."""
+        with autocast:
+            terms = diffusion.training_losses(forward, x0, t, noise, input_noise=input_noise)
+        return (terms["loss"] * weights).mean(), terms
+
+    model.train()
+    bar = tqdm(total=total_steps, initial=step, disable=not progress, desc=f"train {recipe.name}",
+               dynamic_ncols=True)
+    interval_start, steps_this_call = time.perf_counter(), 0
+    while step < total_steps:
+        # The batch and every draw of this step are functions of (seed, step) alone.
+        x0 = batches.batch(step).to(device, non_blocking=True)
+        t, weights = sampler.sample(x0.shape[0], seeding.generator(seed, step, stream="timesteps"), device)
+        noise = _randn_like(x0, seeding.generator(seed, step, stream="noise"))
+        input_noise = None
+        if recipe.ip_gamma:
+            xi = _randn_like(x0, seeding.generator(seed, step, stream="input_perturbation"))
+            input_noise = noise + recipe.ip_gamma * xi
+        torch.manual_seed(seeding.derive_seed(seed, step, stream="dropout"))
+
+        # Gradient at the point the recipe asks for (theta, or theta + eps for fSGLD).
+        if isinstance(optimizer, FSGLD):
+            loss, terms, grad_norm = _fsgld_gradient(optimizer, losses, x0, t, weights, noise, input_noise)
+        else:
+            loss, terms = losses(x0, t, weights, noise, input_noise)
+            loss.backward()
+            grad_norm = _grad_norm(model)
+        _check_finite(terms, step, recipe)
+        sampler.update(t, terms["loss"].detach())
+
+        # Update: SAM takes a second gradient at theta + rho g/||g|| on the same x0, t, noise.
+        if isinstance(optimizer, SAM):
+            optimizer.first_step()
+            optimizer.zero_grad(set_to_none=True)
+            losses(x0, t, weights, noise, input_noise)[0].backward()
+            optimizer.second_step()
+        else:
+            optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+
+        # Averages see only the stepped weights (never SAM's or fSGLD's perturbed point).
+        ema.update(model)
+        swa.update(model, step)
+
+        log["loss"].append(loss.item())
+        log["mse"].append(terms["mse"].mean().item())
+        log["vb"].append(terms["vb"].mean().item() if "vb" in terms else 0.0)
+        log["grad_norm"].append(grad_norm)
+        log["lr"].append(optimizer.param_groups[0]["lr"])
+        bar.update(1)
+        steps_this_call += 1
+        if step % settings["log_every"] == 0 or step == total_steps:
+            now = time.perf_counter()
+            interval_times.append(now - interval_start)
+            interval_start = now
+            window = log["loss"][-settings["log_every"]:]
+            bar.set_postfix(loss=f"{sum(window) / len(window):.4f}")
+        if step % settings["checkpoint_every"] == 0 or step == total_steps:
+            checkpoint()
+        if stop_after is not None and steps_this_call >= stop_after and step < total_steps:
+            checkpoint()
+            bar.close()
+            return
+    bar.close()
+
+    # Outputs: three plain state_dicts with guided-diffusion key names, and the log.
+    atomic_torch_save(_cpu_state(model.state_dict()), out_dir / WEIGHTS["none"])
+    atomic_torch_save(_cpu_state(ema.averaged_state_dict()), out_dir / WEIGHTS["ema"])
+    atomic_torch_save(_cpu_state(swa.averaged_state_dict()), out_dir / WEIGHTS["swa"])
+    write_train_log(out_dir / "train.h5", settings, log, interval_times, swa)
+
+
+def build_optimizer(model: torch.nn.Module, recipe: Recipe, seed: int) -> torch.optim.Optimizer:
+    """The recipe's optimizer: the base alone, SAM around it, or fSGLD on it."""
+    base_cls, base_kwargs = base_optimizer_class(recipe)
+    params = list(model.parameters())
+    if recipe.sam is not None:
+        return SAM(params, base_cls, rho=recipe.sam["rho"], adaptive=recipe.sam["adaptive"],
+                   asam_eta=recipe.sam["asam_eta"], **base_kwargs)
+    if recipe.fsgld is not None:
+        f = recipe.fsgld
+        base = "sgd" if recipe.optimizer["name"] == "sgd" else "adam"
+        extra = {"momentum": base_kwargs.get("momentum", 0.0)} if base == "sgd" else {
+            "betas": base_kwargs["betas"]}
+        return FSGLD(params, lr=base_kwargs["lr"], beta_inv=f["beta_inv"], eta=f["eta"], sigma=f["sigma"],
+                     n_pert=f["n_pert"], antithetic=f["antithetic"], base=base,
+                     weight_decay=base_kwargs["weight_decay"],
+                     seed=seeding.derive_seed(seed, stream="fsgld"), **extra)
+    return base_cls(params, **base_kwargs)
+
+
+def _fsgld_gradient(optimizer, losses, x0, t, weights, noise, input_noise):
+    """Accumulate the gradient over n_pert weight perturbations theta + eps (fSGLD)."""
+    for _ in range(optimizer.n_pert):
+        optimizer.perturb()
+        loss, terms = losses(x0, t, weights, noise, input_noise)
+        loss.backward()
+        optimizer.restore()
+    return loss, terms, _grad_norm(optimizer.param_groups[0]["params"], scale=1.0 / optimizer.n_pert)
+
+
+def _grad_norm(params_or_model, scale: float = 1.0) -> float:
+    params = params_or_model.parameters() if isinstance(params_or_model, torch.nn.Module) else params_or_model
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return 0.0
+    return float(torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))) * scale
+
+
+def _check_finite(terms: Mapping[str, torch.Tensor], step: int, recipe: Recipe) -> None:
+    bad = [name for name in ("mse", "vb") if name in terms and not torch.isfinite(terms[name]).all()]
+    if bad:
+        raise PipelineError(f"non-finite training loss at step {step + 1} of recipe '{recipe.name}' "
+                            f"(term: {', '.join(bad)}); the last good checkpoint is kept. Lower the "
+                            f"learning rate or the recipe's perturbation strength and rerun.")
+
+
+def _randn_like(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Gaussian noise drawn on the CPU generator, so CPU and CUDA runs see the same numbers."""
+    return torch.randn(x.shape, generator=generator, dtype=torch.float32).to(x.device, non_blocking=True)
+
+
+def _cpu_state(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: v.detach().to("cpu", copy=True).contiguous() for k, v in state.items()}
+
+
+def _recipe_fields(described: Mapping[str, Any]) -> dict[str, Any]:
+    ip = described.get("input_perturbation")
+    return {"name": described["name"], "optimizer": dict(described["optimizer"]),
+            "ip_gamma": float(ip["gamma"]) if ip else 0.0,
+            "sam": described.get("sam"), "fsgld": described.get("fsgld")}
+
+
+def write_train_log(path: Path, settings: Mapping[str, Any], log: Mapping[str, list],
+                    interval_times: list[float], swa: SWA) -> None:
+    """train.h5: per-step loss terms, gradient norm and lr; seconds per log interval; provenance."""
+    with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
+        for name in LOG_FIELDS:
+            f.create_dataset(name, data=np.asarray(log[name], dtype=np.float64))
+        f.create_dataset("interval_seconds", data=np.asarray(interval_times, dtype=np.float64))
+        f["interval_seconds"].attrs["log_every"] = settings["log_every"]
+        write_attrs(f, provenance("train", settings, recipe_label=settings["recipe"]["label"],
+                                  swa_snapshots=swa.num_snapshots))
+
+
+# ------------------------------------------------------------------------------------------
+# Command line.
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--dataset", required=True, help="dataset name (a key of config 'datasets')")
+    parser.add_argument("--recipe", required=True, help="recipe name (a key of config 'recipes')")
+    parser.add_argument("--seed", type=int, default=0, help="training seed")
+    parser.add_argument("--config", action="append", default=None, metavar="YAML",
+                        help="config file(s), merged in order (default: config.yaml)")
+    parser.add_argument("--settings-json", default=None,
+                        help="resolved run settings as JSON (what the Snakemake rule passes); "
+                             "replaces --config resolution")
+    parser.add_argument("--data", default=None, help="data.h5 (default: {results}/{dataset}/data.h5)")
+    parser.add_argument("--out-dir", default=None,
+                        help="run folder (default: {results}/{dataset}/{recipe}/seed{seed})")
+    parser.add_argument("--steps", type=int, default=None, help="override training.steps")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def run(args: argparse.Namespace) -> None:
+    config = load_config(args.config)
+    if args.settings_json:
+        settings = json.loads(args.settings_json)
+    else:
+        settings = train_settings(config, args.dataset, args.recipe, args.seed)
+    if args.steps is not None:
+        settings["steps"] = args.steps
+    results = Path(config.get("results", "results"))
+    data = Path(args.data or results / args.dataset / "data.h5")
+    if not data.is_file():
+        raise PipelineError(f"{data} does not exist; run `python -m pipeline prepare --dataset "
+                            f"{args.dataset}` first.")
+    out_dir = Path(args.out_dir or results / args.dataset / args.recipe / f"seed{args.seed}")
+    train(settings, data, out_dir, progress=not args.no_progress)
