@@ -16,8 +16,6 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Mapping
 
-import torch
-
 from pipeline.config import deep_merge
 from pipeline.errors import PipelineError
 
@@ -84,11 +82,21 @@ def resolve_recipe(config: Mapping[str, Any], name: str) -> Recipe:
     return Recipe(name=name, optimizer=optimizer, ip_gamma=ip_gamma, sam=sam, fsgld=fsgld)
 
 
-def base_optimizer_class(recipe: Recipe) -> tuple[type[torch.optim.Optimizer], dict[str, Any]]:
+def base_optimizer_class(recipe: Recipe) -> tuple[type, dict[str, Any]]:
     """The torch optimizer class and its keyword arguments for the recipe's base."""
+    import torch  # here, so that resolving config (Snakefile) does not import torch
+
     opt = recipe.optimizer
     if opt["name"] == "adamw":
         return torch.optim.AdamW, {"lr": float(opt["lr"]), "weight_decay": float(opt["weight_decay"]),
                                    "betas": tuple(float(b) for b in opt["betas"])}
     return torch.optim.SGD, {"lr": float(opt["lr"]), "weight_decay": float(opt["weight_decay"]),
                              "momentum": float(opt.get("momentum", 0.0))}
+
+
+def recipe_from_description(described: Mapping[str, Any]) -> Recipe:
+    """Rebuild a Recipe from `Recipe.describe()` (as stored in run settings)."""
+    ip = described.get("input_perturbation")
+    return Recipe(name=described["name"], optimizer=dict(described["optimizer"]),
+                  ip_gamma=float(ip["gamma"]) if ip else 0.0,
+                  sam=described.get("sam"), fsgld=described.get("fsgld"))

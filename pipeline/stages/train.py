@@ -9,6 +9,7 @@ every random draw is derived from (seed, step) and the remaining state is in the
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import time
@@ -21,10 +22,11 @@ import torch
 from tqdm import tqdm
 
 from pipeline import seeding
-from pipeline.config import load_config, section
+from pipeline.config import load_config
 from pipeline.data.loader import TrainingBatches
 from pipeline.diffusion.gaussian import create_diffusion
 from pipeline.diffusion.timestep_sampler import LossSecondMomentResampler, UniformSampler
+from pipeline.device import resolve_device
 from pipeline.errors import PipelineError
 from pipeline.io import atomic_path, atomic_torch_save, provenance, write_attrs
 from pipeline.io.checkpoint import load_checkpoint, save_checkpoint
@@ -32,45 +34,11 @@ from pipeline.nn.presets import build_unet
 from pipeline.optim.averages import EMA, SWA
 from pipeline.optim.fsgld import FSGLD
 from pipeline.optim.sam import SAM
-from pipeline.recipes import Recipe, base_optimizer_class, resolve_recipe
+from pipeline.recipes import Recipe, base_optimizer_class, recipe_from_description
+from pipeline.settings import train_settings
 
 WEIGHTS = {"none": "weights_raw.pt", "ema": "weights_ema.pt", "swa": "weights_swa.pt"}
 LOG_FIELDS = ("loss", "mse", "vb", "grad_norm", "lr")
-
-
-# ------------------------------------------------------------------------------------------
-# Settings: everything that defines a run, resolved once from config (and stored with it).
-
-def train_settings(config: Mapping[str, Any], dataset: str, recipe: str, seed: int) -> dict[str, Any]:
-    """The resolved settings of one training run; a pure function of config and wildcards."""
-    data = section(config, "datasets", dataset)
-    training = section(config, "training")
-    return {
-        "dataset": dataset,
-        "seed": int(seed),
-        "preset": data["preset"],
-        "batch_size": int(data["batch_size"]),
-        "random_flip": bool(data["random_flip"]),
-        "steps": int(training["steps"]),
-        "log_every": int(training["log_every"]),
-        "checkpoint_every": int(training["checkpoint_every"]),
-        "schedule_sampler": training["schedule_sampler"],
-        "diffusion": dict(training["diffusion"]),
-        "ema": dict(training["ema"]),
-        "swa": dict(training["swa"]),
-        "cuda": dict(training.get("cuda", {})),
-        "device": config.get("device", "auto"),
-        "recipe": resolve_recipe(config, recipe).describe(),
-    }
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise PipelineError("device 'cuda' was asked for but torch sees no CUDA device; "
-                            "set device: auto or cpu.")
-    return torch.device(name)
 
 
 # ------------------------------------------------------------------------------------------
@@ -85,7 +53,7 @@ def train(settings: Mapping[str, Any], data_path: str | Path, out_dir: str | Pat
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    recipe = Recipe(**{k: v for k, v in _recipe_fields(settings["recipe"]).items()})
+    recipe = recipe_from_description(settings["recipe"])
     seed, total_steps = settings["seed"], settings["steps"]
     device = resolve_device(settings["device"])
     use_cuda_opts = device.type == "cuda"
@@ -117,16 +85,17 @@ def train(settings: Mapping[str, Any], data_path: str | Path, out_dir: str | Pat
     swa = SWA(model, start_fraction=settings["swa"]["start_fraction"],
               every=settings["swa"]["every"], total_steps=total_steps)
 
-    # Resume.
-    ckpt_path = out_dir / "checkpoint.pt"
+    # Resume from this run's own checkpoint; one of other settings (say, an edited rho) is stale.
+    settings_json = json.dumps(settings, sort_keys=True)
+    ckpt_path = out_dir / f"checkpoint-{hashlib.sha256(settings_json.encode()).hexdigest()[:12]}.pt"
+    for stale in out_dir.glob("checkpoint-*.pt"):
+        if stale != ckpt_path:
+            stale.unlink()
     log = {name: [] for name in LOG_FIELDS}
     interval_times: list[float] = []
     step = 0
     ckpt = load_checkpoint(ckpt_path)
     if ckpt is not None:
-        if ckpt["settings_json"] != json.dumps(settings, sort_keys=True):
-            raise PipelineError(f"{ckpt_path} belongs to a run with other settings; delete it (or the "
-                                f"whole {out_dir}) to start this run afresh.")
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         ema.load_state_dict(ckpt["ema"])
@@ -139,7 +108,7 @@ def train(settings: Mapping[str, Any], data_path: str | Path, out_dir: str | Pat
 
     def checkpoint() -> None:
         save_checkpoint({
-            "settings_json": json.dumps(settings, sort_keys=True), "step": step,
+            "settings_json": settings_json, "step": step,
             "model": model.state_dict(), "optimizer": optimizer.state_dict(),
             "ema": ema.state_dict(), "swa": swa.state_dict(), "sampler": sampler.state_dict(),
             "torch_rng": torch.get_rng_state(), "log": log, "interval_times": interval_times,
@@ -217,6 +186,7 @@ def train(settings: Mapping[str, Any], data_path: str | Path, out_dir: str | Pat
     atomic_torch_save(_cpu_state(ema.averaged_state_dict()), out_dir / WEIGHTS["ema"])
     atomic_torch_save(_cpu_state(swa.averaged_state_dict()), out_dir / WEIGHTS["swa"])
     write_train_log(out_dir / "train.h5", settings, log, interval_times, swa)
+    ckpt_path.unlink()  # the run is complete; its checkpoint is several times the model's size
 
 
 def build_optimizer(model: torch.nn.Module, recipe: Recipe, seed: int) -> torch.optim.Optimizer:
@@ -229,12 +199,14 @@ def build_optimizer(model: torch.nn.Module, recipe: Recipe, seed: int) -> torch.
     if recipe.fsgld is not None:
         f = recipe.fsgld
         base = "sgd" if recipe.optimizer["name"] == "sgd" else "adam"
-        extra = {"momentum": base_kwargs.get("momentum", 0.0)} if base == "sgd" else {
-            "betas": base_kwargs["betas"]}
-        return FSGLD(params, lr=base_kwargs["lr"], beta_inv=f["beta_inv"], eta=f["eta"], sigma=f["sigma"],
-                     n_pert=f["n_pert"], antithetic=f["antithetic"], base=base,
-                     weight_decay=base_kwargs["weight_decay"],
-                     seed=seeding.derive_seed(seed, stream="fsgld"), **extra)
+        if base == "sgd" and base_kwargs.get("momentum", 0.0) != 0.0:
+            raise PipelineError(f"recipe '{recipe.name}': fSGLD's SGD base has no momentum (the "
+                                f"Langevin dynamics it samples are first order); set optimizer.momentum: 0.")
+        extra = {} if base == "sgd" else {"betas": base_kwargs["betas"]}
+        return FSGLD(params, lr=base_kwargs["lr"], seed=seeding.derive_seed(seed, stream="fsgld"),
+                     beta_inv=f["beta_inv"], eta=f["eta"], sigma=f["sigma"], n_pert=f["n_pert"],
+                     antithetic=f["antithetic"], base=base, weight_decay=base_kwargs["weight_decay"],
+                     **extra)
     return base_cls(params, **base_kwargs)
 
 
@@ -273,13 +245,6 @@ def _cpu_state(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: v.detach().to("cpu", copy=True).contiguous() for k, v in state.items()}
 
 
-def _recipe_fields(described: Mapping[str, Any]) -> dict[str, Any]:
-    ip = described.get("input_perturbation")
-    return {"name": described["name"], "optimizer": dict(described["optimizer"]),
-            "ip_gamma": float(ip["gamma"]) if ip else 0.0,
-            "sam": described.get("sam"), "fsgld": described.get("fsgld")}
-
-
 def write_train_log(path: Path, settings: Mapping[str, Any], log: Mapping[str, list],
                     interval_times: list[float], swa: SWA) -> None:
     """train.h5: per-step loss terms, gradient norm and lr; seconds per log interval; provenance."""
@@ -289,7 +254,7 @@ def write_train_log(path: Path, settings: Mapping[str, Any], log: Mapping[str, l
         f.create_dataset("interval_seconds", data=np.asarray(interval_times, dtype=np.float64))
         f["interval_seconds"].attrs["log_every"] = settings["log_every"]
         write_attrs(f, provenance("train", settings, recipe_label=settings["recipe"]["label"],
-                                  swa_snapshots=swa.num_snapshots))
+                                  swa_snapshots=swa.n_averaged))
 
 
 # ------------------------------------------------------------------------------------------
@@ -312,14 +277,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> None:
-    config = load_config(args.config)
     if args.settings_json:
         settings = json.loads(args.settings_json)
+        results = Path("results")
     else:
+        config = load_config(args.config)
         settings = train_settings(config, args.dataset, args.recipe, args.seed)
+        results = Path(config.get("results", "results"))
     if args.steps is not None:
         settings["steps"] = args.steps
-    results = Path(config.get("results", "results"))
     data = Path(args.data or results / args.dataset / "data.h5")
     if not data.is_file():
         raise PipelineError(f"{data} does not exist; run `python -m pipeline prepare --dataset "

@@ -1,0 +1,30 @@
+# The flatness study as a DAG: prepare -> fid-reference -> train -> quantize -> sample -> fid,
+# train -> metrics, and everything -> report. Rules only name inputs, outputs, params and
+# resources; the science is in `python -m pipeline <stage>`.
+#
+#   snakemake --cores all --configfile config/demo.yaml   # offline demo on the CPU, minutes
+#   snakemake --cores all                                  # the paper, on a GPU machine
+#   snakemake --profile profiles/slurm                     # the paper, on a SLURM cluster
+
+from snakemake.utils import min_version, validate
+
+min_version("9.0")
+
+
+configfile: "config.yaml"
+
+
+validate(config, "workflow/schemas/config.schema.yaml")
+
+
+include: "workflow/rules/common.smk"
+include: "workflow/rules/data.smk"
+include: "workflow/rules/train.smk"
+include: "workflow/rules/evaluate.smk"
+include: "workflow/rules/report.smk"
+
+
+rule all:
+    input:
+        report_outputs(),
+    default_target: True

@@ -1,0 +1,95 @@
+"""Where every artifact lives: paths are pure functions of the wildcards.
+
+The Snakefile builds its patterns from these functions (passing "{dataset}" and so on), and the
+report finds its inputs with the same functions, so the two can never disagree.
+"""
+
+from __future__ import annotations
+
+WEIGHT_FILES = {"none": "weights_raw.pt", "ema": "weights_ema.pt", "swa": "weights_swa.pt"}
+
+
+def dataset_dir(results: str, dataset: str) -> str:
+    return f"{results}/{dataset}"
+
+
+def data(results: str, dataset: str) -> str:
+    return f"{dataset_dir(results, dataset)}/data.h5"
+
+
+def fid_reference(results: str, dataset: str, extractor: str) -> str:
+    return f"{dataset_dir(results, dataset)}/fid_ref_{extractor}.h5"
+
+
+def run_dir(results: str, dataset: str, recipe: str, seed: int | str) -> str:
+    return f"{dataset_dir(results, dataset)}/{recipe}/seed{seed}"
+
+
+def trained_weights(results: str, dataset: str, recipe: str, seed: int | str, average: str) -> str:
+    """The train stage's output for one average (none = raw weights)."""
+    return f"{run_dir(results, dataset, recipe, seed)}/{WEIGHT_FILES[average]}"
+
+
+def train_log(results: str, dataset: str, recipe: str, seed: int | str) -> str:
+    return f"{run_dir(results, dataset, recipe, seed)}/train.h5"
+
+
+def variant_dir(results: str, dataset: str, recipe: str, seed: int | str, average: str,
+                precision: str) -> str:
+    return f"{run_dir(results, dataset, recipe, seed)}/{average}/{precision}"
+
+
+def quantized_weights(results, dataset, recipe, seed, average, precision) -> str:
+    return f"{variant_dir(results, dataset, recipe, seed, average, precision)}/weights.pt"
+
+
+def quantized_codes(results, dataset, recipe, seed, average, precision) -> str:
+    return f"{variant_dir(results, dataset, recipe, seed, average, precision)}/codes.h5"
+
+
+def weights(results, dataset, recipe, seed, average, precision) -> str:
+    """The weights a (average, precision) variant is evaluated with."""
+    if precision == "fp32":
+        return trained_weights(results, dataset, recipe, seed, average)
+    return quantized_weights(results, dataset, recipe, seed, average, precision)
+
+
+def samples_dir(results, dataset, recipe, seed, average, precision, steps) -> str:
+    return f"{variant_dir(results, dataset, recipe, seed, average, precision)}/T{steps}"
+
+
+def samples(results, dataset, recipe, seed, average, precision, steps) -> str:
+    return f"{samples_dir(results, dataset, recipe, seed, average, precision, steps)}/samples.h5"
+
+
+def sample_grid(results, dataset, recipe, seed, average, precision, steps) -> str:
+    return f"{samples_dir(results, dataset, recipe, seed, average, precision, steps)}/grid.png"
+
+
+def fid(results, dataset, recipe, seed, average, precision, steps, extractor) -> str:
+    return f"{samples_dir(results, dataset, recipe, seed, average, precision, steps)}/fid_{extractor}.h5"
+
+
+def metric(results, dataset, recipe, seed, average, name) -> str:
+    """Flatness and exposure metrics are measured on the fp32 weights of each average."""
+    return f"{run_dir(results, dataset, recipe, seed)}/{average}/metrics/{name}.h5"
+
+
+def report_dir(results: str) -> str:
+    return f"{results}/report"
+
+
+REPORT_TABLES = ("table1_adm_vs_sam", "table2_fid", "table3_lpf", "table4_quantization",
+                 "rho_sweep", "claims")
+REPORT_FIGURES = ("fig1_loss_surface", "fig2_samples_fp32_int8", "fig5_loss_vs_perturbation",
+                  "fig6_eps_norm")
+
+
+def report_tables(results: str) -> list[str]:
+    """Every table of the report, each as CSV, Markdown and LaTeX."""
+    return [f"{report_dir(results)}/{name}.{ext}" for name in REPORT_TABLES for ext in ("csv", "md", "tex")]
+
+
+def report_figures(results: str) -> list[str]:
+    """Every figure of the report, each as PNG and PDF."""
+    return [f"{report_dir(results)}/{name}.{ext}" for name in REPORT_FIGURES for ext in ("png", "pdf")]

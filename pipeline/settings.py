@@ -1,0 +1,110 @@
+"""Resolved settings of each stage: pure functions of the config and the wildcards.
+
+The Snakefile passes these (as JSON) to the stages, so Snakemake's params trigger reruns exactly
+when a job's own settings change: editing SAM's rho changes only the SAM runs' settings. The
+stages call the same functions when run by hand with --config. No torch import here, so the
+Snakefile stays quick to parse.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+from pipeline.config import section
+from pipeline.recipes import resolve_recipe
+
+
+def model_settings(config: Mapping[str, Any], dataset: str) -> dict[str, Any]:
+    """What is needed to rebuild a dataset's network and diffusion from a weights file."""
+    data = section(config, "datasets", dataset)
+    return {"dataset": dataset, "preset": data["preset"], "resolution": int(data["resolution"]),
+            "diffusion": dict(section(config, "training", "diffusion")),
+            "device": config.get("device", "auto")}
+
+
+def train_settings(config: Mapping[str, Any], dataset: str, recipe: str, seed: int) -> dict[str, Any]:
+    """The resolved settings of one training run."""
+    data = section(config, "datasets", dataset)
+    training = section(config, "training")
+    return {
+        **model_settings(config, dataset),
+        "seed": int(seed),
+        "batch_size": int(data["batch_size"]),
+        "random_flip": bool(data["random_flip"]),
+        "steps": int(training["steps"]),
+        "log_every": int(training["log_every"]),
+        "checkpoint_every": int(training["checkpoint_every"]),
+        "schedule_sampler": training["schedule_sampler"],
+        "ema": dict(training["ema"]),
+        "swa": dict(training["swa"]),
+        "cuda": dict(training.get("cuda", {})),
+        "recipe": resolve_recipe(config, recipe).describe(),
+    }
+
+
+METRICS = ("lpf", "perturbation", "surface", "hessian", "exposure")
+
+
+def stage_settings(config: Mapping[str, Any], stage: str, dataset: str | None = None) -> dict[str, Any]:
+    """The config slice a stage depends on (and nothing more, so unrelated edits rerun nothing)."""
+    if stage == "prepare":
+        return {"dataset": dataset, **dict(section(config, "datasets", dataset))}
+    if stage in ("fid_reference", "fid"):
+        return dict(section(config, "fid"))
+    if stage == "sample":
+        return {**model_settings(config, dataset), **dict(section(config, "sampling"))}
+    if stage in METRICS:
+        metrics = section(config, "metrics")
+        return {**model_settings(config, dataset), "seed": metrics["seed"],
+                "loss_terms": metrics["loss_terms"], **dict(metrics[stage])}
+    if stage == "report":
+        study = section(config, "study")
+        return {"results": config["results"], "study": dict(study), "report": dict(section(config, "report")),
+                "extractor": section(config, "fid", "extractor"),
+                "recipes": {name: resolve_recipe(config, name).describe() for name in study["recipes"]},
+                "averages_from_training": {"ema_decay": section(config, "training", "ema", "decay"),
+                                           "swa": dict(section(config, "training", "swa"))}}
+    raise ValueError(f"no settings for stage {stage!r}")
+
+
+def config_problems(config: Mapping[str, Any]) -> list[str]:
+    """What a JSON schema cannot check: cross references, paths on disk, step counts."""
+    from pathlib import Path
+
+    from pipeline.errors import PipelineError
+
+    problems = []
+    study = config["study"]
+    for name in study["datasets"]:
+        if name not in config["datasets"]:
+            problems.append(f"study.datasets names '{name}', which has no entry under datasets:")
+            continue
+        source = config["datasets"][name]["source"]
+        if source is not None and not Path(source).exists():
+            problems.append(f"datasets.{name}.source = {source} does not exist; point it at the "
+                            f"raw data or set it to null for the default location.")
+    for name in study["recipes"]:
+        try:
+            resolve_recipe(config, name)
+        except PipelineError as err:
+            problems.append(str(err))
+    diffusion_steps = config["training"]["diffusion"]["steps"]
+    for key, steps in (("study.sampling_steps", study["sampling_steps"]),
+                       ("metrics.exposure.steps", config["metrics"]["exposure"].get("steps", []))):
+        too_many = [s for s in steps if s > diffusion_steps]
+        if too_many:
+            problems.append(f"{key} {too_many} exceed the {diffusion_steps} diffusion steps the "
+                            f"models are trained with (training.diffusion.steps); T' must be <= that.")
+    weights = config["fid"]["inception_weights"]
+    if weights is not None and not Path(weights).is_file():
+        problems.append(f"fid.inception_weights = {weights} is not a file.")
+    selection = config["report"]["sam_selection"]
+    sam_recipes = [r for r in study["recipes"] if (config["recipes"].get(r) or {}).get("sam") is not None]
+    if selection.startswith("best_fid_") and int(selection.removeprefix("best_fid_")) not in study["sampling_steps"]:
+        problems.append(f"report.sam_selection = {selection}, but T' = {selection.removeprefix('best_fid_')} "
+                        f"is not in study.sampling_steps {study['sampling_steps']}.")
+    if selection.startswith("rho="):
+        rho = float(selection.removeprefix("rho="))
+        if not any(float(config["recipes"][r]["sam"]["rho"]) == rho for r in sam_recipes):
+            problems.append(f"report.sam_selection = {selection}, but no recipe of the study uses that rho.")
+    return problems

@@ -1,0 +1,75 @@
+# Helpers shared by the rules: config checks that a schema cannot express, wildcard constraints,
+# the source files each stage depends on (so a code change reruns exactly its stage and what
+# follows), and the resolved settings each job receives.
+
+import json
+import sys
+from pathlib import Path
+
+from pipeline import layout
+from pipeline.settings import config_problems, stage_settings, train_settings
+
+PYTHON = sys.executable
+RESULTS = config["results"]
+STUDY = config["study"]
+EXTRACTOR = config["fid"]["extractor"]
+
+_problems = config_problems(config)
+if _problems:
+    raise ValueError("invalid config:\n  - " + "\n  - ".join(_problems))
+
+
+wildcard_constraints:
+    dataset="|".join(config["datasets"]),
+    recipe="|".join(map(lambda r: r.replace(".", r"\."), config["recipes"])),
+    seed=r"\d+",
+    average="none|ema|swa",
+    precision=r"fp32|int(8|6|4)(pc)?(asym)?",
+    steps=r"\d+",
+    extractor="inception|effnet-lite0",
+    metric="lpf|perturbation|surface|hessian|exposure",
+
+
+def code(*parts):
+    """Source files behind a stage, as inputs: editing them makes that stage's outputs stale."""
+    files = []
+    for part in parts:
+        path = Path(workflow.basedir) / "pipeline" / part
+        files += sorted(map(str, path.rglob("*.py"))) if path.is_dir() else [str(path)]
+    return files
+
+
+# Science code per stage; shared plumbing (cli, io, config) is left out on purpose, so that a
+# logging or error-message edit does not rerun the study.
+MODEL_CODE = ["nn", "diffusion"]
+CODE = {
+    "prepare": code("data", "stages/prepare.py"),
+    "fid_reference": code("fidelity", "stages/fid_reference.py"),
+    "train": code(*MODEL_CODE, "optim", "data/loader.py", "recipes.py", "seeding.py", "stages/train.py"),
+    "quantize": code("quant.py", "stages/quantize.py"),
+    "sample": code(*MODEL_CODE, "seeding.py", "stages/sample.py"),
+    "fid": code("fidelity", "stages/fid.py"),
+    "metric": code(*MODEL_CODE, "flatness", "seeding.py"),
+    "report": code("report", "stages/report.py"),
+}
+
+
+def as_json(value):
+    """A shell-safe JSON argument (the settings never contain single quotes)."""
+    text = json.dumps(value, sort_keys=True)
+    assert "'" not in text, text
+    return text
+
+
+def all_runs():
+    for dataset in STUDY["datasets"]:
+        for recipe in STUDY["recipes"]:
+            for seed in STUDY["seeds"]:
+                yield dict(dataset=dataset, recipe=recipe, seed=seed)
+
+
+def all_variants():
+    for run in all_runs():
+        for average in STUDY["averages"]:
+            for precision in STUDY["precisions"]:
+                yield dict(run, average=average, precision=precision)

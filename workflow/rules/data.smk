@@ -1,0 +1,40 @@
+# Datasets: raw source -> results/{dataset}/data.h5 -> FID reference statistics.
+
+
+rule prepare:
+    input:
+        code=CODE["prepare"],
+    output:
+        layout.data(RESULTS, "{dataset}"),
+    params:
+        settings=lambda w: as_json(stage_settings(config, "prepare", dataset=w.dataset)),
+    threads: 1
+    resources:
+        mem_mb=8000,
+        runtime=240,
+        gpu=0,
+    log:
+        f"{RESULTS}/logs/prepare/{{dataset}}.log",
+    shell:
+        "{PYTHON} -m pipeline prepare --dataset {wildcards.dataset} --settings-json '{params.settings}' "
+        "--out {output} 2> {log}"
+
+
+rule fid_reference:
+    input:
+        data=layout.data(RESULTS, "{dataset}"),
+        code=CODE["fid_reference"],
+    output:
+        layout.fid_reference(RESULTS, "{dataset}", "{extractor}"),
+    params:
+        settings=lambda w: as_json(stage_settings(config, "fid_reference", dataset=w.dataset)),
+    threads: 2
+    resources:
+        mem_mb=8000,
+        runtime=240,
+        gpu=1,
+    log:
+        f"{RESULTS}/logs/fid_reference/{{dataset}}_{{extractor}}.log",
+    shell:
+        "{PYTHON} -m pipeline fid-reference --data {input.data} --extractor {wildcards.extractor} "
+        "--settings-json '{params.settings}' --out {output} 2> {log}"

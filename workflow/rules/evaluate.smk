@@ -1,0 +1,92 @@
+# Every weights variant (average x precision): quantized copy, samples at each T', FID; and the
+# flatness / exposure metrics on the fp32 weights of each average.
+
+
+def variant_weights(w):
+    return layout.weights(RESULTS, w.dataset, w.recipe, w.seed, w.average, w.precision)
+
+
+rule quantize:
+    input:
+        weights=lambda w: layout.trained_weights(RESULTS, w.dataset, w.recipe, w.seed, w.average),
+        code=CODE["quantize"],
+    output:
+        weights=layout.quantized_weights(RESULTS, "{dataset}", "{recipe}", "{seed}", "{average}", "{precision}"),
+        codes=layout.quantized_codes(RESULTS, "{dataset}", "{recipe}", "{seed}", "{average}", "{precision}"),
+    wildcard_constraints:
+        precision=r"int(8|6|4)(pc)?(asym)?",
+    threads: 1
+    resources:
+        mem_mb=8000,
+        runtime=30,
+        gpu=0,
+    log:
+        f"{RESULTS}/logs/quantize/{{dataset}}_{{recipe}}_seed{{seed}}_{{average}}_{{precision}}.log",
+    shell:
+        "{PYTHON} -m pipeline quantize --weights {input.weights} --precision {wildcards.precision} "
+        "--out {output.weights} --codes {output.codes} 2> {log}"
+
+
+rule sample:
+    input:
+        weights=variant_weights,
+        code=CODE["sample"],
+    output:
+        samples=layout.samples(RESULTS, "{dataset}", "{recipe}", "{seed}", "{average}", "{precision}", "{steps}"),
+        grid=layout.sample_grid(RESULTS, "{dataset}", "{recipe}", "{seed}", "{average}", "{precision}", "{steps}"),
+    params:
+        settings=lambda w: as_json(stage_settings(config, "sample", dataset=w.dataset)),
+    threads: 2
+    resources:
+        mem_mb=8000,
+        runtime=60 * 24,
+        gpu=1,
+    log:
+        f"{RESULTS}/logs/sample/{{dataset}}_{{recipe}}_seed{{seed}}_{{average}}_{{precision}}_T{{steps}}.log",
+    shell:
+        "{PYTHON} -m pipeline sample --weights {input.weights} --dataset {wildcards.dataset} "
+        "--steps {wildcards.steps} --settings-json '{params.settings}' --out {output.samples} "
+        "--grid {output.grid} --no-progress 2> {log}"
+
+
+rule fid:
+    input:
+        samples=rules.sample.output.samples,
+        reference=layout.fid_reference(RESULTS, "{dataset}", "{extractor}"),
+        code=CODE["fid"],
+    output:
+        layout.fid(RESULTS, "{dataset}", "{recipe}", "{seed}", "{average}", "{precision}", "{steps}", "{extractor}"),
+    params:
+        settings=lambda w: as_json(stage_settings(config, "fid", dataset=w.dataset)),
+    threads: 2
+    resources:
+        mem_mb=8000,
+        runtime=120,
+        gpu=1,
+    log:
+        f"{RESULTS}/logs/fid/{{dataset}}_{{recipe}}_seed{{seed}}_{{average}}_{{precision}}_T{{steps}}_{{extractor}}.log",
+    shell:
+        "{PYTHON} -m pipeline fid --samples {input.samples} --reference {input.reference} "
+        "--settings-json '{params.settings}' --out {output} 2> {log}"
+
+
+# Which metrics need a GPU on the cluster: all of them run the UNet many times.
+rule metric:
+    input:
+        weights=lambda w: layout.trained_weights(RESULTS, w.dataset, w.recipe, w.seed, w.average),
+        data=layout.data(RESULTS, "{dataset}"),
+        code=CODE["metric"] + code("stages/{metric}.py"),
+    output:
+        layout.metric(RESULTS, "{dataset}", "{recipe}", "{seed}", "{average}", "{metric}"),
+    params:
+        settings=lambda w: as_json(stage_settings(config, w.metric, dataset=w.dataset)),
+    threads: 2
+    resources:
+        mem_mb=16000,
+        runtime=60 * 12,
+        gpu=1,
+    log:
+        f"{RESULTS}/logs/metric/{{dataset}}_{{recipe}}_seed{{seed}}_{{average}}_{{metric}}.log",
+    shell:
+        "{PYTHON} -m pipeline {wildcards.metric} --weights {input.weights} --data {input.data} "
+        "--dataset {wildcards.dataset} --settings-json '{params.settings}' --out {output} 2> {log}"

@@ -1,0 +1,26 @@
+# One training run per (dataset, recipe, seed): raw, EMA and SWA weights side by side.
+
+
+rule train:
+    input:
+        data=layout.data(RESULTS, "{dataset}"),
+        code=CODE["train"],
+    output:
+        raw=f"{layout.run_dir(RESULTS, '{dataset}', '{recipe}', '{seed}')}/{layout.WEIGHT_FILES['none']}",
+        ema=f"{layout.run_dir(RESULTS, '{dataset}', '{recipe}', '{seed}')}/{layout.WEIGHT_FILES['ema']}",
+        swa=f"{layout.run_dir(RESULTS, '{dataset}', '{recipe}', '{seed}')}/{layout.WEIGHT_FILES['swa']}",
+        log=layout.train_log(RESULTS, "{dataset}", "{recipe}", "{seed}"),
+    params:
+        settings=lambda w: as_json(train_settings(config, w.dataset, w.recipe, int(w.seed))),
+        out_dir=lambda w: layout.run_dir(RESULTS, w.dataset, w.recipe, w.seed),
+    threads: 2
+    resources:
+        mem_mb=16000,
+        runtime=60 * 24 * 7,
+        gpu=1,
+    log:
+        f"{RESULTS}/logs/train/{{dataset}}_{{recipe}}_seed{{seed}}.log",
+    shell:
+        "{PYTHON} -m pipeline train --dataset {wildcards.dataset} --recipe {wildcards.recipe} "
+        "--seed {wildcards.seed} --settings-json '{params.settings}' --data {input.data} "
+        "--out-dir {params.out_dir} --no-progress 2> {log}"
