@@ -8,8 +8,11 @@ as one message without a traceback and exits with status 2.
 from __future__ import annotations
 
 import argparse
+import ast
 import importlib
+import importlib.util
 import sys
+from pathlib import Path
 from typing import Sequence
 
 from pipeline.errors import PipelineError
@@ -31,29 +34,37 @@ STAGES = {
 }
 
 
-def available_stages() -> dict[str, object]:
-    """The stage modules that exist in this checkout, by command name."""
-    modules = {}
-    for name, module_name in STAGES.items():
-        try:
-            modules[name] = importlib.import_module(module_name)
-        except ModuleNotFoundError as err:
-            if err.name != module_name:
-                raise
-    return modules
+def _stage_module(name: str):
+    return importlib.import_module(STAGES[name])
 
 
-def build_parser() -> argparse.ArgumentParser:
+def _summary(name: str) -> str:
+    """A stage's one-line help, read from its source without importing it (imports are slow)."""
+    spec = importlib.util.find_spec(STAGES[name])
+    if spec is None or spec.origin is None:
+        return ""
+    doc = ast.get_docstring(ast.parse(Path(spec.origin).read_text())) or ""
+    return doc.strip().splitlines()[0] if doc.strip() else ""
+
+
+def build_parser(stage: str | None = None) -> argparse.ArgumentParser:
+    """The parser; only the chosen stage's module is imported (every job pays for its imports)."""
     parser = argparse.ArgumentParser(
         prog="python -m pipeline",
         description="Stages of the flatness-in-diffusion-models pipeline. "
                     "Run `python -m pipeline <stage> --help` for a stage's options.",
     )
     sub = parser.add_subparsers(dest="stage", metavar="<stage>", required=True)
-    for name, module in available_stages().items():
+    for name in STAGES:
+        if importlib.util.find_spec(STAGES[name]) is None:
+            continue
+        if name != stage:
+            sub.add_parser(name, help=_summary(name))
+            continue
+        module = _stage_module(name)
         doc = (module.__doc__ or "").strip()
         stage_parser = sub.add_parser(
-            name, help=doc.splitlines()[0] if doc else name, description=doc,
+            name, help=_summary(name), description=doc,
             formatter_class=argparse.ArgumentDefaultsHelpFormatter)
         module.add_arguments(stage_parser)
         stage_parser.set_defaults(_run=module.run)
@@ -61,7 +72,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    stage = next((a for a in argv if not a.startswith("-")), None)
+    args = build_parser(stage if stage in STAGES else None).parse_args(argv)
     try:
         args._run(args)
     except PipelineError as err:

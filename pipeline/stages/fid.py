@@ -1,0 +1,164 @@
+"""Fréchet distance (FID or FD-EffNetLite0) and KID of samples against cached reference statistics.
+
+Reads samples.h5 ("images", uint8 N x H x W x C) and a fid_ref_{extractor}.h5 written by
+`fid-reference`, extracts the samples' features with the same extractor through torch-fidelity
+(on the GPU when torch sees one), and writes fid_{extractor}.h5 (or --out) whose attributes
+hold metric_name ("FID" only for Inception, "FD-EffNetLite0" for the offline proxy), value,
+kid_mean, kid_std, the extractor, the weights' SHA-256, N and the torch-fidelity version, with
+the samples' provenance.
+
+It refuses to compare when the weights now in use differ from the reference's (by SHA-256) or
+when the samples' size or channels differ from the reference images'.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any, Mapping
+
+import h5py
+import torch_fidelity
+
+from pipeline.config import load_config
+from pipeline.errors import PipelineError
+from pipeline.fidelity.extractors import file_sha256, resolve_extractor
+from pipeline.fidelity.stats import (DEFAULT_KID_ROWS, H5Images, feature_statistics, frechet_distance,
+                                     h5_attrs, h5_safe_attrs, image_shape, kernel_distance,
+                                     read_reference)
+from pipeline.io.atomic import atomic_path
+from pipeline.io.provenance import provenance, write_attrs
+
+
+def evaluate(samples: str | Path, reference: str | Path, out: str | Path | None = None, *,
+             inception_weights: str | Path | None = None, max_samples: int | None = None,
+             kid_rows: int = DEFAULT_KID_ROWS, kid_subsets: int = 100, kid_subset_size: int = 1000,
+             batch_size: int = 64, seed: int = 0, progress: bool = False,
+             settings: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """Compute FD and KID of `samples` against `reference`, write `out`, return its attributes.
+
+    `out` defaults to fid_{extractor}.h5 beside the samples; the returned mapping also holds
+    the path written under "out".
+    """
+    start = time.time()
+    samples, reference = Path(samples), Path(reference)
+    ref = read_reference(reference)
+    name = ref.attrs["extractor"]
+    source = H5Images(samples)
+    _, height, width, channels = image_shape(source)
+
+    # The same extractor with the same weights, or the distance would be meaningless.
+    extractor = resolve_extractor(name, inception_weights=inception_weights)
+    if extractor.weights_sha256 != ref.attrs["weights_sha256"]:
+        raise PipelineError(
+            f"the {name} weights in use ({extractor.weights_path}, sha256 {extractor.weights_sha256}) "
+            f"differ from those of the reference {reference} (sha256 {ref.attrs['weights_sha256']}, "
+            f"file {ref.attrs.get('weights_path', '?')}); pass the reference's weights with "
+            f"--inception-weights or recompute the reference.")
+
+    expected = (ref.attrs["image_height"], ref.attrs["image_width"], ref.attrs["image_channels"])
+    if (height, width, channels) != tuple(expected):
+        raise PipelineError(f"samples {samples} are {height}x{width}x{channels} but the reference images "
+                            f"are {expected[0]}x{expected[1]}x{expected[2]}; compare samples with the "
+                            f"reference of their own dataset.")
+
+    stats = feature_statistics(source, extractor, max_images=max_samples, kid_rows=kid_rows,
+                               batch_size=batch_size, seed=seed, progress=progress)
+    if stats.feature_dim != ref.stats.feature_dim:
+        raise PipelineError(f"samples give {stats.feature_dim}-d features but the reference holds "
+                            f"{ref.stats.feature_dim}-d ones.")
+    value = frechet_distance(stats.mu, stats.sigma, ref.stats.mu, ref.stats.sigma)
+    kid_mean, kid_std, subset_size = kernel_distance(stats.kid_features, ref.stats.kid_features,
+                                                     subsets=kid_subsets, subset_size=kid_subset_size,
+                                                     seed=seed)
+
+    attrs = provenance("fid", settings or {})
+    attrs.update({
+        "metric_name": extractor.metric_name,
+        "value": value,
+        "kid_mean": kid_mean,
+        "kid_std": kid_std,
+        "kid_subsets": kid_subsets,
+        "kid_subset_size": subset_size,
+        "extractor": extractor.name,
+        "fidelity_extractor": extractor.fidelity_name,
+        "feature_layer": extractor.feature_layer,
+        "feature_dim": stats.feature_dim,
+        "weights_path": str(extractor.weights_path) if extractor.weights_path else "",
+        "weights_sha256": extractor.weights_sha256,
+        "n_samples": stats.n,
+        "n_reference": ref.stats.n,
+        "seed": seed,
+        "torch_fidelity_version": torch_fidelity.__version__,
+        "samples_path": str(samples),
+        "samples_sha256": file_sha256(samples),
+        "samples_attrs_json": json.dumps(h5_attrs(samples), sort_keys=True, default=str),
+        "reference_path": str(reference),
+        "reference_sha256": file_sha256(reference),
+        "reference_data_sha256": ref.attrs.get("data_sha256", ""),
+        "wall_time_s": time.time() - start,
+    })
+    out = Path(out or samples.parent / f"fid_{extractor.name}.h5")
+    with atomic_path(out) as tmp, h5py.File(tmp, "w") as f:
+        write_attrs(f, h5_safe_attrs(attrs))
+    return {**attrs, "out": str(out)}
+
+
+def fid_settings(args: argparse.Namespace) -> dict[str, Any]:
+    """The config's `fid:` slice: --settings-json (what the Snakemake rule passes) or --config."""
+    if args.settings_json:
+        return json.loads(args.settings_json)
+    return dict(load_config(args.config).get("fid") or {})
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--samples", required=True, help="samples.h5 with uint8 'images' (N, H, W, C)")
+    parser.add_argument("--reference", required=True, help="fid_ref_{extractor}.h5 from fid-reference")
+    parser.add_argument("--out", default=None, help="output (default: fid_{extractor}.h5 beside --samples)")
+    parser.add_argument("--config", action="append", default=None, metavar="YAML",
+                        help="config file(s), merged in order (default: config.yaml)")
+    parser.add_argument("--settings-json", default=None,
+                        help="the config's fid: slice as JSON (what the Snakemake rule passes); "
+                             "replaces --config for the fid settings")
+    parser.add_argument("--inception-weights", default=None, metavar="PATH",
+                        help="Inception weights file (default: fid.inception_weights, then the torch "
+                             "hub cache, then a download); must match the reference's")
+    parser.add_argument("--max-samples", type=int, default=None,
+                        help="use a seeded random subset of at most this many samples (default: all)")
+    parser.add_argument("--kid-rows", type=int, default=DEFAULT_KID_ROWS,
+                        help="features of at most this many samples are kept for KID")
+    parser.add_argument("--kid-subsets", type=int, default=100, help="KID: number of random subsets")
+    parser.add_argument("--kid-subset-size", type=int, default=1000,
+                        help="KID: rows per subset (capped at the smaller side)")
+    parser.add_argument("--batch-size", type=int, default=None,
+                        help="images per extractor forward (default: fid.batch_size, else 64)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the subsets (samples and KID)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def run(args: argparse.Namespace) -> None:
+    fid = fid_settings(args)
+    batch_size = args.batch_size if args.batch_size is not None else fid.get("batch_size") or 64
+    lower_bounds = {"max-samples": (args.max_samples, 2), "kid-rows": (args.kid_rows, 2),
+                    "kid-subsets": (args.kid_subsets, 1), "kid-subset-size": (args.kid_subset_size, 2),
+                    "batch-size": (batch_size, 1)}
+    for flag, (value, least) in lower_bounds.items():
+        if value is not None and value < least:
+            raise PipelineError(f"--{flag} is {value}; it must be at least {least}.")
+    samples = Path(args.samples)
+    weights = args.inception_weights or fid.get("inception_weights")
+    settings = {"samples": str(samples), "reference": str(args.reference), "inception_weights": weights,
+                "max_samples": args.max_samples, "kid_rows": args.kid_rows,
+                "kid_subsets": args.kid_subsets, "kid_subset_size": args.kid_subset_size,
+                "batch_size": batch_size, "seed": args.seed}
+    attrs = evaluate(samples, args.reference, args.out, inception_weights=weights,
+                     max_samples=args.max_samples, kid_rows=args.kid_rows,
+                     kid_subsets=args.kid_subsets, kid_subset_size=args.kid_subset_size,
+                     batch_size=batch_size, seed=args.seed, progress=not args.no_progress,
+                     settings=settings)
+    print(f"wrote {attrs['out']}: {attrs['metric_name']} = {attrs['value']:.4f}, KID = "
+          f"{attrs['kid_mean']:.5f} +- {attrs['kid_std']:.5f} (N = {attrs['n_samples']}, "
+          f"{attrs['extractor']})", file=sys.stderr)

