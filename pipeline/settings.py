@@ -54,9 +54,11 @@ def stage_settings(config: Mapping[str, Any], stage: str, dataset: str | None = 
     if stage == "sample":
         return {**model_settings(config, dataset), **dict(section(config, "sampling"))}
     if stage in METRICS:
-        metrics = section(config, "metrics")
-        return {**model_settings(config, dataset), "seed": metrics["seed"],
-                "loss_terms": metrics["loss_terms"], **dict(metrics[stage])}
+        # A config slice: the metric stages read it exactly like a merged config file.
+        return {"device": config.get("device", "auto"),
+                "datasets": {dataset: {"preset": section(config, "datasets", dataset, "preset")}},
+                "training": {"diffusion": dict(section(config, "training", "diffusion"))},
+                "metrics": {stage: dict(section(config, "metrics", stage))}}
     if stage == "report":
         study = section(config, "study")
         return {"results": config["results"], "study": dict(study), "report": dict(section(config, "report")),
