@@ -18,7 +18,6 @@ Every extractor receives what torch-fidelity passes: uint8 images of shape (B, 3
 
 from __future__ import annotations
 
-import hashlib
 import os
 import pickle
 import sys
@@ -37,6 +36,7 @@ from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
 from torch_fidelity.utils import create_feature_extractor
 
 from pipeline.errors import PipelineError
+from pipeline.io.hashing import file_sha256
 from pipeline.io.atomic import atomic_path
 
 INCEPTION = "inception"
@@ -67,27 +67,6 @@ def metric_name(extractor: str) -> str:
 
 # ------------------------------------------------------------------------------------------
 # Hashing weights and data files.
-
-_SHA256_CACHE: dict[tuple[str, int, int], str] = {}
-
-
-def file_sha256(path: str | os.PathLike) -> str:
-    """Hex SHA-256 of a file, remembered per (real path, mtime, size) within the process.
-
-    The Inception weights are 91 MB; a stage that checks and records the hash should read them
-    once, and an edited file (new mtime or size) is hashed again.
-    """
-    path = Path(path).resolve()
-    stat = path.stat()
-    key = (str(path), stat.st_mtime_ns, stat.st_size)
-    if key not in _SHA256_CACHE:
-        digest = hashlib.sha256()
-        with open(path, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                digest.update(block)
-        _SHA256_CACHE[key] = digest.hexdigest()
-    return _SHA256_CACHE[key]
-
 
 # ------------------------------------------------------------------------------------------
 # EfficientNet-Lite0 as a torch-fidelity feature extractor.

@@ -25,7 +25,8 @@ import torch_fidelity
 
 from pipeline.config import load_config
 from pipeline.errors import PipelineError
-from pipeline.fidelity.extractors import file_sha256, resolve_extractor
+from pipeline.fidelity.extractors import resolve_extractor
+from pipeline.io.hashing import file_sha256
 from pipeline.fidelity.stats import (DEFAULT_KID_ROWS, H5Images, feature_statistics, frechet_distance,
                                      h5_attrs, h5_safe_attrs, image_shape, kernel_distance,
                                      read_reference)

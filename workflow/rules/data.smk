@@ -16,7 +16,7 @@ rule prepare:
     log:
         f"{RESULTS}/logs/prepare/{{dataset}}.log",
     shell:
-        "{PYTHON} -m pipeline prepare --dataset {wildcards.dataset} --settings-json '{params.settings}' "
+        "OMP_NUM_THREADS={threads} {PYTHON} -m pipeline prepare --dataset {wildcards.dataset} --settings-json '{params.settings}' "
         "--out {output} 2> {log}"
 
 
@@ -36,5 +36,5 @@ rule fid_reference:
     log:
         f"{RESULTS}/logs/fid_reference/{{dataset}}_{{extractor}}.log",
     shell:
-        "{PYTHON} -m pipeline fid-reference --data {input.data} --extractor {wildcards.extractor} "
+        "OMP_NUM_THREADS={threads} {PYTHON} -m pipeline fid-reference --data {input.data} --extractor {wildcards.extractor} "
         "--settings-json '{params.settings}' --out {output} 2> {log}"

@@ -23,7 +23,7 @@ rule quantize:
     log:
         f"{RESULTS}/logs/quantize/{{dataset}}_{{recipe}}_seed{{seed}}_{{average}}_{{precision}}.log",
     shell:
-        "{PYTHON} -m pipeline quantize --weights {input.weights} --precision {wildcards.precision} "
+        "OMP_NUM_THREADS={threads} {PYTHON} -m pipeline quantize --weights {input.weights} --precision {wildcards.precision} "
         "--out {output.weights} --codes {output.codes} 2> {log}"
 
 
@@ -44,7 +44,7 @@ rule sample:
     log:
         f"{RESULTS}/logs/sample/{{dataset}}_{{recipe}}_seed{{seed}}_{{average}}_{{precision}}_T{{steps}}.log",
     shell:
-        "{PYTHON} -m pipeline sample --weights {input.weights} --dataset {wildcards.dataset} "
+        "OMP_NUM_THREADS={threads} {PYTHON} -m pipeline sample --weights {input.weights} --dataset {wildcards.dataset} "
         "--steps {wildcards.steps} --settings-json '{params.settings}' --out {output.samples} "
         "--grid {output.grid} --no-progress 2> {log}"
 
@@ -66,7 +66,7 @@ rule fid:
     log:
         f"{RESULTS}/logs/fid/{{dataset}}_{{recipe}}_seed{{seed}}_{{average}}_{{precision}}_T{{steps}}_{{extractor}}.log",
     shell:
-        "{PYTHON} -m pipeline fid --samples {input.samples} --reference {input.reference} "
+        "OMP_NUM_THREADS={threads} {PYTHON} -m pipeline fid --samples {input.samples} --reference {input.reference} "
         "--settings-json '{params.settings}' --out {output} 2> {log}"
 
 
@@ -88,5 +88,5 @@ rule metric:
     log:
         f"{RESULTS}/logs/metric/{{dataset}}_{{recipe}}_seed{{seed}}_{{average}}_{{metric}}.log",
     shell:
-        "{PYTHON} -m pipeline {wildcards.metric} --weights {input.weights} --data {input.data} "
+        "OMP_NUM_THREADS={threads} {PYTHON} -m pipeline {wildcards.metric} --weights {input.weights} --data {input.data} "
         "--dataset {wildcards.dataset} --settings-json '{params.settings}' --out {output} 2> {log}"

@@ -34,5 +34,5 @@ rule report:
     log:
         f"{RESULTS}/logs/report.log",
     shell:
-        "{PYTHON} -m pipeline report --settings-json '{params.settings}' "
+        "OMP_NUM_THREADS={threads} {PYTHON} -m pipeline report --settings-json '{params.settings}' "
         "--out-dir {RESULTS}/report 2> {log}"

@@ -21,6 +21,6 @@ rule train:
     log:
         f"{RESULTS}/logs/train/{{dataset}}_{{recipe}}_seed{{seed}}.log",
     shell:
-        "{PYTHON} -m pipeline train --dataset {wildcards.dataset} --recipe {wildcards.recipe} "
+        "OMP_NUM_THREADS={threads} {PYTHON} -m pipeline train --dataset {wildcards.dataset} --recipe {wildcards.recipe} "
         "--seed {wildcards.seed} --settings-json '{params.settings}' --data {input.data} "
         "--out-dir {params.out_dir} --no-progress 2> {log}"
