@@ -17,7 +17,7 @@ rule prepare:
         f"{RESULTS}/logs/prepare/{{dataset}}.log",
     shell:
         "OMP_NUM_THREADS={threads} {PYTHON} -m pipeline prepare --dataset {wildcards.dataset} --settings-json '{params.settings}' "
-        "--out {output} 2> {log}"
+        "--out {output} --no-progress 2> {log}"
 
 
 rule fid_reference:
@@ -28,7 +28,7 @@ rule fid_reference:
         layout.fid_reference(RESULTS, "{dataset}", "{extractor}"),
     params:
         settings=lambda w: as_json(stage_settings(config, "fid_reference", dataset=w.dataset)),
-    threads: 2
+    threads: 1
     resources:
         mem_mb=8000,
         runtime=240,
@@ -37,4 +37,4 @@ rule fid_reference:
         f"{RESULTS}/logs/fid_reference/{{dataset}}_{{extractor}}.log",
     shell:
         "OMP_NUM_THREADS={threads} {PYTHON} -m pipeline fid-reference --data {input.data} --extractor {wildcards.extractor} "
-        "--settings-json '{params.settings}' --out {output} 2> {log}"
+        "--settings-json '{params.settings}' --out {output} --no-progress 2> {log}"

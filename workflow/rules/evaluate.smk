@@ -36,7 +36,7 @@ rule sample:
         grid=layout.sample_grid(RESULTS, "{dataset}", "{recipe}", "{seed}", "{average}", "{precision}", "{steps}"),
     params:
         settings=lambda w: as_json(stage_settings(config, "sample", dataset=w.dataset)),
-    threads: 2
+    threads: 1
     resources:
         mem_mb=8000,
         runtime=60 * 24,
@@ -58,7 +58,7 @@ rule fid:
         layout.fid(RESULTS, "{dataset}", "{recipe}", "{seed}", "{average}", "{precision}", "{steps}", "{extractor}"),
     params:
         settings=lambda w: as_json(stage_settings(config, "fid", dataset=w.dataset)),
-    threads: 2
+    threads: 1
     resources:
         mem_mb=8000,
         runtime=120,
@@ -67,7 +67,7 @@ rule fid:
         f"{RESULTS}/logs/fid/{{dataset}}_{{recipe}}_seed{{seed}}_{{average}}_{{precision}}_T{{steps}}_{{extractor}}.log",
     shell:
         "OMP_NUM_THREADS={threads} {PYTHON} -m pipeline fid --samples {input.samples} --reference {input.reference} "
-        "--settings-json '{params.settings}' --out {output} 2> {log}"
+        "--settings-json '{params.settings}' --out {output} --no-progress 2> {log}"
 
 
 # Which metrics need a GPU on the cluster: all of them run the UNet many times.
@@ -80,7 +80,7 @@ rule metric:
         layout.metric(RESULTS, "{dataset}", "{recipe}", "{seed}", "{average}", "{metric}"),
     params:
         settings=lambda w: as_json(stage_settings(config, w.metric, dataset=w.dataset)),
-    threads: 2
+    threads: 1
     resources:
         mem_mb=16000,
         runtime=60 * 12,
@@ -89,4 +89,4 @@ rule metric:
         f"{RESULTS}/logs/metric/{{dataset}}_{{recipe}}_seed{{seed}}_{{average}}_{{metric}}.log",
     shell:
         "OMP_NUM_THREADS={threads} {PYTHON} -m pipeline {wildcards.metric} --weights {input.weights} --data {input.data} "
-        "--dataset {wildcards.dataset} --settings-json '{params.settings}' --out {output} 2> {log}"
+        "--dataset {wildcards.dataset} --settings-json '{params.settings}' --out {output} --no-progress 2> {log}"
