@@ -93,3 +93,8 @@ def report_tables(results: str) -> list[str]:
 def report_figures(results: str) -> list[str]:
     """Every figure of the report, each as PNG and PDF."""
     return [f"{report_dir(results)}/{name}.{ext}" for name in REPORT_FIGURES for ext in ("png", "pdf")]
+
+
+def report_index(results: str) -> str:
+    """The report's index: what each table and figure is, and the open choices of the study."""
+    return f"{report_dir(results)}/index.md"

@@ -125,14 +125,7 @@ def train(settings: Mapping[str, Any], data_path: str | Path, out_dir: str | Pat
                dynamic_ncols=True)
     interval_start, steps_this_call = time.perf_counter(), 0
     while step < total_steps:
-        # The batch and every draw of this step are functions of (seed, step) alone.
-        x0 = batches.batch(step).to(device, non_blocking=True)
-        t, weights = sampler.sample(x0.shape[0], seeding.generator(seed, step, stream="timesteps"), device)
-        noise = _randn_like(x0, seeding.generator(seed, step, stream="noise"))
-        input_noise = None
-        if recipe.ip_gamma:
-            xi = _randn_like(x0, seeding.generator(seed, step, stream="input_perturbation"))
-            input_noise = noise + recipe.ip_gamma * xi
+        x0, t, weights, noise, input_noise = draw_step(batches, sampler, seed, step, recipe.ip_gamma, device)
         torch.manual_seed(seeding.derive_seed(seed, step, stream="dropout"))
 
         # Gradient at the point the recipe asks for (theta, or theta + eps for fSGLD).
@@ -187,6 +180,24 @@ def train(settings: Mapping[str, Any], data_path: str | Path, out_dir: str | Pat
     atomic_torch_save(_cpu_state(swa.averaged_state_dict()), out_dir / WEIGHTS["swa"])
     write_train_log(out_dir / "train.h5", settings, log, interval_times, swa)
     ckpt_path.unlink()  # the run is complete; its checkpoint is several times the model's size
+
+
+def draw_step(batches: TrainingBatches, sampler, seed: int, step: int, ip_gamma: float,
+              device: torch.device):
+    """The batch and every draw of one step, functions of (seed, step) alone.
+
+    Returns x0 (B, C, H, W) in [-1, 1], timesteps t (B,), importance weights (B,), the target
+    noise eps, and the noise that builds x_t: eps + gamma * xi for input perturbation (DDPM-IP),
+    else None (x_t from eps itself).
+    """
+    x0 = batches.batch(step).to(device, non_blocking=True)
+    t, weights = sampler.sample(x0.shape[0], seeding.generator(seed, step, stream="timesteps"), device)
+    noise = _randn_like(x0, seeding.generator(seed, step, stream="noise"))
+    input_noise = None
+    if ip_gamma:
+        xi = _randn_like(x0, seeding.generator(seed, step, stream="input_perturbation"))
+        input_noise = noise + ip_gamma * xi
+    return x0, t, weights, noise, input_noise
 
 
 def build_optimizer(model: torch.nn.Module, recipe: Recipe, seed: int) -> torch.optim.Optimizer:

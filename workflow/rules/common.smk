@@ -50,7 +50,7 @@ CODE = {
     "sample": code(*MODEL_CODE, "seeding.py", "stages/sample.py"),
     "fid": code("fidelity", "stages/fid.py"),
     "metric": code(*MODEL_CODE, "flatness", "seeding.py"),
-    "report": code("report", "stages/report.py"),
+    "report": code("report", "stages/report.py", "quant.py"),
 }
 
 

@@ -1,0 +1,245 @@
+"""Read the report's inputs: FID files, metric files, training logs (and sample images for Fig. 2).
+
+Paths come from pipeline.layout, so the report finds exactly what the rules wrote. Scalars go
+into long pandas frames, one row per file (exposure: per file and T'); the curves and grids the
+figures need are read by the `read_*` functions on demand. A missing or unreadable input is a
+PipelineError naming the file and the rule that makes it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from pathlib import Path
+from typing import Any, Iterator
+
+import h5py
+import numpy as np
+import pandas as pd
+import yaml
+
+from pipeline import layout
+from pipeline.errors import PipelineError
+from pipeline.report.study import Study
+
+# The rule (workflow/rules/*.smk) and command behind each kind of input.
+MAKER = {
+    "fid": "rule fid (python -m pipeline fid)",
+    "metric": "rule metric (python -m pipeline {name})",
+    "train": "rule train (python -m pipeline train)",
+    "sample": "rule sample (python -m pipeline sample)",
+}
+# Scalar attributes of the metric files that record a convention (SPEC section 12).
+CONVENTION_ATTRS = ("loss_terms", "noise", "gap_convention", "directions_kind", "std_convention",
+                    "normalisation", "eigenvalue_method", "trace_method", "loss_gradient")
+
+
+@dataclasses.dataclass(frozen=True)
+class Input:
+    path: str
+    kind: str
+    key: dict[str, Any]
+    name: str = ""
+
+    @property
+    def maker(self) -> str:
+        return MAKER[self.kind].format(name=self.name)
+
+
+def required_inputs(study: Study) -> list[Input]:
+    """Every file the report rule lists as input, in the rule's order."""
+    inputs = []
+    results = study.results
+    for run in _runs(study):
+        for average in study.averages:
+            for precision in study.precisions:
+                for steps in study.steps:
+                    inputs.append(Input(layout.fid(results, *run.values(), average, precision, steps,
+                                                   study.extractor), "fid",
+                                        {**run, "average": average, "precision": precision, "steps": steps}))
+    for run in _runs(study):
+        inputs.append(Input(layout.train_log(results, *run.values()), "train", dict(run)))
+        for average in study.averages:
+            for name in study.metrics:
+                inputs.append(Input(layout.metric(results, *run.values(), average, name), "metric",
+                                    {**run, "average": average}, name))
+    return inputs
+
+
+def check_inputs(inputs: list[Input]) -> None:
+    """PipelineError listing the missing files (at most 12) and the rules that make them."""
+    missing = [i for i in inputs if not Path(i.path).is_file()]
+    if not missing:
+        return
+    shown = "\n".join(f"  - {i.path}  <- {i.maker}" for i in missing[:12])
+    more = f"\n  ... and {len(missing) - 12} more" if len(missing) > 12 else ""
+    raise PipelineError(f"the report is missing {len(missing)} of its {len(inputs)} input files:\n{shown}{more}\n"
+                        f"Run the workflow (snakemake --cores all) or the named stages first.")
+
+
+def _runs(study: Study) -> Iterator[dict[str, Any]]:
+    for dataset in study.datasets:
+        for recipe in study.recipes:
+            for seed in study.seeds:
+                yield {"dataset": dataset, "recipe": recipe, "seed": seed}
+
+
+@dataclasses.dataclass
+class Collected:
+    """The scalars of every input, plus the conventions their provenance records.
+
+    fid: dataset, recipe, seed, average, precision, steps, value, kid_mean, kid_std, n_samples.
+    lpf: dataset, recipe, seed, average, sigma, loss, lpf, difference, stderr, draw_losses (array).
+    hessian: dataset, recipe, seed, average, top_eigenvalue, trace, trace_stderr, converged.
+    exposure: dataset, recipe, seed, average, steps, gap_l2_mean, gap_l2_mean_stderr, gap_l2_sum,
+        gap_sq_mean, reference_l2.
+    train: dataset, recipe, seed, steps (logged), swa_snapshots, lr_first, lr_last, settings (YAML).
+    conventions: {metric name: {"settings": [distinct settings blocks], attr: [distinct values]}}.
+    """
+
+    metric_name: str
+    fid: pd.DataFrame
+    lpf: pd.DataFrame | None
+    hessian: pd.DataFrame | None
+    exposure: pd.DataFrame | None
+    train: pd.DataFrame
+    conventions: dict[str, dict[str, list[Any]]]
+
+
+def collect(study: Study) -> Collected:
+    """Check that every input exists, then read their scalars."""
+    inputs = required_inputs(study)
+    check_inputs(inputs)
+    rows: dict[str, list[dict[str, Any]]] = {"fid": [], "lpf": [], "hessian": [], "exposure": [], "train": []}
+    conventions: dict[str, dict[str, list[Any]]] = {}
+    names = set()
+    for item in inputs:
+        with _open(item.path, item.maker) as f:
+            if item.kind == "fid":
+                names.add(str(f.attrs["metric_name"]))
+                rows["fid"].append({**item.key, "value": float(f.attrs["value"]),
+                                    "kid_mean": float(f.attrs["kid_mean"]), "kid_std": float(f.attrs["kid_std"]),
+                                    "n_samples": int(f.attrs["n_samples"])})
+            elif item.kind == "train":
+                rows["train"].append({**item.key, **_train_row(f)})
+            else:
+                _note_conventions(conventions, item.name, f)
+                reader = METRIC_ROWS.get(item.name)
+                if reader is not None:
+                    rows[item.name].extend({**item.key, **row} for row in reader(f))
+    if not names:
+        raise PipelineError("the study has no FID files to report on; check the study lists in the config.")
+    if len(names) != 1:
+        raise PipelineError(f"the FID files disagree on the metric ({sorted(names)}); they come from different "
+                            f"extractors. Delete the stale ones and rerun the fid rule.")
+    frames = {kind: pd.DataFrame(values) if values else None for kind, values in rows.items()}
+    return Collected(metric_name=names.pop(), fid=frames["fid"], lpf=frames["lpf"], hessian=frames["hessian"],
+                     exposure=frames["exposure"], train=frames["train"], conventions=conventions)
+
+
+@contextlib.contextmanager
+def _open(path: str, maker: str) -> Iterator[h5py.File]:
+    """h5py.File for reading; an unreadable file or a missing entry becomes a PipelineError."""
+    try:
+        f = h5py.File(path, "r")
+    except OSError as err:
+        raise PipelineError(f"{path} cannot be read as HDF5 ({err}); delete it and rerun {maker}.") from None
+    try:
+        with f:
+            yield f
+    except KeyError as err:
+        raise PipelineError(f"{path} lacks an entry the report needs ({err}); it was written by another "
+                            f"version of {maker}: rerun it.") from None
+
+
+def _scalar(f: h5py.File, key: str) -> float:
+    return float(np.asarray(f[key][()]))
+
+
+def _lpf_rows(f: h5py.File) -> list[dict[str, Any]]:
+    return [{"sigma": _scalar(f, "sigma"), "loss": _scalar(f, "loss"), "lpf": _scalar(f, "lpf"),
+             "difference": _scalar(f, "difference"), "stderr": _scalar(f, "stderr"),
+             "draw_losses": np.asarray(f["draw_losses"][...], dtype=np.float64)}]
+
+
+def _hessian_rows(f: h5py.File) -> list[dict[str, Any]]:
+    return [{"top_eigenvalue": _scalar(f, "top_eigenvalue"), "trace": _scalar(f, "trace"),
+             "trace_stderr": _scalar(f, "trace_stderr"),
+             "converged": bool(f["eigenvalue_converged"][()]) and bool(f["trace_converged"][()])}]
+
+
+def _exposure_rows(f: h5py.File) -> list[dict[str, Any]]:
+    rows = []
+    for steps in np.asarray(f["steps"][...]).tolist():
+        group = f[f"steps{steps}"]
+        rows.append({"steps": int(steps), "gap_l2_mean": _scalar(group, "gap_l2_mean"),
+                     "gap_l2_mean_stderr": _scalar(group, "gap_l2_mean_stderr"),
+                     "gap_l2_sum": _scalar(group, "gap_l2_sum"), "gap_sq_mean": _scalar(group, "gap_sq_mean"),
+                     "reference_l2": _scalar(f, "reference_l2")})
+    return rows
+
+
+METRIC_ROWS = {"lpf": _lpf_rows, "hessian": _hessian_rows, "exposure": _exposure_rows}
+
+
+def _train_row(f: h5py.File) -> dict[str, Any]:
+    settings = yaml.safe_load(f.attrs["settings_yaml"]) or {}
+    lr = np.asarray(f["lr"][...])
+    return {"steps": len(lr), "swa_snapshots": int(f.attrs.get("swa_snapshots", -1)),
+            "lr_first": float(lr[0]) if len(lr) else float("nan"),
+            "lr_last": float(lr[-1]) if len(lr) else float("nan"), "settings": settings}
+
+
+def _note_conventions(conventions: dict[str, dict[str, list[Any]]], name: str, f: h5py.File) -> None:
+    """Keep the distinct values of each recorded convention (one value when the study is coherent)."""
+    record = conventions.setdefault(name, {})
+    settings = (yaml.safe_load(f.attrs.get("settings_yaml", "")) or {}).get(name)
+    values = {"settings": settings, **{a: _plain(f.attrs[a]) for a in CONVENTION_ATTRS if a in f.attrs}}
+    for key, value in values.items():
+        seen = record.setdefault(key, [])
+        if value not in seen:
+            seen.append(value)
+
+
+def _plain(value: Any) -> Any:
+    return value.decode() if isinstance(value, bytes) else value.item() if hasattr(value, "item") else value
+
+
+# ------------------------------------------------------------------------------------------
+# Curves, surfaces and images for the figures.
+
+def read_perturbation(path: str) -> dict[str, np.ndarray]:
+    """radii (R,), loss_mean / loss_std / difference_mean / difference_std (R,), losses (K, R)."""
+    with _open(path, MAKER["metric"].format(name="perturbation")) as f:
+        return {key: np.asarray(f[key][...], dtype=np.float64)
+                for key in ("radii", "loss_mean", "loss_std", "difference_mean", "difference_std", "losses")}
+
+
+def read_surface(path: str) -> dict[str, Any]:
+    """x (G,), y (G,), losses (G, G) with losses[i, j] at (x[i], y[j]), and the loss terms."""
+    with _open(path, MAKER["metric"].format(name="surface")) as f:
+        return {"x": np.asarray(f["x"][...]), "y": np.asarray(f["y"][...]),
+                "losses": np.asarray(f["losses"][...], dtype=np.float64),
+                "loss_terms": _plain(f.attrs.get("loss_terms", "?"))}
+
+
+def read_exposure_curves(path: str) -> dict[int, dict[str, np.ndarray]]:
+    """Per T': timesteps (K,) and the mean L2 norms of the training and sampling curves (K,)."""
+    curves = {}
+    with _open(path, MAKER["metric"].format(name="exposure")) as f:
+        reference = _scalar(f, "reference_l2")
+        for steps in np.asarray(f["steps"][...]).tolist():
+            group = f[f"steps{steps}"]
+            curves[int(steps)] = {"timesteps": np.asarray(group["timesteps"][...]),
+                                  "training": np.asarray(group["training/l2_mean"][...], dtype=np.float64),
+                                  "sampling": np.asarray(group["sampling/l2_mean"][...], dtype=np.float64),
+                                  "reference_l2": reference}
+    return curves
+
+
+def read_samples(path: str, count: int) -> np.ndarray:
+    """The first `count` images of a samples.h5: uint8 (n, H, W, C), n = min(count, N)."""
+    if not Path(path).is_file():
+        raise PipelineError(f"{path} does not exist; Fig. 2 needs it. Make it with {MAKER['sample']}.")
+    with _open(path, MAKER["sample"]) as f:
+        return np.asarray(f["images"][:count])

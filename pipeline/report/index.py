@@ -1,0 +1,174 @@
+"""results/report/index.md: what the report holds and which open choices this run made.
+
+The open choices are those of SPEC-methods section 12, each stated from what the inputs record
+(metric files' settings and convention attributes, training logs, recipe descriptions), so the
+text describes the numbers actually in the tables rather than the config of the day.
+"""
+
+from __future__ import annotations
+
+import datetime
+from typing import Any, Mapping, Sequence
+
+from pipeline import layout
+from pipeline.io.provenance import git_revision, package_version
+from pipeline.quant import parse_precision
+from pipeline.report.collect import Collected
+from pipeline.report.render import Table, markdown_grid
+from pipeline.report.study import Study
+from pipeline.report.tables import Choices, exposure_steps, metric_note
+
+FIGURE_CAPTIONS = {
+    "fig1_loss_surface": "Fig. 1: 2-D loss surfaces of ADM and +SAM (and fSGLD), shared colour scale per dataset.",
+    "fig2_samples_fp32_int8": "Figs. 2 and 4: samples of ADM, +SAM, +EMA, +SAM+EMA (and fSGLD) in fp32 and "
+                              "quantized, at the smallest T'.",
+    "fig5_loss_vs_perturbation": "Figs. 5, 7, 8: loss and loss increase against the norm of a random weight "
+                                 "perturbation, every algorithm.",
+    "fig6_eps_norm": "Figs. 6, 7, 8: mean ||eps_theta||_2 per timestep, training inputs vs the sampling chain.",
+}
+
+
+def _recorded(data: Collected, metric: str, key: str) -> str:
+    """The distinct recorded values of one convention, or a note that nothing recorded it."""
+    values = data.conventions.get(metric, {}).get(key, [])
+    if not values:
+        return "not recorded"
+    text = "; ".join(str(v) for v in values)
+    return text if len(values) == 1 else f"differs between files: {text}"
+
+
+def _setting(data: Collected, metric: str, key: str) -> str:
+    blocks = data.conventions.get(metric, {}).get("settings", [])
+    values = []
+    for block in blocks:
+        value = (block or {}).get(key, "not recorded")
+        if value not in values:
+            values.append(value)
+    if not values:
+        return "not recorded"
+    text = ", ".join(str(v) for v in values)
+    return text if len(values) == 1 else f"differs between files: {text}"
+
+
+def _distinct(values: Sequence[Any]) -> str:
+    unique = []
+    for value in values:
+        if value not in unique:
+            unique.append(value)
+    return ", ".join(str(v) for v in unique)
+
+
+def open_choices(study: Study, data: Collected, choices: Choices) -> list[str]:
+    """The section-12 choices as numbered Markdown items."""
+    items = []
+    sentences = [f"{dataset}: {c.sentence()}" for dataset, by_label in choices.items() for c in by_label.values()]
+    items.append("rho of +SAM (the paper gives only the grid {0.1, 0.01, 0.001}): "
+                 + ("; ".join(sentences) if sentences else "no SAM recipe in the study") + ".")
+
+    train = data.train
+    swa = _distinct([(s.get("swa") or {}) for s in train["settings"]])
+    ema = _distinct([(s.get("ema") or {}).get("decay") for s in train["settings"]])
+    constant = bool((train["lr_first"] == train["lr_last"]).all())
+    items.append(f"SWA and EMA: {_distinct(train['steps'].tolist())} training steps per run; SWA settings {swa} "
+                 f"(snapshots per run: {_distinct(train['swa_snapshots'].tolist())}); "
+                 f"EMA decay {ema}; the learning rate is "
+                 + ("constant over each run (not cycled within SWA cycles)" if constant
+                    else "not constant in every run (see train.h5 'lr')") + ".")
+
+    if "lpf" in study.metrics:
+        items.append(f"LPF: sigma {_setting(data, 'lpf', 'sigma')}, draws {_setting(data, 'lpf', 'draws')}, "
+                     f"{_setting(data, 'lpf', 'n_eval')} fixed (x0, t, eps) evaluation triples, loss terms "
+                     f"{_recorded(data, 'lpf', 'loss_terms')}; noise: {_recorded(data, 'lpf', 'noise')}; "
+                     f"sigma sweep {_setting(data, 'lpf', 'sigma_sweep')}.")
+    else:
+        items.append("LPF: not measured (lpf not in study.metrics).")
+
+    if "perturbation" in study.metrics:
+        items.append(f"Loss under perturbation: radii {_setting(data, 'perturbation', 'radii')}, "
+                     f"{_setting(data, 'perturbation', 'directions')} directions, "
+                     f"{_setting(data, 'perturbation', 'n_eval')} evaluation triples, loss terms "
+                     f"{_recorded(data, 'perturbation', 'loss_terms')}; directions: "
+                     f"{_recorded(data, 'perturbation', 'directions_kind')}.")
+    else:
+        items.append("Loss under perturbation: not measured (perturbation not in study.metrics).")
+
+    if "exposure" in study.metrics and data.exposure is not None:
+        items.append(f"Exposure gap: {_recorded(data, 'exposure', 'gap_convention')}. Table 1 shows the mean "
+                     f"L2 (not squared) gap at T'={exposure_steps(data)}; "
+                     f"{_setting(data, 'exposure', 'n_images')} images per curve. The paper's aggregation is "
+                     f"not stated.")
+    else:
+        items.append("Exposure gap: not measured (exposure not in study.metrics).")
+
+    quantized = []
+    for precision in study.quantized_precisions:
+        spec = parse_precision(precision) or {}
+        quantized.append(f"{precision} = {spec['bits']}-bit {spec['granularity'].replace('_', ' ')}, "
+                         f"{'symmetric' if spec['symmetric'] else 'asymmetric'} min-max")
+    items.append("Quantization: " + ("; ".join(quantized) if quantized else "no quantized precision")
+                 + "; weight-only, simulated (dequantized for sampling); tensors of >= 2 dims quantized, 1-D "
+                   "tensors (biases, GroupNorm) kept fp32 by the workflow's quantize rule; each average "
+                   "(raw, EMA, SWA) is quantized on its own, so '+EMA int8' is the quantized EMA weights.")
+
+    fsgld = []
+    for recipe in study.fsgld_recipes:
+        described = study.describe(recipe)
+        f, opt = described["fsgld"], described["optimizer"]
+        sigma = "coupled to beta_inv" if f.get("sigma") is None else f["sigma"]
+        fsgld.append(f"{recipe} ({described['label']}): base {opt['name']} lr {opt['lr']}, beta_inv "
+                     f"{f['beta_inv']}, eta {f['eta']}, sigma {sigma}, n_pert {f['n_pert']}")
+    items.append("fSGLD (not in the paper): " + ("; ".join(fsgld) if fsgld else "no fSGLD recipe in the study")
+                 + ". The Adam base is this project's extension.")
+
+    ips = [f"{r}: gamma {study.describe(r)['input_perturbation']['gamma']}" for r in study.recipes
+           if study.describe(r).get("input_perturbation")]
+    items.append("Input perturbation gamma (paper 0.1, DDPM-IP's CIFAR-10 command 0.15): "
+                 + ("; ".join(ips) if ips else "no IP recipe in the study") + ".")
+
+    if "hessian" in study.metrics and data.hessian is not None:
+        unconverged = int((~data.hessian["converged"]).sum())
+        items.append(f"Hessian: batch {_setting(data, 'hessian', 'batch')}, max_iter "
+                     f"{_setting(data, 'hessian', 'max_iter')}, tol {_setting(data, 'hessian', 'tol')}; "
+                     f"{unconverged} of {len(data.hessian)} estimates stopped at max_iter before converging.")
+    if "surface" in study.metrics:
+        items.append(f"Loss surface: grid {_setting(data, 'surface', 'grid')} x {_setting(data, 'surface', 'grid')} "
+                     f"over [-{_setting(data, 'surface', 'span')}, {_setting(data, 'surface', 'span')}]^2; "
+                     f"{_recorded(data, 'surface', 'normalisation')}.")
+    return [f"{i}. {item}" for i, item in enumerate(items, 1)]
+
+
+def index_markdown(study: Study, data: Collected, choices: Choices, tables: Sequence[Table],
+                   figures: Mapping[str, str]) -> str:
+    """The whole index.md text."""
+    fid = data.fid
+    recipes = ", ".join(f"{r} ({study.label(r)})" for r in study.recipes)
+    lines = [
+        "# Understanding Flatness in Generative Models: reproduction report",
+        "",
+        f"Generated by `python -m pipeline report` ({package_version()}, git {git_revision()}, "
+        f"{datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds')}).",
+        "",
+        f"- Metric: {metric_note(data.metric_name)} Extractor {study.extractor}, "
+        f"{_distinct(fid['n_samples'].tolist())} samples per model.",
+        f"- Datasets: {', '.join(study.datasets)}; recipes: {recipes}.",
+        f"- Seeds: {', '.join(map(str, study.seeds))}; averages: {', '.join(study.averages)}; precisions: "
+        f"{', '.join(study.precisions)}; T': {', '.join(map(str, study.steps))}; metrics: "
+        f"{', '.join(study.metrics)}.",
+        "",
+        "## Tables",
+        "",
+    ]
+    for table in tables:
+        files = ", ".join(f"[{ext}]({table.name}.{ext})" for ext in ("csv", "md", "tex"))
+        lines.append(f"- **{table.title}** ({files})")
+    lines += ["", "## Figures", ""]
+    for name, caption in figures.items():
+        lines += [f"- **{caption}** ([PDF]({name}.pdf))", "", f"  ![{name}]({name}.png)", ""]
+    lines += ["## Choices the paper leaves open (SPEC-methods section 12), as this run made them", "",
+              *open_choices(study, data, choices), ""]
+    claims = next((t for t in tables if t.name == "claims"), None)
+    if claims is not None:
+        lines += ["## Claims", "", markdown_grid(claims.frame), "", *[f"- {n}" for n in claims.notes], ""]
+    lines += [f"Inputs: FID files, metric files and training logs under {study.results}/ "
+              f"(paths: pipeline/layout.py); outputs: {layout.report_dir(study.results)}/."]
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,194 @@
+"""The study as the report sees it: which recipes, how rows are named, which rho fills +SAM.
+
+Everything here is a pure function of the report settings (`stage_settings(config, "report")`)
+and, for the rho selection, of the collected FID values; no file is read.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Mapping, Sequence
+
+import pandas as pd
+
+from pipeline.errors import PipelineError
+
+AVERAGE_SUFFIX = {"none": "", "ema": "+EMA", "swa": "+SWA"}
+# How Tables 3 and 5 of the paper head their average columns.
+AVERAGE_HEADING = {"none": "w/o", "ema": "+EMA", "swa": "+SWA"}
+
+
+def algorithm_label(recipe_label: str, average: str) -> str:
+    """A table row's name: the recipe's label plus the average ("ADM" + ema -> "+EMA").
+
+    A parenthesised remark stays last: "+fSGLD (Adam base, ext.)" + swa -> "+fSGLD+SWA (Adam base, ext.)".
+    """
+    suffix = AVERAGE_SUFFIX[average]
+    if not suffix:
+        return recipe_label
+    if recipe_label == "ADM":
+        return suffix
+    head, sep, remark = recipe_label.partition(" (")
+    return f"{head}{suffix}{sep}{remark}"
+
+
+def _kind_rank(described: Mapping[str, Any]) -> int:
+    """Row order of the paper (ADM, +IP, +SAM), then this project's fSGLD rows."""
+    if described.get("fsgld") is not None:
+        return 3
+    if described.get("sam") is not None:
+        return 2
+    if described.get("input_perturbation") is not None:
+        return 1
+    return 0
+
+
+@dataclasses.dataclass(frozen=True)
+class SamChoice:
+    """The SAM recipe that fills the rows of one SAM label on one dataset."""
+
+    dataset: str
+    label: str
+    recipe: str
+    rho: float
+    reason: str
+
+    def sentence(self) -> str:
+        return f"{self.label} uses rho={self.rho:g} (recipe {self.recipe}; {self.reason})"
+
+
+@dataclasses.dataclass
+class Study:
+    """The report's view of `stage_settings(config, "report")`."""
+
+    settings: dict[str, Any]
+
+    @property
+    def results(self) -> str:
+        return str(self.settings["results"])
+
+    @property
+    def datasets(self) -> list[str]:
+        return list(self.settings["study"]["datasets"])
+
+    @property
+    def seeds(self) -> list[int]:
+        return [int(s) for s in self.settings["study"]["seeds"]]
+
+    @property
+    def averages(self) -> list[str]:
+        return list(self.settings["study"]["averages"])
+
+    @property
+    def precisions(self) -> list[str]:
+        return list(self.settings["study"]["precisions"])
+
+    @property
+    def quantized_precisions(self) -> list[str]:
+        return [p for p in self.precisions if p != "fp32"]
+
+    @property
+    def steps(self) -> list[int]:
+        return sorted(int(s) for s in self.settings["study"]["sampling_steps"])
+
+    @property
+    def metrics(self) -> list[str]:
+        return list(self.settings["study"]["metrics"])
+
+    @property
+    def extractor(self) -> str:
+        return str(self.settings["extractor"])
+
+    @property
+    def show_paper_numbers(self) -> bool:
+        return bool(self.settings["report"]["show_paper_numbers"])
+
+    @property
+    def sam_selection(self) -> str:
+        return str(self.settings["report"]["sam_selection"])
+
+    def describe(self, recipe: str) -> dict[str, Any]:
+        return self.settings["recipes"][recipe]
+
+    def label(self, recipe: str) -> str:
+        return str(self.describe(recipe)["label"])
+
+    @property
+    def recipes(self) -> list[str]:
+        """Every recipe of the study in the paper's row order (stable within a kind)."""
+        names = list(self.settings["study"]["recipes"])
+        return sorted(names, key=lambda name: _kind_rank(self.describe(name)))
+
+    @property
+    def sam_recipes(self) -> list[str]:
+        return [r for r in self.recipes if self.describe(r).get("sam") is not None]
+
+    @property
+    def fsgld_recipes(self) -> list[str]:
+        return [r for r in self.recipes if self.describe(r).get("fsgld") is not None]
+
+    def sam_groups(self) -> dict[str, list[str]]:
+        """SAM recipes by label ("+SAM", "+ASAM", "+IP+SAM"): each label is one rho grid."""
+        groups: dict[str, list[str]] = {}
+        for recipe in self.sam_recipes:
+            groups.setdefault(self.label(recipe), []).append(recipe)
+        return groups
+
+    def rho(self, recipe: str) -> float:
+        return float(self.describe(recipe)["sam"]["rho"])
+
+    @property
+    def baseline(self) -> str | None:
+        """The plain ADM recipe the claims compare against (the first recipe labelled "ADM")."""
+        return next((r for r in self.recipes if self.label(r) == "ADM"), None)
+
+    def table_recipes(self, choices: Mapping[str, Mapping[str, SamChoice]], dataset: str) -> list[str]:
+        """Rows of Tables 1-4 on `dataset`: every non-SAM recipe, and each SAM label's chosen rho."""
+        chosen = {c.recipe for c in choices.get(dataset, {}).values()}
+        return [r for r in self.recipes if self.describe(r).get("sam") is None or r in chosen]
+
+
+def select_sam(study: Study, fid: pd.DataFrame, metric_name: str) -> dict[str, dict[str, SamChoice]]:
+    """The SAM recipe of each (dataset, SAM label) named by `report.sam_selection`.
+
+    "best_fid_<T'>": the lowest mean-over-seeds metric of the raw (average none) fp32 weights at
+    T'; ties go to the recipe listed first in the study. "rho=<value>": the recipe with that rho.
+    `fid` holds one row per FID file (columns dataset, recipe, seed, average, precision, steps, value).
+
+    :return: {dataset: {label: SamChoice}}.
+    """
+    rule = study.sam_selection
+    choices: dict[str, dict[str, SamChoice]] = {}
+    for dataset in study.datasets:
+        choices[dataset] = {}
+        for label, group in study.sam_groups().items():
+            grid = ", ".join(f"{study.rho(r):g}" for r in group)
+            if rule.startswith("rho="):
+                wanted = float(rule.removeprefix("rho="))
+                matching = [r for r in group if study.rho(r) == wanted]
+                if not matching:
+                    raise PipelineError(f"report.sam_selection = {rule}, but no {label} recipe of the study "
+                                        f"has that rho (grid: {grid}).")
+                recipe = matching[0]
+                reason = f"fixed by report.sam_selection = {rule}; grid {{{grid}}}"
+            elif rule.startswith("best_fid_"):
+                steps = int(rule.removeprefix("best_fid_"))
+                means = _raw_fp32_means(study, fid, dataset, group, steps, rule)
+                recipe = min(group, key=lambda r: (means[r], group.index(r)))
+                reason = (f"lowest {metric_name} of the raw fp32 weights at T'={steps} "
+                          f"among rho in {{{grid}}}")
+            else:
+                raise PipelineError(f"report.sam_selection = {rule!r} is neither best_fid_<T'> nor rho=<value>.")
+            choices[dataset][label] = SamChoice(dataset, label, recipe, study.rho(recipe), reason)
+    return choices
+
+
+def _raw_fp32_means(study: Study, fid: pd.DataFrame, dataset: str, group: Sequence[str], steps: int,
+                    rule: str) -> dict[str, float]:
+    if steps not in study.steps or "fp32" not in study.precisions or "none" not in study.averages:
+        raise PipelineError(f"report.sam_selection = {rule} needs T'={steps} in study.sampling_steps, fp32 in "
+                            f"study.precisions and none in study.averages; set it to rho=<value> otherwise.")
+    rows = fid[(fid.dataset == dataset) & (fid.average == "none") & (fid.precision == "fp32")
+               & (fid.steps == steps)]
+    means = rows.groupby("recipe")["value"].mean()
+    return {r: float(means[r]) for r in group}

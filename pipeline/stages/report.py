@@ -1,0 +1,42 @@
+"""Write the report: the paper's Tables 1-5 and Figures 1, 2, 4-8 (+ fSGLD rows), claims, choices.
+
+Reads every FID file, metric file and training log of the study (the report rule's inputs) and,
+for Fig. 2, the samples.h5 of ADM, the chosen +SAM and fSGLD (raw and EMA weights, every
+precision, first seed, smallest T'). Writes into --out-dir (default {results}/report): each
+table of pipeline.layout.REPORT_TABLES as .csv, .md and .tex, each figure of REPORT_FIGURES as
+.png and .pdf, and index.md (contents, the claims, and the choices of SPEC-methods section 12
+as the inputs record them). report.sam_selection picks the rho behind the +SAM rows
+(best_fid_<T'> or rho=<value>); the tables say which. A missing input is an error that names
+the file and the rule that makes it; nothing is written then.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from pipeline import layout
+from pipeline.config import load_config
+from pipeline.report import build_report
+from pipeline.settings import stage_settings
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--settings-json", default=None,
+                        help="stage_settings(config, 'report') as JSON (what the Snakemake rule passes); "
+                             "replaces --config")
+    parser.add_argument("--config", action="append", default=None, metavar="YAML",
+                        help="config file(s), merged in order (default: config.yaml)")
+    parser.add_argument("--out-dir", default=None, help="output folder (default: {results}/report)")
+
+
+def run(args: argparse.Namespace) -> None:
+    if args.settings_json:
+        settings = json.loads(args.settings_json)
+    else:
+        settings = stage_settings(load_config(args.config), "report")
+    out_dir = Path(args.out_dir or layout.report_dir(settings["results"]))
+    written = build_report(settings, out_dir)
+    print(f"report: wrote {len(written)} files to {out_dir}", file=sys.stderr)

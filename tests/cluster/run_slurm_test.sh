@@ -1,0 +1,223 @@
+#!/usr/bin/env bash
+# The workflow on a real SLURM cluster, end to end (as root; CI runs it from .ci/run):
+#
+#   bash tests/cluster/run_slurm_test.sh
+#
+# 1. starts a single-node cluster (tests/cluster/slurm_single_node.sh; two fake GPUs),
+# 2. checks that a request larger than the node fails at once, through sbatch and through Snakemake,
+# 3. checks `snakemake --profile profiles/slurm -n` on the paper config: gpu=1 on exactly the
+#    train, sample, fid_reference, fid and metric jobs,
+# 4. runs the whole DAG of config/demo.yaml + config/micro.yaml with --profile profiles/slurm and
+#    checks that every job went through the scheduler (squeue, scontrol and the job completion
+#    log say COMPLETED, GPU jobs held one GPU, one SLURM log per job),
+# 5. runs the same config locally (--cores 2) and compares weights, HDF5 values and PNGs,
+# 6. makes a train job fail on every attempt: it is retried as the profile says, then the
+#    workflow stops with the job's logs named in the error,
+# 7. cancels (scancel) a running training job mid-way, reruns the workflow, and checks that
+#    the job resumed from its checkpoint and ended with the weights of an uninterrupted run,
+# 8. stops every daemon it started, by PID, also when a step fails.
+#
+# Settings (environment): FLATNESS_SLURM_TEST_WORK=DIR (scratch folder; default a new one under
+# /var/tmp, removed after a pass), FLATNESS_SLURM_TEST_KEEP=1 (keep it), and those of
+# slurm_single_node.sh. The last line reads "slurm-test: N passed, 0 failed".
+set -euo pipefail
+
+REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
+cd "$REPO"
+
+if [[ $(id -u) -ne 0 ]]; then
+    # The cluster's daemons need root; sudo -n never prompts (fails instead).
+    command -v sudo >/dev/null && sudo -n true 2>/dev/null && exec sudo -n -E bash "$0" "$@"
+    echo "run_slurm_test.sh: needs root (or password-less sudo) to run the SLURM daemons" >&2
+    exit 1
+fi
+
+PY=$REPO/.venv/bin/python
+SMK=(timeout 1800 "$REPO/.venv/bin/snakemake")
+CLUSTER=(bash "$REPO/tests/cluster/slurm_single_node.sh")
+CHECK=("$PY" "$REPO/tests/cluster/checks.py")
+MICRO=(--configfile config/demo.yaml config/micro.yaml)
+WORK=${FLATNESS_SLURM_TEST_WORK:-$(mktemp -d /var/tmp/flatness-slurm-test.XXXXXX)}
+mkdir -p "$WORK"
+LOGDIR=$WORK/slurm-logs
+# The profile as a user runs it; only the SLURM log folder moves into the scratch folder, and
+# the first status check comes after 5 s instead of 20 (the test's jobs take seconds).
+SLURM=(--profile profiles/slurm --slurm-logdir "$LOGDIR" --slurm-init-seconds-before-status-checks 5)
+
+T0=$SECONDS
+PASSED=0
+BACKGROUND=()   # PIDs of processes this script started in the background
+CLUSTER_STARTED=0
+
+say() { printf '[slurm-test %s] %s\n' "$(date +%T)" "$*"; }
+pass() { PASSED=$((PASSED + 1)); say "PASS: $*"; }
+fail() { say "FAIL: $*"; exit 1; }
+
+cleanup() {
+    local status=$? pid
+    trap - EXIT
+    for pid in "${BACKGROUND[@]}"; do
+        if kill -0 "$pid" 2>/dev/null; then
+            say "stopping background process $pid"
+            kill -TERM "$pid" 2>/dev/null || true
+            wait "$pid" 2>/dev/null || true
+        fi
+    done
+    if ((CLUSTER_STARTED)); then
+        "${CLUSTER[@]}" stop || status=1
+    fi
+    local minutes
+    minutes=$(awk -v s=$((SECONDS - T0)) 'BEGIN { printf "%.1f", s / 60 }')
+    if ((status == 0)); then
+        [[ ${FLATNESS_SLURM_TEST_KEEP:-0} == 1 ]] || rm -rf "$WORK"
+        say "all checks passed in $minutes min"
+        echo "slurm-test: $PASSED passed, 0 failed"
+    else
+        say "failed after $minutes min; logs and results kept in $WORK"
+        echo "slurm-test: $PASSED passed, 1 failed"
+    fi
+    exit "$status"
+}
+trap cleanup EXIT
+
+# Run a command with output to a log file; print the log's tail if it fails.
+logged() {
+    local log=$1 status=0
+    shift
+    "$@" >"$log" 2>&1 || status=$?
+    if ((status != 0)); then
+        say "command failed ($status): $*"
+        tail -n 40 "$log"
+    fi
+    return "$status"
+}
+
+# ------------------------------------------------------------------------------------------
+say "scratch folder $WORK"
+"$PY" -c "import snakemake, snakemake_executor_plugin_slurm" 2>/dev/null \
+    || fail "the venv lacks the SLURM plugin: .venv/bin/pip install -e '.[cluster]'"
+
+"${CLUSTER[@]}" start
+CLUSTER_STARTED=1
+eval "$("${CLUSTER[@]}" env)"
+NODE_CPUS=$(sinfo -h -o %c | head -n 1)
+pass "single-node cluster up ($(sinfo -h -o '%D node, %c CPUs, %m MB, %G'))"
+
+# ------------------------------------------------------------------------------------------
+# A request the node can never satisfy is refused at submission, not left pending.
+start=$SECONDS
+if sbatch --parsable -c $((NODE_CPUS + 1)) --wrap true >"$WORK/oversize-sbatch.log" 2>&1; then
+    fail "sbatch accepted $((NODE_CPUS + 1)) CPUs on a $NODE_CPUS-CPU node"
+fi
+status=0
+logged "$WORK/oversize-snakemake.log" timeout 300 "$REPO/.venv/bin/snakemake" "${SLURM[@]}" "${MICRO[@]}" \
+    --config results="$WORK/oversize" --set-resources prepare:mem_mb=99999999 \
+    -- "$WORK/oversize/fashion_mnist/data.h5" || status=$?
+((status != 0 && status != 124)) || fail "Snakemake did not fail on an oversized job (exit $status)"
+grep -q "SLURM sbatch failed" "$WORK/oversize-snakemake.log" || fail "no 'SLURM sbatch failed' in $WORK/oversize-snakemake.log"
+pass "oversized requests are refused at once (sbatch and Snakemake, $((SECONDS - start)) s)"
+
+# ------------------------------------------------------------------------------------------
+# The paper's DAG asks for GPUs on exactly the GPU rules.
+logged "$WORK/paper-dryrun.log" "${SMK[@]}" --profile profiles/slurm -n
+pass "paper config, --profile profiles/slurm -n: $("${CHECK[@]}" gpu-requests "$WORK/paper-dryrun.log")"
+
+# ------------------------------------------------------------------------------------------
+# The micro study, every job through SLURM.
+logged "$WORK/micro-dryrun.log" "${SMK[@]}" "${SLURM[@]}" "${MICRO[@]}" --config results="$WORK/slurm" -n
+start=$SECONDS
+logged "$WORK/micro-slurm.log" "${SMK[@]}" "${SLURM[@]}" "${MICRO[@]}" --config results="$WORK/slurm"
+say "micro study through SLURM: $((SECONDS - start)) s"
+pass "$("${CHECK[@]}" scheduler "$WORK/micro-slurm.log" "$WORK/micro-dryrun.log" "$LOGDIR" \
+    "${FLATNESS_SLURM_DIR:-/var/tmp/flatness-slurm}/log/jobcomp.txt")"
+
+start=$SECONDS
+logged "$WORK/micro-local.log" "${SMK[@]}" --cores 2 "${MICRO[@]}" --config results="$WORK/local"
+say "micro study locally: $((SECONDS - start)) s"
+pass "SLURM and local results $("${CHECK[@]}" compare "$WORK/slurm" "$WORK/local")"
+
+# ------------------------------------------------------------------------------------------
+# A job that fails on every attempt: retried as configured, then the workflow stops and the
+# error names the job's logs. The train job fails because its data.h5 is not HDF5.
+RETRIES=$(sed -n 's/^retries: *\([0-9]*\).*/\1/p' profiles/slurm/config.yaml)
+FAILING=$WORK/failing
+mkdir -p "$FAILING/fashion_mnist"
+echo "not an HDF5 file" >"$FAILING/fashion_mnist/data.h5"
+FAIL_TARGET=$FAILING/fashion_mnist/adm/seed0/weights_raw.pt
+logged "$WORK/failing-dryrun.log" "${SMK[@]}" "${SLURM[@]}" "${MICRO[@]}" --config results="$FAILING" -n -- "$FAIL_TARGET"
+[[ $("${CHECK[@]}" job-stats "$WORK/failing-dryrun.log") == '{"train": 1}' ]] \
+    || fail "the failing run should hold the train job only: $("${CHECK[@]}" job-stats "$WORK/failing-dryrun.log")"
+status=0
+"${SMK[@]}" "${SLURM[@]}" "${MICRO[@]}" --config results="$FAILING" -- "$FAIL_TARGET" \
+    >"$WORK/failing.log" 2>&1 || status=$?
+((status != 0 && status != 124)) || fail "the failing workflow exited with $status"
+attempts=$(grep -c "has been submitted with SLURM jobid" "$WORK/failing.log" || true)
+((attempts == RETRIES + 1)) || fail "the failing train job ran $attempts times, expected 1 + retries ($RETRIES)"
+last_job=$(sed -n 's/.*has been submitted with SLURM jobid \([0-9]*\) .*/\1/p' "$WORK/failing.log" | tail -n 1)
+rule_log=$FAILING/logs/train/fashion_mnist_adm_seed0.log
+slurm_log=$(find "$LOGDIR" -name "$last_job.log" | head -n 1)
+[[ -n $slurm_log ]] || fail "no SLURM log of job $last_job under $LOGDIR"
+error=$(sed -n '/^Error in rule train:/,/^$/p' "$WORK/failing.log")
+grep -qF "$rule_log" <<<"$error" || fail "the error does not name the rule log $rule_log: $error"
+grep -qF "$slurm_log" <<<"$error" || fail "the error does not name the SLURM log $slurm_log: $error"
+pass "a failing job ran $attempts times (1 + retries: $RETRIES), then the workflow stopped naming $rule_log and $slurm_log"
+
+# ------------------------------------------------------------------------------------------
+# Cancel a running training job mid-way, rerun, and end with the uninterrupted run's weights.
+LONG=$WORK/long-training.yaml
+cat >"$LONG" <<EOF
+training:
+  steps: 300
+  log_every: 10
+  checkpoint_every: 5
+EOF
+RESUME=$WORK/resume
+RUN_DIR=$RESUME/fashion_mnist/adm/seed0
+RESUME_TARGET=$RUN_DIR/weights_raw.pt
+LONG_ARGS=(--configfile config/demo.yaml config/micro.yaml "$LONG")
+# --retries 0: the cancelled job stops the workflow, as when the whole session ends.
+"${SMK[@]}" "${SLURM[@]}" "${LONG_ARGS[@]}" --config results="$RESUME" --retries 0 -- "$RESUME_TARGET" \
+    >"$WORK/cancel.log" 2>&1 &
+BACKGROUND+=($!)
+smk_pid=$!
+train_job="" step=-1
+for _ in $(seq 600); do
+    kill -0 "$smk_pid" 2>/dev/null || break
+    if [[ -z $train_job ]]; then
+        train_job=$(sed -n 's/.*has been submitted with SLURM jobid \([0-9]*\) (log: .*rule_train.*/\1/p' "$WORK/cancel.log" | head -n 1)
+    fi
+    if [[ -n $train_job && $(squeue -h -j "$train_job" -o %T) == RUNNING ]]; then
+        step=$("${CHECK[@]}" checkpoint-step "$RUN_DIR")
+        ((step >= 30)) && break
+    fi
+    sleep 1
+done
+((step >= 30)) || fail "the train job (SLURM ${train_job:-?}) never reached a checkpoint at step 30; see $WORK/cancel.log"
+scancel "$train_job"
+status=0
+wait "$smk_pid" || status=$?
+[[ $(squeue -h --states=all -j "$train_job" -o %T) == CANCELLED ]] || fail "SLURM job $train_job is not CANCELLED"
+((status != 0 && status != 124)) || fail "the workflow did not stop on the cancelled job (exit $status)"
+grep -q "CANCELLED" "$WORK/cancel.log" || fail "the cancelled run does not report CANCELLED; see $WORK/cancel.log"
+[[ ! -e $RESUME_TARGET ]] || fail "$RESUME_TARGET exists after the cancelled run"
+cancelled_at=$("${CHECK[@]}" checkpoint-step "$RUN_DIR")
+((cancelled_at >= step && cancelled_at < 300)) || fail "checkpoint step after the cancel is $cancelled_at"
+pass "SLURM job $train_job cancelled at step >= $step of 300; the workflow stopped; checkpoint at step $cancelled_at kept"
+
+# The rerun: every checkpoint it writes continues from the kept one (a restart would write step 5).
+"${CHECK[@]}" watch-checkpoint "$RUN_DIR" "$WORK/resume-steps.txt" "$RESUME_TARGET" 1800 &
+BACKGROUND+=($!)
+watcher=$!
+logged "$WORK/resume.log" "${SMK[@]}" "${SLURM[@]}" "${LONG_ARGS[@]}" --config results="$RESUME" -- "$RESUME_TARGET"
+wait "$watcher" || true
+grep -q "rule_train" <(grep "has been submitted with SLURM jobid" "$WORK/resume.log") \
+    || fail "the rerun did not submit the train job again"
+read -r -a steps <<<"$(tr '\n' ' ' <"$WORK/resume-steps.txt")"
+((${#steps[@]} >= 2 && steps[0] == cancelled_at)) || fail "checkpoint steps seen during the rerun: ${steps[*]:-none}"
+for s in "${steps[@]}"; do ((s >= cancelled_at)) || fail "the rerun went back to step $s (< $cancelled_at): ${steps[*]}"; done
+[[ -z $(find "$RUN_DIR" -name 'checkpoint-*.pt') ]] || fail "the finished run left its checkpoint behind"
+pass "the rerun resumed at step $cancelled_at (checkpoints seen: ${steps[0]} ... ${steps[-1]}) and finished"
+
+logged "$WORK/resume-reference.log" "${SMK[@]}" --cores 2 "${LONG_ARGS[@]}" \
+    --config results="$WORK/uninterrupted" -- "$WORK/uninterrupted/fashion_mnist/adm/seed0/weights_raw.pt"
+pass "cancelled-and-resumed vs uninterrupted training $("${CHECK[@]}" compare "$RESUME" "$WORK/uninterrupted")"
