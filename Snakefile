@@ -14,6 +14,10 @@ min_version("9.0")
 configfile: "config.yaml"
 
 
+envvars:
+    "PATH",
+
+
 validate(config, "workflow/schemas/config.schema.yaml")
 
 

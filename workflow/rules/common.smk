@@ -3,20 +3,25 @@
 # follows), and the resolved settings each job receives.
 
 import json
+import os
 import sys
 from pathlib import Path
 
 from pipeline import layout
 from pipeline.settings import config_problems, stage_settings, train_settings
 
-PYTHON = sys.executable
+# Jobs run `python -m pipeline ...`: put the interpreter that runs Snakemake (the venv's) first
+# on PATH, here and in every job Snakemake spawns, locally or on a cluster node.
+os.environ["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
 RESULTS = config["results"]
 STUDY = config["study"]
 EXTRACTOR = config["fid"]["extractor"]
 
+from snakemake.exceptions import WorkflowError
+
 _problems = config_problems(config)
 if _problems:
-    raise ValueError("invalid config:\n  - " + "\n  - ".join(_problems))
+    raise WorkflowError("invalid config:\n  - " + "\n  - ".join(_problems))
 
 
 wildcard_constraints:
@@ -73,3 +78,26 @@ def all_variants():
         for average in STUDY["averages"]:
             for precision in STUDY["precisions"]:
                 yield dict(run, average=average, precision=precision)
+
+
+def variant_weights(w):
+    return layout.weights(RESULTS, w.dataset, w.recipe, w.seed, w.average, w.precision)
+
+
+def report_inputs():
+    fids, metrics, logs, samples = [], [], [], []
+    for v in all_variants():
+        for steps in STUDY["sampling_steps"]:
+            fids.append(layout.fid(RESULTS, *v.values(), steps, EXTRACTOR))
+        # Figs. 2 and 4 show samples at the smallest T'.
+        samples.append(layout.samples(RESULTS, *v.values(), min(STUDY["sampling_steps"])))
+    for run in all_runs():
+        logs.append(layout.train_log(RESULTS, *run.values()))
+        for average in STUDY["averages"]:
+            for name in STUDY["metrics"]:
+                metrics.append(layout.metric(RESULTS, *run.values(), average, name))
+    return dict(fid=fids, metrics=metrics, logs=logs, samples=samples, code=CODE["report"])
+
+
+def report_outputs():
+    return layout.report_tables(RESULTS) + layout.report_figures(RESULTS) + [layout.report_index(RESULTS)]

@@ -8,6 +8,8 @@ rule prepare:
         layout.data(RESULTS, "{dataset}"),
     params:
         settings=lambda w: as_json(stage_settings(config, "prepare", dataset=w.dataset)),
+    conda:
+        "../envs/pipeline.yaml"
     threads: 1
     resources:
         mem_mb=8000,
@@ -16,7 +18,7 @@ rule prepare:
     log:
         f"{RESULTS}/logs/prepare/{{dataset}}.log",
     shell:
-        "OMP_NUM_THREADS={threads} {PYTHON} -m pipeline prepare --dataset {wildcards.dataset} --settings-json '{params.settings}' "
+        "OMP_NUM_THREADS={threads} python -m pipeline prepare --dataset {wildcards.dataset} --settings-json '{params.settings}' "
         "--out {output} --no-progress 2> {log}"
 
 
@@ -28,6 +30,8 @@ rule fid_reference:
         layout.fid_reference(RESULTS, "{dataset}", "{extractor}"),
     params:
         settings=lambda w: as_json(stage_settings(config, "fid_reference", dataset=w.dataset)),
+    conda:
+        "../envs/pipeline.yaml"
     threads: 1
     resources:
         mem_mb=8000,
@@ -36,5 +40,5 @@ rule fid_reference:
     log:
         f"{RESULTS}/logs/fid_reference/{{dataset}}_{{extractor}}.log",
     shell:
-        "OMP_NUM_THREADS={threads} {PYTHON} -m pipeline fid-reference --data {input.data} --extractor {wildcards.extractor} "
+        "OMP_NUM_THREADS={threads} python -m pipeline fid-reference --data {input.data} --extractor {wildcards.extractor} "
         "--settings-json '{params.settings}' --out {output} --no-progress 2> {log}"

@@ -2,10 +2,6 @@
 # flatness / exposure metrics on the fp32 weights of each average.
 
 
-def variant_weights(w):
-    return layout.weights(RESULTS, w.dataset, w.recipe, w.seed, w.average, w.precision)
-
-
 rule quantize:
     input:
         weights=lambda w: layout.trained_weights(RESULTS, w.dataset, w.recipe, w.seed, w.average),
@@ -15,6 +11,8 @@ rule quantize:
         codes=layout.quantized_codes(RESULTS, "{dataset}", "{recipe}", "{seed}", "{average}", "{precision}"),
     wildcard_constraints:
         precision=r"int(8|6|4)(pc)?(asym)?",
+    conda:
+        "../envs/pipeline.yaml"
     threads: 1
     resources:
         mem_mb=8000,
@@ -23,7 +21,7 @@ rule quantize:
     log:
         f"{RESULTS}/logs/quantize/{{dataset}}_{{recipe}}_seed{{seed}}_{{average}}_{{precision}}.log",
     shell:
-        "OMP_NUM_THREADS={threads} {PYTHON} -m pipeline quantize --weights {input.weights} --precision {wildcards.precision} "
+        "OMP_NUM_THREADS={threads} python -m pipeline quantize --weights {input.weights} --precision {wildcards.precision} "
         "--out {output.weights} --codes {output.codes} 2> {log}"
 
 
@@ -36,6 +34,8 @@ rule sample:
         grid=layout.sample_grid(RESULTS, "{dataset}", "{recipe}", "{seed}", "{average}", "{precision}", "{steps}"),
     params:
         settings=lambda w: as_json(stage_settings(config, "sample", dataset=w.dataset)),
+    conda:
+        "../envs/pipeline.yaml"
     threads: 1
     resources:
         mem_mb=8000,
@@ -44,7 +44,7 @@ rule sample:
     log:
         f"{RESULTS}/logs/sample/{{dataset}}_{{recipe}}_seed{{seed}}_{{average}}_{{precision}}_T{{steps}}.log",
     shell:
-        "OMP_NUM_THREADS={threads} {PYTHON} -m pipeline sample --weights {input.weights} --dataset {wildcards.dataset} "
+        "OMP_NUM_THREADS={threads} python -m pipeline sample --weights {input.weights} --dataset {wildcards.dataset} "
         "--steps {wildcards.steps} --settings-json '{params.settings}' --out {output.samples} "
         "--grid {output.grid} --no-progress 2> {log}"
 
@@ -58,6 +58,8 @@ rule fid:
         layout.fid(RESULTS, "{dataset}", "{recipe}", "{seed}", "{average}", "{precision}", "{steps}", "{extractor}"),
     params:
         settings=lambda w: as_json(stage_settings(config, "fid", dataset=w.dataset)),
+    conda:
+        "../envs/pipeline.yaml"
     threads: 1
     resources:
         mem_mb=8000,
@@ -66,7 +68,7 @@ rule fid:
     log:
         f"{RESULTS}/logs/fid/{{dataset}}_{{recipe}}_seed{{seed}}_{{average}}_{{precision}}_T{{steps}}_{{extractor}}.log",
     shell:
-        "OMP_NUM_THREADS={threads} {PYTHON} -m pipeline fid --samples {input.samples} --reference {input.reference} "
+        "OMP_NUM_THREADS={threads} python -m pipeline fid --samples {input.samples} --reference {input.reference} "
         "--settings-json '{params.settings}' --out {output} --no-progress 2> {log}"
 
 
@@ -80,6 +82,8 @@ rule metric:
         layout.metric(RESULTS, "{dataset}", "{recipe}", "{seed}", "{average}", "{metric}"),
     params:
         settings=lambda w: as_json(stage_settings(config, w.metric, dataset=w.dataset)),
+    conda:
+        "../envs/pipeline.yaml"
     threads: 1
     resources:
         mem_mb=16000,
@@ -88,5 +92,5 @@ rule metric:
     log:
         f"{RESULTS}/logs/metric/{{dataset}}_{{recipe}}_seed{{seed}}_{{average}}_{{metric}}.log",
     shell:
-        "OMP_NUM_THREADS={threads} {PYTHON} -m pipeline {wildcards.metric} --weights {input.weights} --data {input.data} "
+        "OMP_NUM_THREADS={threads} python -m pipeline {wildcards.metric} --weights {input.weights} --data {input.data} "
         "--dataset {wildcards.dataset} --settings-json '{params.settings}' --out {output} --no-progress 2> {log}"

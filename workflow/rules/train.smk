@@ -13,6 +13,8 @@ rule train:
     params:
         settings=lambda w: as_json(train_settings(config, w.dataset, w.recipe, int(w.seed))),
         out_dir=lambda w: layout.run_dir(RESULTS, w.dataset, w.recipe, w.seed),
+    conda:
+        "../envs/pipeline.yaml"
     threads: 2
     resources:
         mem_mb=16000,
@@ -21,6 +23,6 @@ rule train:
     log:
         f"{RESULTS}/logs/train/{{dataset}}_{{recipe}}_seed{{seed}}.log",
     shell:
-        "OMP_NUM_THREADS={threads} {PYTHON} -m pipeline train --dataset {wildcards.dataset} --recipe {wildcards.recipe} "
+        "OMP_NUM_THREADS={threads} python -m pipeline train --dataset {wildcards.dataset} --recipe {wildcards.recipe} "
         "--seed {wildcards.seed} --settings-json '{params.settings}' --data {input.data} "
         "--out-dir {params.out_dir} --no-progress 2> {log}"

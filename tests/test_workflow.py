@@ -1,0 +1,129 @@
+"""The Snakemake workflow: lint, config errors, the whole micro DAG, stale-only reruns, resumption.
+
+The workflow runs in a copy of the repository (code, config, workflow; no results), so tests can
+edit code and config there without touching the checkout.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import h5py
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SNAKEMAKE = [sys.executable, "-m", "snakemake"]
+OVERLAYS = ["--configfile", "config/demo.yaml", "config/micro.yaml"]
+
+
+def run_snakemake(workdir: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(workdir)}
+    result = subprocess.run([*SNAKEMAKE, *args], cwd=workdir, env=env, capture_output=True, text=True)
+    if check and result.returncode != 0:
+        raise AssertionError(f"snakemake {' '.join(args)} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
+    return result
+
+
+def planned_jobs(workdir: Path, *args: str) -> dict[str, int]:
+    """Rule -> job count of a dry run."""
+    out = run_snakemake(workdir, "-n", "--quiet", "rules", *OVERLAYS, *args).stdout
+    counts = {}
+    for line in out.splitlines():
+        match = re.match(r"^(\w+)\s+(\d+)$", line.strip())
+        if match and match.group(1) not in ("job", "total"):
+            counts[match.group(1)] = int(match.group(2))
+    return counts
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory) -> Path:
+    """A copy of the repository without results, with the micro DAG already run once."""
+    root = tmp_path_factory.mktemp("repo")
+    for name in ("Snakefile", "config.yaml", "pyproject.toml"):
+        shutil.copy2(REPO / name, root / name)
+    for name in ("config", "workflow", "pipeline", "profiles"):
+        shutil.copytree(REPO / name, root / name, ignore=shutil.ignore_patterns("__pycache__"))
+    run_snakemake(root, "--cores", "2", *OVERLAYS)
+    return root
+
+
+def test_lint_is_clean():
+    result = run_snakemake(REPO, "--lint", check=False)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "Congratulations, your workflow is in a good condition!" in result.stdout + result.stderr
+
+
+@pytest.mark.parametrize("overlay, message", [
+    ("trainig:\n  steps: 5\n", "Additional properties are not allowed ('trainig' was unexpected)"),
+    ("training:\n  steps: many\n", "'many' is not of type 'integer'"),
+    ("recipes:\n  sam_rho0.1:\n    sam: {rho: -0.1}\n", "-0.1 is less than the minimum of 0"),
+    ("study:\n  sampling_steps: [20, 2000]\n", "study.sampling_steps [2000] exceed the 1000 diffusion steps"),
+    ("study:\n  recipes: [adm, nesterov]\n", "unknown recipe 'nesterov'"),
+    ("study:\n  datasets: [mnist]\n", "'mnist' is not one of"),
+    ("study:\n  precisions: [fp32, int3]\n", "'int3' does not match"),
+    ("datasets:\n  cifar10:\n    source: /nonexistent/cifar\n", "datasets.cifar10.source = /nonexistent/cifar does not exist"),
+])
+def test_bad_config_gives_one_clear_message(tmp_path, overlay, message):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(overlay)
+    result = run_snakemake(REPO, "-n", "--configfile", str(bad), check=False)
+    assert result.returncode != 0
+    assert message in result.stdout + result.stderr
+    assert "Traceback" not in result.stdout + result.stderr
+
+
+def test_micro_dag_produces_every_table_and_figure(workdir):
+    report = workdir / "results" / "report"
+    for name in ("table1_adm_vs_sam", "table2_fid", "table3_lpf", "table4_quantization", "rho_sweep", "claims"):
+        for ext in ("csv", "md", "tex"):
+            assert (report / f"{name}.{ext}").stat().st_size > 0
+    for name in ("fig1_loss_surface", "fig2_samples_fp32_int8", "fig5_loss_vs_perturbation", "fig6_eps_norm"):
+        for ext in ("png", "pdf"):
+            assert (report / f"{name}.{ext}").stat().st_size > 0
+    assert "FD-EffNetLite0" in (report / "table2_fid.md").read_text()
+    assert planned_jobs(workdir) == {}, "a finished workflow plans nothing"
+
+
+def test_rho_edit_reruns_exactly_that_recipe(workdir, tmp_path):
+    edit = tmp_path / "rho.yaml"
+    edit.write_text("recipes:\n  sam_rho0.1:\n    sam: {rho: 0.2}\n")
+    jobs = planned_jobs(workdir, str(edit))
+    micro = (workdir / "config" / "micro.yaml").read_text()
+    n_averages = 2 if "averages: [none, ema]" in micro else None
+    assert jobs.pop("train") == 1
+    assert jobs.pop("report") == 1 and jobs.pop("all") == 1
+    # Everything downstream of that one run, and nothing of the adm run or the datasets.
+    assert "prepare" not in jobs and "fid_reference" not in jobs
+    assert jobs.get("sample") == jobs.get("fid") == n_averages
+    out = run_snakemake(workdir, "-n", *OVERLAYS, str(edit)).stdout
+    assert "recipe=adm" not in out
+
+
+def test_report_code_edit_reruns_only_the_report(workdir):
+    tables = workdir / "pipeline" / "report" / "tables.py"
+    tables.write_text(tables.read_text() + "\n# edited\n")
+    assert planned_jobs(workdir) == {"report": 1, "all": 1}
+
+
+def test_training_code_edit_reruns_training_and_what_follows(workdir):
+    optim = workdir / "pipeline" / "optim" / "sam.py"
+    optim.write_text(optim.read_text() + "\n# edited\n")
+    jobs = planned_jobs(workdir)
+    assert jobs.get("train") == 2 and "prepare" not in jobs and "fid_reference" not in jobs
+    assert jobs.get("report") == 1
+
+
+def test_interrupted_workflow_continues_without_redoing_finished_jobs(tmp_path, workdir):
+    """Run up to training, then the rest: the second run plans no training or data job."""
+    other = f"results={tmp_path / 'results'}"
+    run_snakemake(workdir, "--cores", "2", *OVERLAYS, "--config", other, "--until", "train")
+    jobs = planned_jobs(workdir, "--config", other)
+    assert "train" not in jobs and "prepare" not in jobs
+    assert jobs.get("sample", 0) > 0
+    with h5py.File(tmp_path / "results" / "fashion_mnist" / "adm" / "seed0" / "train.h5") as f:
+        assert f["loss"].shape[0] == 20
