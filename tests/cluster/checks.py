@@ -109,8 +109,8 @@ def _run(*command: str) -> str:
 
 
 def scontrol_job(job_id: str) -> dict[str, str]:
-    """`scontrol show job` of one job as key -> value (finished jobs stay for MinJobAge)."""
-    text = _run("scontrol", "show", "job", "--oneliner", job_id)
+    """`scontrol -d show job` of one job as key -> value (finished jobs stay for MinJobAge)."""
+    text = _run("scontrol", "--details", "--oneliner", "show", "job", job_id)
     return dict(re.findall(r"(\S+?)=(\S*)", text))
 
 
@@ -133,7 +133,7 @@ def check_scheduler(run_log: str | Path, dryrun_log: str | Path, slurm_logdir: s
     """Each job of the dry run's DAG was one completed SLURM job with its own log and request.
 
     Per job: squeue, scontrol and the completion log say COMPLETED, the scontrol comment names
-    the rule, GPU rules hold exactly one GPU (TRES gres/gpu=1) and other rules none, and the
+    the rule, GPU rules asked for and held exactly one GPU and other rules none, and the
     SLURM log exists under SLURM_LOGDIR/rule_<rule>/.
     """
     expected = {rule: n for rule, n in job_stats(dryrun_log).items() if rule not in UNSUBMITTED_RULES}
@@ -155,12 +155,16 @@ def check_scheduler(run_log: str | Path, dryrun_log: str | Path, slurm_logdir: s
             raise CheckFailed(f"{where}: squeue / scontrol / jobcomp states {states}")
         if not info.get("Comment", "").startswith(f"rule_{job['rule']}"):
             raise CheckFailed(f"{where}: comment {info.get('Comment')!r} does not name the rule")
-        gpus = re.search(r"gres/gpu=(\d+)", info.get("TRES", ""))
-        held = int(gpus.group(1)) if gpus else 0
-        if held != (1 if job["rule"] in GPU_RULES else 0):
-            raise CheckFailed(f"{where}: holds {held} GPUs (TRES {info.get('TRES')})")
+        # TresPerJob is the request (--gpus=1), JOB_GRES what the job was given.
+        wanted = 1 if job["rule"] in GPU_RULES else 0
+        requested, held = (re.search(r"gpu:(\d+)$", info.get(key, "")) for key in ("TresPerJob", "JOB_GRES"))
+        counts = tuple(int(m.group(1)) if m else 0 for m in (requested, held))
+        if counts != (wanted, wanted):
+            raise CheckFailed(f"{where}: requested / held {counts} GPUs, expected {wanted} "
+                              f"(TresPerJob={info.get('TresPerJob')}, JOB_GRES={info.get('JOB_GRES')})")
         log = Path(job["log"]).resolve()
-        if not log.is_file() or logdir not in log.parents or not log.parent.parent.name.startswith("rule_"):
+        folder = log.relative_to(logdir).parts[0] if logdir in log.parents else None
+        if not log.is_file() or folder != f"rule_{job['rule']}":
             raise CheckFailed(f"{where}: no SLURM log at {log} under {logdir}/rule_{job['rule']}/")
     return (f"{len(jobs)} SLURM jobs, all COMPLETED in squeue, scontrol and the completion log, "
             f"each with its log under {logdir}: " + ", ".join(f"{r} {n}" for r, n in sorted(submitted.items())))
@@ -174,7 +178,12 @@ _VOLATILE_ATTR = re.compile(r"seconds|wall|time|created|host|version|revision", 
 
 
 def _h5_values(path: Path) -> dict[str, Any]:
-    """Every dataset and every numeric or hash attribute of an HDF5 file (timings left out)."""
+    """Every dataset and every numeric attribute of an HDF5 file, timings left out.
+
+    Text attributes are provenance (paths, dates, hosts, settings) or SHA-256 hashes of whole
+    input files, which carry their own creation dates; the values those files hold are compared
+    where the files themselves are.
+    """
     import h5py
     import numpy as np
 
@@ -184,10 +193,7 @@ def _h5_values(path: Path) -> dict[str, Any]:
         for key, value in attrs.items():
             if _VOLATILE_ATTR.search(key):
                 continue
-            if isinstance(value, (bytes, str)):
-                if key.endswith("_sha256"):
-                    values[f"{name}@{key}"] = value
-            else:
+            if not isinstance(value, (bytes, str)):
                 values[f"{name}@{key}"] = np.asarray(value)
 
     with h5py.File(path, "r") as f:
@@ -209,8 +215,8 @@ def _same_h5(a: Path, b: Path) -> str | None:
     if va.keys() != vb.keys():
         return f"different contents: {sorted(va.keys() ^ vb.keys())}"
     for key in va:
-        x, y = va[key], vb[key]
-        same = x == y if isinstance(x, (bytes, str)) else np.array_equal(np.asarray(x), np.asarray(y), equal_nan=True)
+        x, y = np.asarray(va[key]), np.asarray(vb[key])
+        same = np.array_equal(x, y, equal_nan=x.dtype.kind in "fc")
         if not same:
             return f"{key} differs: {x!r} vs {y!r}"[:300]
     return None

@@ -5,8 +5,11 @@
 #
 # Everything lives in one private folder, $FLATNESS_SLURM_DIR (default /var/tmp/flatness-slurm):
 # a fresh munge key and socket, slurm.conf, controller state, logs, and the PIDs of the daemons
-# this script started. /etc/slurm and a system munged are never touched, so client commands
-# find this cluster through SLURM_CONF:
+# this script started; a system munged is left alone. Client commands find the cluster through
+# SLURM_CONF, and, while it runs, through a link /etc/slurm/slurm.conf -> the private slurm.conf:
+# Snakemake's job step plugin drops every SLURM_* variable (SLURM_CONF too) before it calls srun
+# inside a job, so srun only finds the default path. An /etc/slurm/slurm.conf of a real cluster
+# makes `start` refuse.
 #
 #   sudo bash tests/cluster/slurm_single_node.sh start    # apt-get install if needed, start, smoke job
 #   eval "$(bash tests/cluster/slurm_single_node.sh env)" # export SLURM_CONF for sinfo, sbatch, ...
@@ -36,6 +39,7 @@ MUNGE_DIR=$ROOT/munge
 MUNGE_SOCKET=$MUNGE_DIR/munge.socket
 PID_FILE=$ROOT/run/daemons.pid     # "name pid" per line, in start order
 HOSTS_MARK="# flatness-slurm test node"
+DEFAULT_CONF=/etc/slurm/slurm.conf
 export SLURM_CONF=$CONF
 
 say() { printf '[slurm-single-node %s] %s\n' "$(date +%T)" "$*" >&2; }
@@ -51,7 +55,7 @@ record_pid() { echo "$1 $2" >>"$PID_FILE"; }
 # True if PID is alive and still runs the program NAME (a recycled PID is left alone).
 is_ours() {
     local name=$1 pid=$2
-    [[ -r /proc/$pid/comm ]] && [[ $(cat "/proc/$pid/comm") == "$name" ]]
+    [[ $(cat "/proc/$pid/comm" 2>/dev/null) == "$name" ]]
 }
 
 stop_pid() {
@@ -145,6 +149,23 @@ ensure_host_resolves() {
     echo "127.0.0.1 $host $HOSTS_MARK" >>/etc/hosts
 }
 
+# srun inside jobs reads the default path only (see the top); point it at this cluster.
+link_default_config() {
+    if [[ -L $DEFAULT_CONF && $(readlink "$DEFAULT_CONF") == "$CONF" ]]; then
+        return 0
+    fi
+    [[ -e $DEFAULT_CONF || -L $DEFAULT_CONF ]] \
+        && die "$DEFAULT_CONF exists and is not this test cluster's; not touching a real cluster"
+    install -d -m 0755 "$(dirname "$DEFAULT_CONF")"
+    ln -s "$CONF" "$DEFAULT_CONF"
+}
+
+unlink_default_config() {
+    if [[ -L $DEFAULT_CONF && $(readlink "$DEFAULT_CONF") == "$CONF" ]]; then
+        rm -f "$DEFAULT_CONF"
+    fi
+}
+
 write_config() {
     local host=$1 hardware memory gres_conf="" gres_node="" i
     # slurmd -C describes this machine as slurmd sees it: CPUs, sockets, cores, RealMemory.
@@ -162,8 +183,7 @@ write_config() {
         done
         printf 'AutoDetect=off\nNodeName=%s Name=gpu File=%s/gpu/fake[0-%d]\n' \
             "$host" "$ROOT" $((GPUS - 1)) >"$ROOT/etc/gres.conf"
-        # AccountingStorageTRES: allocated GPUs show in each job's TRES (scontrol show job).
-        gres_conf=$'GresTypes=gpu\nAccountingStorageTRES=gres/gpu'
+        gres_conf="GresTypes=gpu"
         gres_node=" Gres=gpu:$GPUS"
     else
         rm -f "$ROOT/etc/gres.conf"
@@ -249,7 +269,7 @@ smoke_test() {
     rm -f "$out"
     # shellcheck disable=SC2016  # expanded in the job
     job=$(sbatch --parsable -o "$out" -c 1 --mem=64 -t 1 "${gpu_flags[@]}" \
-        --wrap 'echo "job $SLURM_JOB_ID on $(hostname) gpus=${CUDA_VISIBLE_DEVICES:-none}"; srun -n1 true')
+        --wrap 'echo "job $SLURM_JOB_ID on $(hostname) gpus=${CUDA_VISIBLE_DEVICES:-none}"; env -u SLURM_CONF srun -n1 true')
     state=$(wait_for_job "$job")
     [[ $state == COMPLETED ]] || die "smoke job $job ended as '$state': $(cat "$out" 2>/dev/null)"
     say "smoke job: $(cat "$out")"
@@ -266,10 +286,11 @@ do_start() {
     install_packages
     make_folders
     # A failed start leaves nothing running.
-    trap 'say "start failed; stopping what was started"; stop_recorded' EXIT
+    trap 'say "start failed; stopping what was started"; stop_recorded; unlink_default_config' EXIT
     start_munge
     ensure_host_resolves "$host"
     write_config "$host"
+    link_default_config
     # -i: start from empty state if the saved one does not fit the new config.
     launch slurmctld "$ROOT/log/slurmctld.out" /usr/sbin/slurmctld -D -i -f "$CONF"
     launch slurmd "$ROOT/log/slurmd.out" /usr/sbin/slurmd -D -N "$host" -f "$CONF"
@@ -297,6 +318,7 @@ do_stop() {
         fi
     fi
     stop_recorded
+    unlink_default_config
     rm -f "$ROOT"/gpu/fake*
     if grep -q "$HOSTS_MARK" /etc/hosts 2>/dev/null; then
         # /etc/hosts may be a bind mount: rewrite it in place rather than replace it.
