@@ -105,13 +105,17 @@ def test_interrupted_run_resumes_bit_identical(recipe, data_h5, tmp_path):
 def test_sigkill_at_any_moment_then_rerun_is_bit_identical(data_h5, tmp_path):
     """A real `python -m pipeline train` process killed with SIGKILL mid-run, then rerun."""
     settings = tiny_settings("sam_rho0.1", steps=12)
-    train(settings, data_h5, tmp_path / "whole", progress=False)
-
     import json
-    cmd = [sys.executable, "-m", "pipeline", "train", "--dataset", "fashion_mnist", "--recipe", "sam_rho0.1",
-           "--seed", "3", "--settings-json", json.dumps(settings), "--data", str(data_h5),
-           "--out-dir", str(tmp_path / "killed"), "--no-progress"]
+
+    def command(out_dir: Path) -> list[str]:
+        return [sys.executable, "-m", "pipeline", "train", "--dataset", "fashion_mnist", "--recipe",
+                "sam_rho0.1", "--seed", "3", "--settings-json", json.dumps(settings), "--data",
+                str(data_h5), "--out-dir", str(out_dir), "--no-progress"]
+
+    # Both runs in processes with one thread: bit identity holds for a fixed thread count.
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run(command(tmp_path / "whole"), cwd=REPO, env=env, check=True, capture_output=True)
+    cmd = command(tmp_path / "killed")
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stderr=subprocess.PIPE)
     deadline = time.time() + 120
     while not list((tmp_path / "killed").glob("checkpoint-*.pt")) and time.time() < deadline:
