@@ -153,8 +153,9 @@ def check_scheduler(run_log: str | Path, dryrun_log: str | Path, slurm_logdir: s
         states = (state, info.get("JobState"), record.get("JobState"))
         if states != ("COMPLETED",) * 3:
             raise CheckFailed(f"{where}: squeue / scontrol / jobcomp states {states}")
-        if not info.get("Comment", "").startswith(f"rule_{job['rule']}"):
-            raise CheckFailed(f"{where}: comment {info.get('Comment')!r} does not name the rule")
+        comment = info.get("Comment", "")
+        if comment != f"rule_{job['rule']}" and not comment.startswith(f"rule_{job['rule']}_wildcards_"):
+            raise CheckFailed(f"{where}: comment {comment!r} does not name the rule")
         # TresPerJob is the request (--gpus=1), JOB_GRES what the job was given.
         wanted = 1 if job["rule"] in GPU_RULES else 0
         requested, held = (re.search(r"gpu:(\d+)$", info.get(key, "")) for key in ("TresPerJob", "JOB_GRES"))

@@ -15,11 +15,12 @@
 #    workflow stops with the job's logs named in the error,
 # 7. cancels (scancel) a running training job mid-way, reruns the workflow, and checks that
 #    the job resumed from its checkpoint and ended with the weights of an uninterrupted run,
-# 8. stops every daemon it started, by PID, also when a step fails.
+# 8. stops what it started (Snakemake runs, SLURM jobs, the daemons by PID), also on a failure
+#    or a signal.
 #
 # Settings (environment): FLATNESS_SLURM_TEST_WORK=DIR (scratch folder; default a new one under
 # /var/tmp, removed after a pass), FLATNESS_SLURM_TEST_KEEP=1 (keep it), and those of
-# slurm_single_node.sh. The last line reads "slurm-test: N passed, 0 failed".
+# slurm_single_node.sh. The last line reads "slurm-test: N passed, 0 failed" (or "1 failed").
 set -euo pipefail
 
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
@@ -37,6 +38,7 @@ SMK=(timeout 1800 "$REPO/.venv/bin/snakemake")
 CLUSTER=(bash "$REPO/tests/cluster/slurm_single_node.sh")
 CHECK=("$PY" "$REPO/tests/cluster/checks.py")
 MICRO=(--configfile config/demo.yaml config/micro.yaml)
+JOBCOMP=${FLATNESS_SLURM_DIR:-/var/tmp/flatness-slurm}/log/jobcomp.txt
 WORK=${FLATNESS_SLURM_TEST_WORK:-$(mktemp -d /var/tmp/flatness-slurm-test.XXXXXX)}
 mkdir -p "$WORK"
 LOGDIR=$WORK/slurm-logs
@@ -46,27 +48,39 @@ SLURM=(--profile profiles/slurm --slurm-logdir "$LOGDIR" --slurm-init-seconds-be
 
 T0=$SECONDS
 PASSED=0
-BACKGROUND=()   # PIDs of processes this script started in the background
+BACKGROUND=()   # PIDs of the processes this script started
 CLUSTER_STARTED=0
 
 say() { printf '[slurm-test %s] %s\n' "$(date +%T)" "$*"; }
 pass() { PASSED=$((PASSED + 1)); say "PASS: $*"; }
 fail() { say "FAIL: $*"; exit 1; }
 
-cleanup() {
-    local status=$? pid
-    trap - EXIT
-    for pid in "${BACKGROUND[@]}"; do
-        if kill -0 "$pid" 2>/dev/null; then
-            say "stopping background process $pid"
-            kill -TERM "$pid" 2>/dev/null || true
-            wait "$pid" 2>/dev/null || true
-        fi
+# Stop one of our processes: SIGINT first (Snakemake then cancels its SLURM jobs and exits;
+# timeout passes the signal on), SIGKILL to its process group after 30 s.
+stop_background() {
+    local pid=$1 i
+    kill -0 "$pid" 2>/dev/null || return 0
+    say "interrupting process $pid"
+    kill -INT "$pid" 2>/dev/null || true
+    for i in $(seq 60); do
+        kill -0 "$pid" 2>/dev/null || break
+        sleep 0.5
     done
+    if kill -0 "$pid" 2>/dev/null; then
+        # timeout leads its own process group, which holds Snakemake and its jobs.
+        if [[ $(ps -o pgid= -p "$pid" | tr -d ' ') == "$pid" ]]; then kill -KILL -- "-$pid" 2>/dev/null || true; fi
+        kill -KILL "$pid" 2>/dev/null || true
+    fi
+    wait "$pid" 2>/dev/null || true
+}
+
+cleanup() {
+    local status=$? pid minutes
+    trap - EXIT
+    for pid in "${BACKGROUND[@]}"; do stop_background "$pid"; done
     if ((CLUSTER_STARTED)); then
         "${CLUSTER[@]}" stop || status=1
     fi
-    local minutes
     minutes=$(awk -v s=$((SECONDS - T0)) 'BEGIN { printf "%.1f", s / 60 }')
     if ((status == 0)); then
         [[ ${FLATNESS_SLURM_TEST_KEEP:-0} == 1 ]] || rm -rf "$WORK"
@@ -79,22 +93,44 @@ cleanup() {
     exit "$status"
 }
 trap cleanup EXIT
+trap 'exit 143' TERM HUP
+trap 'exit 130' INT
+
+# A process that has ended leaves the list, so that cleanup never signals a recycled PID.
+forget() {
+    local kept=() pid
+    for pid in "${BACKGROUND[@]}"; do [[ $pid == "$1" ]] || kept+=("$pid"); done
+    BACKGROUND=("${kept[@]}")
+}
+
+# Run a command with its output in LOG. It runs in the background and this shell waits for
+# it, because bash runs a trap only after a foreground command ends: a signal now stops the
+# test at once, and cleanup stops the command.
+run_logged() {
+    local log=$1 status=0 pid
+    shift
+    "$@" >"$log" 2>&1 &
+    pid=$!
+    BACKGROUND+=("$pid")
+    wait "$pid" || status=$?
+    forget "$pid"
+    return "$status"
+}
+
+# The same for a command that must succeed: print the log's tail if it fails.
+logged() {
+    local log=$1 status=0
+    run_logged "$@" || status=$?
+    if ((status != 0)); then
+        say "command failed ($status), see $log:"
+        tail -n 40 "$log"
+    fi
+    return "$status"
+}
 
 # Run one check of checks.py; its one-line summary lands in CHECK_OUT, a failure ends the test.
 verify() {
     CHECK_OUT=$("${CHECK[@]}" "$@") || fail "the $1 check failed (reason above)"
-}
-
-# Run a command with output to a log file; print the log's tail if it fails.
-logged() {
-    local log=$1 status=0
-    shift
-    "$@" >"$log" 2>&1 || status=$?
-    if ((status != 0)); then
-        say "command failed ($status): $*"
-        tail -n 40 "$log"
-    fi
-    return "$status"
 }
 
 # ------------------------------------------------------------------------------------------
@@ -102,8 +138,8 @@ say "scratch folder $WORK"
 "$PY" -c "import snakemake, snakemake_executor_plugin_slurm" 2>/dev/null \
     || fail "the venv lacks the SLURM plugin: .venv/bin/pip install -e '.[cluster]'"
 
+CLUSTER_STARTED=1   # before start: stop is harmless if start cleaned up after itself
 "${CLUSTER[@]}" start
-CLUSTER_STARTED=1
 eval "$("${CLUSTER[@]}" env)"
 NODE_CPUS=$(sinfo -h -o %c | head -n 1)
 pass "single-node cluster up ($(sinfo -h -o '%D node, %c CPUs, %m MB, %G'))"
@@ -115,9 +151,9 @@ if sbatch --parsable -c $((NODE_CPUS + 1)) --wrap true >"$WORK/oversize-sbatch.l
     fail "sbatch accepted $((NODE_CPUS + 1)) CPUs on a $NODE_CPUS-CPU node"
 fi
 status=0
-timeout 300 "$REPO/.venv/bin/snakemake" "${SLURM[@]}" "${MICRO[@]}" \
+run_logged "$WORK/oversize-snakemake.log" timeout 300 "$REPO/.venv/bin/snakemake" "${SLURM[@]}" "${MICRO[@]}" \
     --config results="$WORK/oversize" --set-resources prepare:mem_mb=99999999 \
-    -- "$WORK/oversize/fashion_mnist/data.h5" >"$WORK/oversize-snakemake.log" 2>&1 || status=$?
+    -- "$WORK/oversize/fashion_mnist/data.h5" || status=$?
 ((status != 0 && status != 124)) || fail "Snakemake did not fail on an oversized job (exit $status)"
 grep -q "SLURM sbatch failed" "$WORK/oversize-snakemake.log" || fail "no 'SLURM sbatch failed' in $WORK/oversize-snakemake.log"
 pass "oversized requests are refused at once (sbatch and Snakemake, $((SECONDS - start)) s)"
@@ -129,13 +165,12 @@ verify gpu-requests "$WORK/paper-dryrun.log"
 pass "paper config, --profile profiles/slurm -n: $CHECK_OUT"
 
 # ------------------------------------------------------------------------------------------
-# The micro study, every job through SLURM.
+# The micro study, every job through SLURM, then locally.
 logged "$WORK/micro-dryrun.log" "${SMK[@]}" "${SLURM[@]}" "${MICRO[@]}" --config results="$WORK/slurm" -n
 start=$SECONDS
 logged "$WORK/micro-slurm.log" "${SMK[@]}" "${SLURM[@]}" "${MICRO[@]}" --config results="$WORK/slurm"
 say "micro study through SLURM: $((SECONDS - start)) s"
-verify scheduler "$WORK/micro-slurm.log" "$WORK/micro-dryrun.log" "$LOGDIR" \
-    "${FLATNESS_SLURM_DIR:-/var/tmp/flatness-slurm}/log/jobcomp.txt"
+verify scheduler "$WORK/micro-slurm.log" "$WORK/micro-dryrun.log" "$LOGDIR" "$JOBCOMP"
 pass "$CHECK_OUT"
 
 start=$SECONDS
@@ -156,8 +191,8 @@ logged "$WORK/failing-dryrun.log" "${SMK[@]}" "${SLURM[@]}" "${MICRO[@]}" --conf
 verify job-stats "$WORK/failing-dryrun.log"
 [[ $CHECK_OUT == '{"train": 1}' ]] || fail "the failing run should hold the train job only: $CHECK_OUT"
 status=0
-"${SMK[@]}" "${SLURM[@]}" "${MICRO[@]}" --config results="$FAILING" -- "$FAIL_TARGET" \
-    >"$WORK/failing.log" 2>&1 || status=$?
+run_logged "$WORK/failing.log" "${SMK[@]}" "${SLURM[@]}" "${MICRO[@]}" --config results="$FAILING" -- "$FAIL_TARGET" \
+    || status=$?
 ((status != 0 && status != 124)) || fail "the failing workflow exited with $status"
 attempts=$(grep -c "has been submitted with SLURM jobid" "$WORK/failing.log" || true)
 ((attempts == RETRIES + 1)) || fail "the failing train job ran $attempts times, expected 1 + retries ($RETRIES)"
@@ -204,6 +239,7 @@ done
 scancel "$train_job"
 status=0
 wait "$smk_pid" || status=$?
+forget "$smk_pid"
 [[ $(squeue -h --states=all -j "$train_job" -o %T) == CANCELLED ]] || fail "SLURM job $train_job is not CANCELLED"
 ((status != 0 && status != 124)) || fail "the workflow did not stop on the cancelled job (exit $status)"
 grep -q "SLURM status is: 'CANCELLED'" "$WORK/cancel.log" || fail "the run does not report the cancel; see $WORK/cancel.log"
@@ -219,7 +255,8 @@ BACKGROUND+=($!)
 watcher=$!
 logged "$WORK/resume.log" "${SMK[@]}" "${SLURM[@]}" "${LONG_ARGS[@]}" --config results="$RESUME" -- "$RESUME_TARGET"
 wait "$watcher" || true
-grep -q "rule_train" <(grep "has been submitted with SLURM jobid" "$WORK/resume.log") \
+forget "$watcher"
+grep "has been submitted with SLURM jobid" "$WORK/resume.log" | grep -q "rule_train" \
     || fail "the rerun did not submit the train job again"
 read -r -a steps <<<"$(tr '\n' ' ' <"$WORK/resume-steps.txt")"
 ((${#steps[@]} >= 2 && steps[0] == cancelled_at)) || fail "checkpoint steps seen during the rerun: ${steps[*]:-none}"

@@ -285,8 +285,10 @@ do_start() {
     [[ -s $PID_FILE ]] && die "a cluster from $PID_FILE may still run; '$0 stop' first"
     install_packages
     make_folders
-    # A failed start leaves nothing running.
+    # A failed or interrupted start leaves nothing running.
     trap 'say "start failed; stopping what was started"; stop_recorded; unlink_default_config' EXIT
+    trap 'exit 143' TERM HUP
+    trap 'exit 130' INT
     start_munge
     ensure_host_resolves "$host"
     write_config "$host"
