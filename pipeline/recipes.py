@@ -4,7 +4,8 @@ A recipe is `training.optimizer` overridden by the recipe's own `optimizer` entr
 these pieces, each under its own key and switched on by being present:
 
 - `input_perturbation: {gamma}` (DDPM-IP): x_t is built from eps + gamma * xi; the target stays eps.
-- `sam: {rho, adaptive, asam_eta}`: SAM (or ASAM) around the base optimizer.
+- `sam: {rho, adaptive, asam_eta, m_sharpness}`: SAM (or ASAM) around the base optimizer;
+  m_sharpness: with several data-parallel processes, each ascends along its own gradient.
 - `fsgld: {beta_inv, eta, sigma, n_pert, antithetic}`: flatness-aware SGLD. With an SGD base this is
   the paper's form; with an Adam base it is this project's extension and is labelled so.
 
@@ -21,7 +22,7 @@ from pipeline.errors import PipelineError
 
 OPTIMIZER_KEYS = {"name", "lr", "weight_decay", "betas", "momentum"}
 PIECE_KEYS = {"optimizer", "input_perturbation", "sam", "fsgld"}
-SAM_DEFAULTS = {"rho": 0.1, "adaptive": False, "asam_eta": 0.0}
+SAM_DEFAULTS = {"rho": 0.1, "adaptive": False, "asam_eta": 0.0, "m_sharpness": False}
 FSGLD_DEFAULTS = {"beta_inv": 1e-8, "eta": 0.01, "sigma": None, "n_pert": 1, "antithetic": False}
 
 

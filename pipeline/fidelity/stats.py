@@ -36,6 +36,7 @@ from torch_fidelity.metric_fid import KEY_METRIC_FID, fid_statistics_to_metric
 from torch_fidelity.metric_kid import KEY_METRIC_KID_MEAN, KEY_METRIC_KID_STD, kid_features_to_metric
 from torch_fidelity.utils import get_featuresdict_from_dataset
 
+from pipeline.device import claim_gpu
 from pipeline.errors import PipelineError
 from pipeline.fidelity.extractors import Extractor
 from pipeline.io.atomic import atomic_path
@@ -201,6 +202,8 @@ def feature_statistics(source: ImageSource, extractor: Extractor, *, max_images:
     n, height, width, channels = image_shape(source)
     if cuda is None:
         cuda = torch.cuda.is_available()
+    if cuda:
+        claim_gpu()  # torch-fidelity runs on the current device: make it a GPU no other job holds
     generator = torch.Generator().manual_seed(seed)
     rows = select_rows(n, max_images, generator)
     if rows.size < 2:

@@ -4,6 +4,12 @@ One run yields three weights files (raw, EMA, SWA), so the paper's nine algorith
 cost three runs. A checkpoint is written every `training.checkpoint_every` steps; rerunning the
 same command resumes from it and ends bit-identical (on CPU) to an uninterrupted run, because
 every random draw is derived from (seed, step) and the remaining state is in the checkpoint.
+
+With `--processes N` (or under torchrun) the run is N data-parallel processes. The config's batch
+is the global batch; each process holds a consecutive share of it, and every per-sample draw
+(image, flip, timestep, noise) is taken for the whole global batch and then sliced, so N
+processes follow the single-process trajectory up to float summation order, and a checkpoint
+resumes with any number of processes. Process 0 keeps the averages and writes every file.
 """
 
 from __future__ import annotations
@@ -11,7 +17,10 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import contextlib
 import math
+import os
+import sys
 import time
 from pathlib import Path
 from typing import Any, Mapping
@@ -21,12 +30,11 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from pipeline import seeding
+from pipeline import distributed, seeding
 from pipeline.config import load_config
 from pipeline.data.loader import TrainingBatches
 from pipeline.diffusion.gaussian import create_diffusion
 from pipeline.diffusion.timestep_sampler import LossSecondMomentResampler, UniformSampler
-from pipeline.device import resolve_device
 from pipeline.errors import PipelineError
 from pipeline.io import atomic_path, atomic_torch_save, provenance, write_attrs
 from pipeline.io.checkpoint import load_checkpoint, save_checkpoint
@@ -51,16 +59,24 @@ def train(settings: Mapping[str, Any], data_path: str | Path, out_dir: str | Pat
     `stop_after` ends the process after that many steps of this invocation without writing the
     final outputs (the checkpoint is written first): tests use it to interrupt a run.
     """
-    out_dir = Path(out_dir)
+    procs, device = distributed.start(settings["device"])
+    try:
+        _train(settings, data_path, Path(out_dir), procs, device, stop_after, progress)
+    finally:
+        distributed.stop(procs)
+
+
+def _train(settings, data_path, out_dir, procs, device, stop_after, progress) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     recipe = recipe_from_description(settings["recipe"])
     seed, total_steps = settings["seed"], settings["steps"]
-    device = resolve_device(settings["device"])
     use_cuda_opts = device.type == "cuda"
+    main = procs.is_main
 
     # Data, model, diffusion.
     batches = TrainingBatches(data_path, batch_size=settings["batch_size"], seed=seed,
-                              random_flip=settings["random_flip"])
+                              random_flip=settings["random_flip"], rank=procs.rank,
+                              world_size=procs.world_size)
     torch.manual_seed(seeding.derive_seed(seed, stream="init"))
     model = build_unet(settings["preset"], in_channels=batches.channels,
                        learn_sigma=settings["diffusion"]["learn_sigma"]).to(device)
@@ -75,22 +91,23 @@ def train(settings: Mapping[str, Any], data_path: str | Path, out_dir: str | Pat
     sampler = (LossSecondMomentResampler(diffusion.num_timesteps)
                if settings["schedule_sampler"] == "loss-second-moment"
                else UniformSampler(diffusion.num_timesteps))
-    forward = torch.compile(model) if use_cuda_opts and settings["cuda"].get("compile") else model
     autocast = torch.autocast("cuda", dtype=torch.bfloat16,
                               enabled=use_cuda_opts and bool(settings["cuda"].get("bf16")))
 
-    # Optimizer (the recipe decides the wrapper) and the two weight averages.
+    # Optimizer (the recipe decides the wrapper); the two weight averages live on process 0.
     optimizer = build_optimizer(model, recipe, seed)
-    ema = EMA(model, decay=settings["ema"]["decay"])
+    ema = EMA(model, decay=settings["ema"]["decay"]) if main else None
     swa = SWA(model, start_fraction=settings["swa"]["start_fraction"],
-              every=settings["swa"]["every"], total_steps=total_steps)
+              every=settings["swa"]["every"], total_steps=total_steps) if main else None
 
     # Resume from this run's own checkpoint; one of other settings (say, an edited rho) is stale.
     settings_json = json.dumps(settings, sort_keys=True)
     ckpt_path = out_dir / f"checkpoint-{hashlib.sha256(settings_json.encode()).hexdigest()[:12]}.pt"
-    for stale in out_dir.glob("checkpoint-*.pt"):
-        if stale != ckpt_path:
-            stale.unlink()
+    if main:
+        for stale in out_dir.glob("checkpoint-*.pt"):
+            if stale != ckpt_path:
+                stale.unlink()
+    distributed.barrier(procs)
     log = {name: [] for name in LOG_FIELDS}
     interval_times: list[float] = []
     step = 0
@@ -98,15 +115,32 @@ def train(settings: Mapping[str, Any], data_path: str | Path, out_dir: str | Pat
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
-        ema.load_state_dict(ckpt["ema"])
-        swa.load_state_dict(ckpt["swa"])
+        if main:
+            ema.load_state_dict(ckpt["ema"])
+            swa.load_state_dict(ckpt["swa"])
         sampler.load_state_dict(ckpt["sampler"])
         torch.set_rng_state(ckpt["torch_rng"])
         log = {name: list(values) for name, values in ckpt["log"].items()}
         interval_times = list(ckpt["interval_times"])
         step = int(ckpt["step"])
+        del ckpt
+
+    # Data parallel: DDP all-reduces (averages) the gradients in every backward pass.
+    ddp = None
+    if procs.parallel:
+        ddp = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None)
+    forward = ddp if ddp is not None else model
+    if use_cuda_opts and settings["cuda"].get("compile"):
+        forward = torch.compile(forward)
+
+    def local_gradient_only():
+        """Backward passes that keep this process's gradient (no all-reduce), under DDP."""
+        return ddp.no_sync() if ddp is not None else contextlib.nullcontext()
 
     def checkpoint() -> None:
+        if not main:
+            return
         save_checkpoint({
             "settings_json": settings_json, "step": step,
             "model": model.state_dict(), "optimizer": optimizer.state_dict(),
@@ -121,22 +155,30 @@ def train(settings: Mapping[str, Any], data_path: str | Path, out_dir: str | Pat
         return (terms["loss"] * weights).mean(), terms
 
     model.train()
-    bar = tqdm(total=total_steps, initial=step, disable=not progress, desc=f"train {recipe.name}",
+    bar = tqdm(total=total_steps, initial=step, disable=not (progress and main),
+               desc=f"train {recipe.name}" + (f" x{procs.world_size}" if procs.parallel else ""),
                dynamic_ncols=True)
     interval_start, steps_this_call = time.perf_counter(), 0
     while step < total_steps:
         x0, t, weights, noise, input_noise = draw_step(batches, sampler, seed, step, recipe.ip_gamma, device)
-        torch.manual_seed(seeding.derive_seed(seed, step, stream="dropout"))
+        torch.manual_seed(seeding.derive_seed(seed, step, procs.rank, stream="dropout"))
 
-        # Gradient at the point the recipe asks for (theta, or theta + eps for fSGLD).
+        # Gradient at the point the recipe asks for (theta, or theta + eps for fSGLD). SAM's
+        # m-sharpness variant ascends along each process's own gradient, so pass 1 skips the
+        # all-reduce; by default the ascent uses the global gradient, as in one process.
         if isinstance(optimizer, FSGLD):
-            loss, terms, grad_norm = _fsgld_gradient(optimizer, losses, x0, t, weights, noise, input_noise)
+            loss, terms, grad_norm = _fsgld_gradient(optimizer, losses, local_gradient_only,
+                                                     x0, t, weights, noise, input_noise)
         else:
-            loss, terms = losses(x0, t, weights, noise, input_noise)
-            loss.backward()
+            per_process = isinstance(optimizer, SAM) and recipe.sam.get("m_sharpness", False)
+            with local_gradient_only() if per_process else contextlib.nullcontext():
+                loss, terms = losses(x0, t, weights, noise, input_noise)
+                loss.backward()
             grad_norm = _grad_norm(model)
-        _check_finite(terms, step, recipe)
-        sampler.update(t, terms["loss"].detach())
+        stats = _global_stats(loss, terms, procs)
+        _check_finite(stats, step, recipe)
+        sampler.update(distributed.gather_in_rank_order(t, procs),
+                       distributed.gather_in_rank_order(terms["loss"].detach(), procs))
 
         # Update: SAM takes a second gradient at theta + rho g/||g|| on the same x0, t, noise.
         if isinstance(optimizer, SAM):
@@ -150,12 +192,12 @@ def train(settings: Mapping[str, Any], data_path: str | Path, out_dir: str | Pat
         step += 1
 
         # Averages see only the stepped weights (never SAM's or fSGLD's perturbed point).
-        ema.update(model)
-        swa.update(model, step)
+        if main:
+            ema.update(model)
+            swa.update(model, step)
 
-        log["loss"].append(loss.item())
-        log["mse"].append(terms["mse"].mean().item())
-        log["vb"].append(terms["vb"].mean().item() if "vb" in terms else 0.0)
+        for name in ("loss", "mse", "vb"):
+            log[name].append(stats[name])
         log["grad_norm"].append(grad_norm)
         log["lr"].append(optimizer.param_groups[0]["lr"])
         bar.update(1)
@@ -166,6 +208,7 @@ def train(settings: Mapping[str, Any], data_path: str | Path, out_dir: str | Pat
             interval_start = now
             window = log["loss"][-settings["log_every"]:]
             bar.set_postfix(loss=f"{sum(window) / len(window):.4f}")
+            distributed.check_replicas_agree(list(model.parameters()), procs, step)
         if step % settings["checkpoint_every"] == 0 or step == total_steps:
             checkpoint()
         if stop_after is not None and steps_this_call >= stop_after and step < total_steps:
@@ -173,6 +216,8 @@ def train(settings: Mapping[str, Any], data_path: str | Path, out_dir: str | Pat
             bar.close()
             return
     bar.close()
+    if not main:
+        return
 
     # Outputs: three plain state_dicts with guided-diffusion key names, and the log.
     atomic_torch_save(_cpu_state(model.state_dict()), out_dir / WEIGHTS["none"])
@@ -184,18 +229,23 @@ def train(settings: Mapping[str, Any], data_path: str | Path, out_dir: str | Pat
 
 def draw_step(batches: TrainingBatches, sampler, seed: int, step: int, ip_gamma: float,
               device: torch.device):
-    """The batch and every draw of one step, functions of (seed, step) alone.
+    """This process's share of the batch and of every draw of one step, functions of (seed, step).
 
     Returns x0 (B, C, H, W) in [-1, 1], timesteps t (B,), importance weights (B,), the target
     noise eps, and the noise that builds x_t: eps + gamma * xi for input perturbation (DDPM-IP),
-    else None (x_t from eps itself).
+    else None (x_t from eps itself); B is the process's share of the global batch. Each draw is
+    made for the global batch and sliced, so sample j gets the same numbers however many
+    processes share the batch.
     """
+    share = slice(batches.rank * batches.local_batch_size, (batches.rank + 1) * batches.local_batch_size)
     x0 = batches.batch(step).to(device, non_blocking=True)
-    t, weights = sampler.sample(x0.shape[0], seeding.generator(seed, step, stream="timesteps"), device)
-    noise = _randn_like(x0, seeding.generator(seed, step, stream="noise"))
+    t, weights = sampler.sample(batches.batch_size, seeding.generator(seed, step, stream="timesteps"), device)
+    t, weights = t[share], weights[share]
+    noise = _randn_share(x0, batches.batch_size, share, seeding.generator(seed, step, stream="noise"))
     input_noise = None
     if ip_gamma:
-        xi = _randn_like(x0, seeding.generator(seed, step, stream="input_perturbation"))
+        xi = _randn_share(x0, batches.batch_size, share,
+                          seeding.generator(seed, step, stream="input_perturbation"))
         input_noise = noise + ip_gamma * xi
     return x0, t, weights, noise, input_noise
 
@@ -221,12 +271,18 @@ def build_optimizer(model: torch.nn.Module, recipe: Recipe, seed: int) -> torch.
     return base_cls(params, **base_kwargs)
 
 
-def _fsgld_gradient(optimizer, losses, x0, t, weights, noise, input_noise):
-    """Accumulate the gradient over n_pert weight perturbations theta + eps (fSGLD)."""
-    for _ in range(optimizer.n_pert):
+def _fsgld_gradient(optimizer, losses, local_gradient_only, x0, t, weights, noise, input_noise):
+    """Accumulate the gradient over n_pert weight perturbations theta + eps (fSGLD).
+
+    Every process draws the same eps (the optimizer's generator is seeded alike), and only the
+    last backward pass all-reduces: the sum of the draws' gradients is reduced once.
+    """
+    for draw in range(optimizer.n_pert):
         optimizer.perturb()
-        loss, terms = losses(x0, t, weights, noise, input_noise)
-        loss.backward()
+        last = draw == optimizer.n_pert - 1
+        with contextlib.nullcontext() if last else local_gradient_only():
+            loss, terms = losses(x0, t, weights, noise, input_noise)
+            loss.backward()
         optimizer.restore()
     return loss, terms, _grad_norm(optimizer.param_groups[0]["params"], scale=1.0 / optimizer.n_pert)
 
@@ -239,17 +295,37 @@ def _grad_norm(params_or_model, scale: float = 1.0) -> float:
     return float(torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))) * scale
 
 
-def _check_finite(terms: Mapping[str, torch.Tensor], step: int, recipe: Recipe) -> None:
-    bad = [name for name in ("mse", "vb") if name in terms and not torch.isfinite(terms[name]).all()]
+def _global_stats(loss: torch.Tensor, terms: Mapping[str, torch.Tensor],
+                  procs: distributed.Processes) -> dict[str, float]:
+    """Batch means of the loss terms over all processes, and whether any term was non-finite.
+
+    One small all-reduce, so every process sees the same numbers and stops together.
+    """
+    vb = terms["vb"] if "vb" in terms else torch.zeros_like(terms["mse"])
+    local = torch.stack([loss.detach(), terms["mse"].detach().mean(), vb.detach().mean(),
+                         (~torch.isfinite(terms["mse"])).any().float(),
+                         (~torch.isfinite(vb)).any().float()]).double()
+    total = distributed.sum_over_processes(local, procs).tolist()
+    n = procs.world_size
+    return {"loss": total[0] / n, "mse": total[1] / n, "vb": total[2] / n,
+            "nonfinite_mse": total[3] > 0, "nonfinite_vb": total[4] > 0}
+
+
+def _check_finite(stats: Mapping[str, Any], step: int, recipe: Recipe) -> None:
+    bad = [name for name in ("mse", "vb") if stats[f"nonfinite_{name}"]]
     if bad:
         raise PipelineError(f"non-finite training loss at step {step + 1} of recipe '{recipe.name}' "
                             f"(term: {', '.join(bad)}); the last good checkpoint is kept. Lower the "
                             f"learning rate or the recipe's perturbation strength and rerun.")
 
 
-def _randn_like(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """Gaussian noise drawn on the CPU generator, so CPU and CUDA runs see the same numbers."""
-    return torch.randn(x.shape, generator=generator, dtype=torch.float32).to(x.device, non_blocking=True)
+def _randn_share(x: torch.Tensor, global_batch: int, share: slice, generator: torch.Generator) -> torch.Tensor:
+    """This process's rows of Gaussian noise drawn for the whole global batch, shaped like x.
+
+    Drawn on the CPU generator, so CPU and CUDA runs see the same numbers.
+    """
+    noise = torch.randn((global_batch, *x.shape[1:]), generator=generator, dtype=torch.float32)
+    return noise[share].to(x.device, non_blocking=True)
 
 
 def _cpu_state(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -284,10 +360,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out-dir", default=None,
                         help="run folder (default: {results}/{dataset}/{recipe}/seed{seed})")
     parser.add_argument("--steps", type=int, default=None, help="override training.steps")
+    parser.add_argument("--processes", type=int, default=1, metavar="N",
+                        help="data-parallel processes, one per GPU (default 1); N > 1 relaunches "
+                             "this command under torchrun on this node (gloo on a CPU-only machine)")
+    parser.add_argument("--stop-after", type=int, default=None, metavar="K",
+                        help="checkpoint and exit after K steps of this invocation; rerun to go on "
+                             "(fits a long run into scheduler time limits)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 def run(args: argparse.Namespace) -> None:
+    if args.processes < 1:
+        raise PipelineError(f"--processes must be at least 1, got {args.processes}.")
+    if args.processes > 1 and "WORLD_SIZE" not in os.environ:
+        _relaunch_under_torchrun(args.processes)
     if args.settings_json:
         settings = json.loads(args.settings_json)
         results = Path("results")
@@ -302,4 +388,26 @@ def run(args: argparse.Namespace) -> None:
         raise PipelineError(f"{data} does not exist; run `python -m pipeline prepare --dataset "
                             f"{args.dataset}` first.")
     out_dir = Path(args.out_dir or results / args.dataset / args.recipe / f"seed{args.seed}")
-    train(settings, data, out_dir, progress=not args.no_progress)
+    train(settings, data, out_dir, stop_after=args.stop_after, progress=not args.no_progress)
+
+
+def _relaunch_under_torchrun(processes: int) -> None:
+    """Replace this process by torchrun running the same command as `processes` processes.
+
+    The threads this command was given (OMP_NUM_THREADS) are shared among the processes.
+    """
+    argv = sys.argv[1:]
+    for i, arg in enumerate(argv):  # drop --processes N / --processes=N
+        if arg == "--processes":
+            del argv[i:i + 2]
+            break
+        if arg.startswith("--processes="):
+            del argv[i]
+            break
+    threads = int(os.environ.get("OMP_NUM_THREADS", os.cpu_count() or 1))
+    os.environ["OMP_NUM_THREADS"] = str(max(1, threads // processes))
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+               f"--nproc_per_node={processes}", "-m", "pipeline", *argv]
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execv(sys.executable, command)

@@ -16,6 +16,8 @@ os.environ["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), os.envir
 RESULTS = config["results"]
 STUDY = config["study"]
 EXTRACTOR = config["fid"]["extractor"]
+# Data-parallel processes per training run, one GPU each: the train rule's `gpu` resource.
+TRAIN_PROCESSES = config["training"].get("processes", 1)
 
 from snakemake.exceptions import WorkflowError
 
@@ -50,7 +52,8 @@ MODEL_CODE = ["nn", "diffusion"]
 CODE = {
     "prepare": code("data", "stages/prepare.py"),
     "fid_reference": code("fidelity", "stages/fid_reference.py"),
-    "train": code(*MODEL_CODE, "optim", "data/loader.py", "recipes.py", "seeding.py", "stages/train.py"),
+    "train": code(*MODEL_CODE, "optim", "data/loader.py", "recipes.py", "seeding.py", "distributed.py",
+                   "stages/train.py"),
     "quantize": code("quant.py", "stages/quantize.py"),
     "sample": code(*MODEL_CODE, "seeding.py", "stages/sample.py"),
     "fid": code("fidelity", "stages/fid.py"),

@@ -15,14 +15,16 @@ rule train:
         out_dir=lambda w: layout.run_dir(RESULTS, w.dataset, w.recipe, w.seed),
     conda:
         "../envs/pipeline.yaml"
-    threads: 2
+    threads: 2 * TRAIN_PROCESSES
     resources:
-        mem_mb=16000,
+        mem_mb=16000 * TRAIN_PROCESSES,
         runtime=60 * 24 * 7,
-        gpu=1,
+        # One process per GPU; `--set-resources train:gpu=N` changes the count without a rerun.
+        gpu=TRAIN_PROCESSES,
+        nodes=1,  # torchrun runs the processes of one training run on one node
     log:
         f"{RESULTS}/logs/train/{{dataset}}_{{recipe}}_seed{{seed}}.log",
     shell:
         "OMP_NUM_THREADS={threads} python -m pipeline train --dataset {wildcards.dataset} --recipe {wildcards.recipe} "
         "--seed {wildcards.seed} --settings-json '{params.settings}' --data {input.data} "
-        "--out-dir {params.out_dir} --no-progress 2> {log}"
+        "--out-dir {params.out_dir} --processes {resources.gpu} --no-progress 2> {log}"

@@ -1,0 +1,40 @@
+"""GPU claiming: concurrent pipeline processes on one machine each take a different GPU."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from pipeline import device
+from pipeline.errors import PipelineError
+
+
+def test_processes_claim_distinct_names_until_none_is_free(tmp_path, monkeypatch):
+    monkeypatch.setenv("PIPELINE_GPU_LOCK_DIR", str(tmp_path))
+    monkeypatch.setattr(device, "_held_locks", {})
+    names = ["gpu-a", "gpu-b"]
+    # Another process holds gpu-a for as long as it lives.
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys; from pipeline import device; "
+         "print(device.claim_free(['gpu-a']), flush=True); sys.stdin.read()"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+        env={"PIPELINE_GPU_LOCK_DIR": str(tmp_path), "PATH": ""})
+    try:
+        assert holder.stdout.readline().strip() == "0"
+        assert device.claim_free(names) == 1          # gpu-a is taken: this process gets gpu-b
+        assert device.claim_free(names) == 1          # and keeps it on the next call
+        assert device.claim_free(["gpu-a"]) is None   # nothing free
+    finally:
+        holder.stdin.close()
+        holder.wait()
+    assert device.claim_free(["gpu-a"]) == 0          # the holder exited: its lock is gone
+
+
+def test_cuda_without_a_gpu_is_a_clear_error():
+    if device.torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    with pytest.raises(PipelineError, match="torch sees no CUDA device"):
+        device.resolve_device("cuda")
+    assert device.resolve_device("auto").type == "cpu"
