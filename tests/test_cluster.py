@@ -2,7 +2,7 @@
 
 The script installs slurm-wlm and munge, starts daemons as root and takes minutes, so it runs only
 when asked: RUN_SLURM_TEST=1 runs it, CI=true runs it unless RUN_SLURM_TEST=0. .ci/run sets
-RUN_SLURM_TEST=0 for pytest and calls the script itself right after, so CI runs it exactly once.
+RUN_SLURM_TEST=1, so CI runs it as part of the test suite.
 """
 
 from __future__ import annotations
