@@ -15,6 +15,7 @@ import sys
 import time
 from pathlib import Path
 
+import h5py
 import pytest
 import torch
 import torch.distributed as dist
@@ -79,6 +80,8 @@ def test_two_processes_match_one_process_with_twice_the_batch(recipe, data_h5, t
     train(settings, data_h5, tmp_path / "one", progress=False)
     run_processes(settings, data_h5, tmp_path / "two")
     assert_same_trajectory(settings, tmp_path / "one", tmp_path / "two")
+    with h5py.File(tmp_path / "two" / "train.h5") as f:
+        assert f.attrs["processes"] == 2 and len(f["loss"]) == settings["steps"]
     assert not list((tmp_path / "two").glob("checkpoint-*.pt"))
 
 

@@ -197,7 +197,7 @@ def make_study(root: Path, *, dataset: str = "cifar10", extractor: str = "incept
                             train_settings(config, dataset, recipe, seed),
                             {name: [0.1, 0.09, 0.08] if name != "lr" else [1e-4] * 3
                              for name in ("loss", "mse", "vb", "grad_norm", "lr")},
-                            [0.5], SimpleNamespace(n_averaged=2))
+                            [0.5], SimpleNamespace(n_averaged=2), processes=1)
             for average in AVERAGES:
                 for precision in ("fp32", "int8"):
                     for steps in STEPS:
@@ -266,6 +266,14 @@ def test_every_listed_output_exists_and_is_of_its_kind(one_seed) -> None:
     assert "sigma 0.01, draws 4" in index and "radii [0.0, 1.0, 2.0], 2 directions" in index
     assert "int8 = 8-bit per tensor, symmetric" in index and GAP_CONVENTION in index
     assert "+SAM uses rho=0.01" in index and "constant over each run" in index
+    assert "Caution: 8 samples per model" in index  # the fixture's FIDs use 8 samples
+
+
+def test_small_sample_warning_only_below_ten_thousand() -> None:
+    from pipeline.report.index import _small_sample_warning
+
+    assert _small_sample_warning([50_000, 50_000]) == []
+    assert "Caution: 9999 samples" in _small_sample_warning([50_000, 9_999])[0]
 
 
 def test_sam_rho_is_the_best_fid_at_20_steps(one_seed) -> None:

@@ -137,6 +137,18 @@ def open_choices(study: Study, data: Collected, choices: Choices) -> list[str]:
     return [f"{i}. {item}" for i, item in enumerate(items, 1)]
 
 
+# Below this many samples the Fréchet distance is far above its large-sample value and noisy.
+FEW_SAMPLES = 10_000
+
+
+def _small_sample_warning(n_samples: Sequence[int]) -> list[str]:
+    if not n_samples or min(n_samples) >= FEW_SAMPLES:
+        return []
+    return [f"- Caution: {min(n_samples)} samples per model. With fewer than {FEW_SAMPLES:,} samples the "
+            f"Fréchet distance is biased upward and noisy: compare models within this run only, never "
+            f"with published values (the paper uses 50,000)."]
+
+
 def index_markdown(study: Study, data: Collected, choices: Choices, tables: Sequence[Table],
                    figures: Mapping[str, str]) -> str:
     """The whole index.md text."""
@@ -154,6 +166,7 @@ def index_markdown(study: Study, data: Collected, choices: Choices, tables: Sequ
         f"- Seeds: {', '.join(map(str, study.seeds))}; averages: {', '.join(study.averages)}; precisions: "
         f"{', '.join(study.precisions)}; T': {', '.join(map(str, study.steps))}; metrics: "
         f"{', '.join(study.metrics)}.",
+        *_small_sample_warning(fid["n_samples"].tolist()),
         "",
         "## Tables",
         "",

@@ -223,7 +223,7 @@ def _train(settings, data_path, out_dir, procs, device, stop_after, progress) ->
     atomic_torch_save(_cpu_state(model.state_dict()), out_dir / WEIGHTS["none"])
     atomic_torch_save(_cpu_state(ema.averaged_state_dict()), out_dir / WEIGHTS["ema"])
     atomic_torch_save(_cpu_state(swa.averaged_state_dict()), out_dir / WEIGHTS["swa"])
-    write_train_log(out_dir / "train.h5", settings, log, interval_times, swa)
+    write_train_log(out_dir / "train.h5", settings, log, interval_times, swa, procs.world_size)
     ckpt_path.unlink()  # the run is complete; its checkpoint is several times the model's size
 
 
@@ -333,15 +333,18 @@ def _cpu_state(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def write_train_log(path: Path, settings: Mapping[str, Any], log: Mapping[str, list],
-                    interval_times: list[float], swa: SWA) -> None:
-    """train.h5: per-step loss terms, gradient norm and lr; seconds per log interval; provenance."""
+                    interval_times: list[float], swa: SWA, processes: int) -> None:
+    """train.h5: per-step loss terms, gradient norm and lr; seconds per log interval; provenance.
+
+    `processes`: the data-parallel processes of the invocation that finished the run.
+    """
     with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
         for name in LOG_FIELDS:
             f.create_dataset(name, data=np.asarray(log[name], dtype=np.float64))
         f.create_dataset("interval_seconds", data=np.asarray(interval_times, dtype=np.float64))
         f["interval_seconds"].attrs["log_every"] = settings["log_every"]
         write_attrs(f, provenance("train", settings, recipe_label=settings["recipe"]["label"],
-                                  swa_snapshots=swa.n_averaged))
+                                  swa_snapshots=swa.n_averaged, processes=processes))
 
 
 # ------------------------------------------------------------------------------------------

@@ -5,6 +5,7 @@
     checks.py scheduler RUN_LOG DRYRUN_LOG SLURM_LOGDIR JOBCOMP
                                                         every job of the DAG ran through SLURM
     checks.py compare DIR_A DIR_B                       two results folders hold the same numbers
+    checks.py multi-gpu-training RUN_LOG TRAIN_H5 N     the train job held N GPUs on one node and ran N processes
     checks.py checkpoint-step RUN_DIR                   step of the run's training checkpoint (-1: none)
     checks.py watch-checkpoint RUN_DIR OUT_FILE DONE_FILE TIMEOUT
                                                         record every checkpoint step seen until DONE_FILE
@@ -171,6 +172,29 @@ def check_scheduler(run_log: str | Path, dryrun_log: str | Path, slurm_logdir: s
             f"each with its log under {logdir}: " + ", ".join(f"{r} {n}" for r, n in sorted(submitted.items())))
 
 
+def check_multi_gpu_training(run_log: str | Path, train_h5: str | Path, gpus: str) -> str:
+    """The run's one train job asked for and held `gpus` GPUs on one node, and trained as that
+    many data-parallel processes (train.h5 records the process count)."""
+    import h5py
+
+    wanted = int(gpus)
+    jobs = [job for job in submitted_jobs(run_log) if job["rule"] == "train"]
+    if len(jobs) != 1:
+        raise CheckFailed(f"expected one train job in {run_log}, found {len(jobs)}")
+    job_id = jobs[0]["id"]
+    info = scontrol_job(job_id)
+    requested, held = (re.search(r"gpu:(\d+)$", info.get(key, "")) for key in ("TresPerJob", "JOB_GRES"))
+    counts = tuple(int(m.group(1)) if m else 0 for m in (requested, held))
+    if counts != (wanted, wanted) or info.get("NumNodes") != "1" or info.get("JobState") != "COMPLETED":
+        raise CheckFailed(f"SLURM job {job_id}: requested / held {counts} GPUs on {info.get('NumNodes')} "
+                          f"node(s), state {info.get('JobState')}; expected {wanted} GPUs, 1 node, COMPLETED")
+    with h5py.File(train_h5, "r") as f:
+        processes = int(f.attrs["processes"])
+    if processes != wanted:
+        raise CheckFailed(f"{train_h5} was trained by {processes} process(es), expected {wanted}")
+    return f"SLURM job {job_id} held {wanted} GPUs on 1 node and trained as {processes} processes"
+
+
 # ------------------------------------------------------------------------------------------
 # Results.
 
@@ -308,6 +332,8 @@ def main(argv: list[str]) -> int:
             print(check_scheduler(*args))
         elif command == "compare":
             print(compare_results(*args))
+        elif command == "multi-gpu-training":
+            print(check_multi_gpu_training(*args))
         elif command == "checkpoint-step":
             print(checkpoint_step(*args))
         elif command == "watch-checkpoint":

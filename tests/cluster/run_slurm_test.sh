@@ -15,7 +15,9 @@
 #    workflow stops with the job's logs named in the error,
 # 7. cancels (scancel) a running training job mid-way, reruns the workflow, and checks that
 #    the job resumed from its checkpoint and ended with the weights of an uninterrupted run,
-# 8. stops what it started (Snakemake runs, SLURM jobs, the daemons by PID), also on a failure
+# 8. trains one run on both GPUs (--set-resources train:gpu=2): the job holds 2 GPUs on one
+#    node and trains as 2 data-parallel processes,
+# 9. stops what it started (Snakemake runs, SLURM jobs, the daemons by PID), also on a failure
 #    or a signal.
 #
 # Settings (environment): FLATNESS_SLURM_TEST_WORK=DIR (scratch folder; default a new one under
@@ -268,3 +270,14 @@ logged "$WORK/resume-reference.log" "${SMK[@]}" --cores 2 "${LONG_ARGS[@]}" \
     --config results="$WORK/uninterrupted" -- "$WORK/uninterrupted/fashion_mnist/adm/seed0/weights_raw.pt"
 verify compare "$RESUME" "$WORK/uninterrupted"
 pass "cancelled-and-resumed vs uninterrupted training $CHECK_OUT"
+
+# ------------------------------------------------------------------------------------------
+# One training run on both of the node's GPUs: --set-resources train:gpu=2 becomes
+# sbatch --gpus=2 --nodes=1, and the job trains as 2 data-parallel processes under torchrun
+# (gloo: the test's GPUs are fake, so the processes run on the CPU).
+TWO=$WORK/two-gpus
+start=$SECONDS
+logged "$WORK/two-gpus.log" "${SMK[@]}" "${SLURM[@]}" "${MICRO[@]}" --config results="$TWO" \
+    --set-resources train:gpu=2 --set-threads train=2 -- "$TWO/fashion_mnist/adm/seed0/weights_raw.pt"
+verify multi-gpu-training "$WORK/two-gpus.log" "$TWO/fashion_mnist/adm/seed0/train.h5" 2
+pass "$CHECK_OUT ($((SECONDS - start)) s)"
