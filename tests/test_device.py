@@ -38,3 +38,32 @@ def test_cuda_without_a_gpu_is_a_clear_error():
     with pytest.raises(PipelineError, match="torch sees no CUDA device"):
         device.resolve_device("cuda")
     assert device.resolve_device("auto").type == "cpu"
+
+
+def test_claim_gpu_takes_the_first_gpu_no_other_process_holds(tmp_path, monkeypatch, capsys):
+    """claim_gpu on two stand-in GPUs (this machine has none): locks are named by UUID."""
+    from types import SimpleNamespace
+
+    monkeypatch.setenv("PIPELINE_GPU_LOCK_DIR", str(tmp_path))
+    monkeypatch.setattr(device, "_held_locks", {})
+    uuids = ["11111111-aaaa", "22222222-bbbb"]
+    chosen = []
+    monkeypatch.setattr(device.torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(device.torch.cuda, "get_device_properties", lambda i: SimpleNamespace(uuid=uuids[i]))
+    monkeypatch.setattr(device.torch.cuda, "set_device", chosen.append)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys; from pipeline import device; "
+         f"print(device.claim_free(['gpu-{uuids[0]}']), flush=True); sys.stdin.read()"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+        env={"PIPELINE_GPU_LOCK_DIR": str(tmp_path), "PATH": ""})
+    try:
+        assert holder.stdout.readline().strip() == "0"
+        assert str(device.claim_gpu()) == "cuda:1" and chosen == [1]
+        # Forget the lock this process holds (its descriptor stays open, so the lock stays
+        # held): claiming again is now what a third process would see, both GPUs taken.
+        monkeypatch.setattr(device, "_held_locks", {})
+        assert str(device.claim_gpu()) == "cuda:0"
+        assert "all 2 visible GPU(s) are held by other pipeline processes; sharing cuda:0" in capsys.readouterr().err
+    finally:
+        holder.stdin.close()
+        holder.wait()
