@@ -15,9 +15,9 @@ resumes with any number of processes. Process 0 keeps the averages and writes ev
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
-import contextlib
 import math
 import os
 import sys
@@ -177,8 +177,9 @@ def _train(settings, data_path, out_dir, procs, device, stop_after, progress) ->
             grad_norm = _grad_norm(model)
         stats = _global_stats(loss, terms, procs)
         _check_finite(stats, step, recipe)
-        sampler.update(distributed.gather_in_rank_order(t, procs),
-                       distributed.gather_in_rank_order(terms["loss"].detach(), procs))
+        if isinstance(sampler, LossSecondMomentResampler):  # the only sampler that learns
+            sampler.update(distributed.gather_in_rank_order(t, procs),
+                           distributed.gather_in_rank_order(terms["loss"].detach(), procs))
 
         # Update: SAM takes a second gradient at theta + rho g/||g|| on the same x0, t, noise.
         if isinstance(optimizer, SAM):
