@@ -71,6 +71,8 @@ def _check_end(stream: BinaryIO, path: Path) -> None:
 class IdxSource(ImageSource):
     """Training images and labels from a folder with train-images-idx3-ubyte[.gz] and
     train-labels-idx1-ubyte[.gz], padded with zeros to `resolution` (28 -> 32: 2 px each side).
+    A resolution below the file's side is reached by padding to a multiple of it and averaging
+    factor x factor boxes (28 -> 16: padded to 32, then 2x2 means, rounded).
 
     :param expected_count: images the complete file must hold (Fashion-MNIST: 60,000).
     :param max_images: take only the first images (see `select_count`).
@@ -101,14 +103,19 @@ class IdxSource(ImageSource):
         if label_count != available:
             raise PipelineError(f"{images_path} holds {available:,} images but {labels_path} "
                                 f"{label_count:,} labels: one of them is wrong.")
-        if rows != cols or resolution < rows or (resolution - rows) % 2:
+        self.factor = max(1, -(-rows // resolution))  # box-filter factor: ceil(rows / resolution)
+        padded = resolution * self.factor
+        if rows != cols or (padded - rows) % 2:
             raise PipelineError(f"{images_path} holds {rows}x{cols} images, which cannot be padded "
-                                f"evenly to {resolution}x{resolution}.")
+                                f"evenly to {padded}x{padded} for {resolution}x{resolution}; use a "
+                                f"resolution such as {rows + rows % 2 + 4} or {(rows + 4) // 2}.")
         self.rows, self.available = rows, available
         count = select_count(f"{images_path}", available, expected_count, max_images)
-        pad = (resolution - rows) // 2
+        pad = (padded - rows) // 2
         preprocessing = (f"IDX uint8 {rows}x{cols} grayscale, first {count} training images in file "
-                         f"order, zero-padded by {pad} px on each side to {resolution}x{resolution}")
+                         f"order, zero-padded by {pad} px on each side to {padded}x{padded}")
+        if self.factor > 1:
+            preprocessing += f", then {self.factor}x{self.factor} box means (rounded) to {resolution}x{resolution}"
         super().__init__(dataset, folder, count, resolution, 1, list(label_names), preprocessing)
 
     @staticmethod
@@ -121,7 +128,8 @@ class IdxSource(ImageSource):
 
     def blocks(self) -> Iterator[ImageBlock]:
         pixels = self.rows * self.rows
-        pad = (self.resolution - self.rows) // 2
+        factor = self.factor
+        pad = (self.resolution * factor - self.rows) // 2
         with _open(self.images_path) as images, _open(self.labels_path) as labels:
             _read_exactly(images, 16, self.images_path, "the header")
             _read_exactly(labels, 8, self.labels_path, "the header")
@@ -129,7 +137,12 @@ class IdxSource(ImageSource):
                 n = min(BLOCK_SIZE * 16, self.count - start)
                 raw = _read_exactly(images, n * pixels, self.images_path, f"images {start}..{start + n - 1}")
                 block = np.frombuffer(raw, np.uint8).reshape(n, self.rows, self.rows)
-                block = np.pad(block, ((0, 0), (pad, pad), (pad, pad)))[..., None]
+                block = np.pad(block, ((0, 0), (pad, pad), (pad, pad)))
+                if factor > 1:
+                    side = self.resolution
+                    boxes = block.reshape(n, side, factor, side, factor).astype(np.float32)
+                    block = np.floor(boxes.mean(axis=(2, 4)) + 0.5).astype(np.uint8)
+                block = block[..., None]
                 label_raw = _read_exactly(labels, n, self.labels_path, f"labels {start}..{start + n - 1}")
                 yield ImageBlock(block, np.frombuffer(label_raw, np.uint8).astype(np.int64))
             if self.count == self.available:

@@ -82,9 +82,11 @@ class GroupNorm32(nn.GroupNorm):
         return out.to(x.dtype)
 
 
-def normalization(channels: int) -> GroupNorm32:
-    """The ADM normalisation layer: GroupNorm with 32 groups and eps 1e-5."""
-    return GroupNorm32(32, channels, eps=1e-5)
+def normalization(channels: int, groups: int = 32) -> GroupNorm32:
+    """The ADM normalisation layer: GroupNorm with 32 groups (ADM's only choice) and eps 1e-5.
+
+    Fewer groups let a CPU-sized network go below 32 channels (the `fmnist16` preset)."""
+    return GroupNorm32(groups, channels, eps=1e-5)
 
 
 class Dropout(nn.Dropout):
@@ -188,6 +190,7 @@ class ResBlock(TimestepBlock):
                                  adding the embedding projection before the second norm.
     :param up: upsample (nearest x2) both paths.
     :param down: downsample (2x2 average) both paths.
+    :param norm_groups: GroupNorm groups of both norms.
     """
 
     def __init__(
@@ -199,6 +202,7 @@ class ResBlock(TimestepBlock):
         use_scale_shift_norm: bool = False,
         up: bool = False,
         down: bool = False,
+        norm_groups: int = 32,
     ):
         super().__init__()
         if up and down:
@@ -208,7 +212,7 @@ class ResBlock(TimestepBlock):
         self.resample = upsample_nearest if up else downsample_average if down else None
 
         self.in_layers = nn.Sequential(
-            normalization(channels),
+            normalization(channels, norm_groups),
             nn.SiLU(),
             nn.Conv2d(channels, out_channels, 3, padding=1),
         )
@@ -217,7 +221,7 @@ class ResBlock(TimestepBlock):
             nn.Linear(emb_channels, 2 * out_channels if use_scale_shift_norm else out_channels),
         )
         self.out_layers = nn.Sequential(
-            normalization(out_channels),
+            normalization(out_channels, norm_groups),
             nn.SiLU(),
             Dropout(p=dropout),
             zero_module(nn.Conv2d(out_channels, out_channels, 3, padding=1)),
@@ -309,6 +313,7 @@ class AttentionBlock(nn.Module):
     :param num_head_channels: channels per head; if not -1, heads = C / num_head_channels.
     :param use_new_attention_order: channel layout of `qkv` (see `split_heads`).
     :param attention_backend: "sdpa" or "math" (see `attention_product`).
+    :param norm_groups: GroupNorm groups of the input norm.
     """
 
     def __init__(
@@ -318,6 +323,7 @@ class AttentionBlock(nn.Module):
         num_head_channels: int = -1,
         use_new_attention_order: bool = False,
         attention_backend: str = "sdpa",
+        norm_groups: int = 32,
     ):
         super().__init__()
         if num_head_channels == -1:
@@ -331,7 +337,7 @@ class AttentionBlock(nn.Module):
         self.use_new_attention_order = use_new_attention_order
         self.attention_backend = _check_backend(attention_backend)
 
-        self.norm = normalization(channels)
+        self.norm = normalization(channels, norm_groups)
         self.qkv = nn.Conv1d(channels, 3 * channels, 1)
         self.proj_out = zero_module(nn.Conv1d(channels, channels, 1))
 
@@ -385,6 +391,7 @@ class UNetModel(nn.Module):
     :param resblock_updown: resample with residual blocks instead of Upsample/Downsample.
     :param use_new_attention_order: qkv channel layout (see `split_heads`).
     :param attention_backend: "sdpa" (fast, default) or "math" (twice differentiable).
+    :param norm_groups: GroupNorm groups (ADM: 32; must divide every level's channel count).
 
     Gradient checkpointing is not offered: Hessian-vector products need double backward, which
     recomputation-based checkpointing does not support.
@@ -409,6 +416,7 @@ class UNetModel(nn.Module):
         resblock_updown: bool = False,
         use_new_attention_order: bool = False,
         attention_backend: str = "sdpa",
+        norm_groups: int = 32,
     ):
         super().__init__()
         if num_heads_upsample == -1:
@@ -437,6 +445,7 @@ class UNetModel(nn.Module):
         self.num_heads = num_heads
         self.num_head_channels = num_head_channels
         self.num_heads_upsample = num_heads_upsample
+        self.norm_groups = norm_groups
 
         time_embed_dim = model_channels * 4
         self.time_embed = nn.Sequential(
@@ -450,13 +459,14 @@ class UNetModel(nn.Module):
         def res_block(ch_in: int, ch_out: int, up: bool = False, down: bool = False) -> ResBlock:
             return ResBlock(
                 ch_in, time_embed_dim, dropout, out_channels=ch_out,
-                use_scale_shift_norm=use_scale_shift_norm, up=up, down=down,
+                use_scale_shift_norm=use_scale_shift_norm, up=up, down=down, norm_groups=norm_groups,
             )
 
         def attention(ch: int, heads: int) -> AttentionBlock:
             return AttentionBlock(
                 ch, num_heads=heads, num_head_channels=num_head_channels,
                 use_new_attention_order=use_new_attention_order, attention_backend=attention_backend,
+                norm_groups=norm_groups,
             )
 
         # Encoder: every block's output channel count is remembered for the skip connections.
@@ -506,7 +516,7 @@ class UNetModel(nn.Module):
                 self.output_blocks.append(TimestepEmbedSequential(*layers))
 
         self.out = nn.Sequential(
-            normalization(ch),
+            normalization(ch, norm_groups),
             nn.SiLU(),
             zero_module(nn.Conv2d(input_ch, out_channels, 3, padding=1)),
         )
