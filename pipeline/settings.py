@@ -45,6 +45,28 @@ def train_settings(config: Mapping[str, Any], dataset: str, recipe: str, seed: i
 METRICS = ("lpf", "perturbation", "surface", "hessian", "exposure")
 
 
+def study_precisions(study: Mapping[str, Any], average: str) -> list[str]:
+    """The precisions evaluated for one average: study.precisions, then its extra_precisions."""
+    extra = (study.get("extra_precisions") or {}).get(average, [])
+    return list(study["precisions"]) + [p for p in extra if p not in study["precisions"]]
+
+
+def study_steps(study: Mapping[str, Any], precision: str) -> list[int]:
+    """The T' a precision is sampled at: every sampling step for fp32, quantized_steps otherwise."""
+    steps = [int(s) for s in study["sampling_steps"]]
+    if precision == "fp32" or study.get("quantized_steps") is None:
+        return steps
+    return [int(s) for s in study["quantized_steps"]]
+
+
+def study_variants(study: Mapping[str, Any]) -> list[tuple[str, str, int]]:
+    """Every (average, precision, T') a training run of the study is sampled and scored at."""
+    return [(average, precision, steps)
+            for average in study["averages"]
+            for precision in study_precisions(study, average)
+            for steps in study_steps(study, precision)]
+
+
 def stage_settings(config: Mapping[str, Any], stage: str, dataset: str | None = None) -> dict[str, Any]:
     """The config slice a stage depends on (and nothing more, so unrelated edits rerun nothing)."""
     if stage == "prepare":
@@ -90,6 +112,14 @@ def config_problems(config: Mapping[str, Any]) -> list[str]:
             resolve_recipe(config, name)
         except PipelineError as err:
             problems.append(str(err))
+    for average in study.get("extra_precisions") or {}:
+        if average not in study["averages"]:
+            problems.append(f"study.extra_precisions names average '{average}', which is not in study.averages "
+                            f"{study['averages']}.")
+    stray = sorted(set(study.get("quantized_steps") or []) - set(study["sampling_steps"]))
+    if stray:
+        problems.append(f"study.quantized_steps {stray} are not in study.sampling_steps {study['sampling_steps']}; "
+                        f"quantized variants are sampled at a subset of those T'.")
     diffusion_steps = config["training"]["diffusion"]["steps"]
     for key, steps in (("study.sampling_steps", study["sampling_steps"]),
                        ("metrics.exposure.steps", config["metrics"]["exposure"].get("steps", []))):

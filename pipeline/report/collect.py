@@ -51,12 +51,9 @@ def required_inputs(study: Study) -> list[Input]:
     inputs = []
     results = study.results
     for run in _runs(study):
-        for average in study.averages:
-            for precision in study.precisions:
-                for steps in study.steps:
-                    inputs.append(Input(layout.fid(results, *run.values(), average, precision, steps,
-                                                   study.extractor), "fid",
-                                        {**run, "average": average, "precision": precision, "steps": steps}))
+        for average, precision, steps in study.variants():
+            inputs.append(Input(layout.fid(results, *run.values(), average, precision, steps, study.extractor),
+                                "fid", {**run, "average": average, "precision": precision, "steps": steps}))
     for run in _runs(study):
         inputs.append(Input(layout.train_log(results, *run.values()), "train", dict(run)))
         for average in study.averages:

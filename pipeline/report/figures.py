@@ -132,34 +132,41 @@ def mosaic(images: np.ndarray, columns: int = GRID_COLUMNS, padding: int = 1) ->
     return canvas
 
 
+def sample_columns(study: Study) -> list[tuple[str, int]]:
+    """(precision, T') of Fig. 2's columns: fp32 at every T', then the first quantized precision."""
+    columns = [("fp32", steps) for steps in study.steps_for("fp32")] if "fp32" in study.precisions else []
+    quantized = [p for p in study.settings["study"]["precisions"] if p != "fp32"][:1]
+    return columns + [(precision, steps) for precision in quantized for steps in study.steps_for(precision)]
+
+
 def fig2_samples(study: Study, data: Collected, choices: Choices) -> Figure:
-    steps = study.steps[0]
     seed = study.seeds[0]
     name = data.metric_name
     rows = sample_rows(study, choices)
     if not rows:
         return _message_figure("Figs. 2 and 4", "the study has neither ADM, SAM nor fSGLD recipes to show.")
-    precisions = study.precisions
-    fig = Figure(figsize=(max(3.2 * len(precisions), 6.5), 3.2 * len(rows)), layout="constrained")
-    fig.suptitle(f"Figs. 2 and 4: first {GRID_IMAGES} samples at T'={steps} (seed {seed})\n"
-                 f"panel titles give each variant's {name}")
-    axes = fig.subplots(len(rows), len(precisions), squeeze=False)
+    columns = sample_columns(study)
+    fig = Figure(figsize=(max(2.6 * len(columns), 6.5), 2.9 * len(rows)), layout="constrained")
+    fig.suptitle(f"Figs. 2 and 4: the first {GRID_IMAGES} samples of each variant (training seed {seed}; "
+                 f"image i starts from the same noise in every panel)
+panel titles give each variant's {name} "
+                 f"on all its samples")
+    axes = fig.subplots(len(rows), len(columns), squeeze=False)
     for r, (dataset, recipe, average) in enumerate(rows):
-        for c, precision in enumerate(precisions):
+        for c, (precision, steps) in enumerate(columns):
             path = layout.samples(study.results, dataset, recipe, seed, average, precision, steps)
-            images = read_samples(path, GRID_IMAGES)
-            grid = mosaic(images)
+            grid = mosaic(read_samples(path, GRID_IMAGES))
             ax = axes[r, c]
             if grid.shape[2] == 1:
                 ax.imshow(grid[..., 0], cmap="gray", vmin=0, vmax=255, interpolation="nearest")
             else:
                 ax.imshow(grid, interpolation="nearest")
             value = data.fid.loc[(data.fid.dataset == dataset) & (data.fid.recipe == recipe)
-                                 & (data.fid.average == average) & (data.fid.precision == precision)
-                                 & (data.fid.steps == steps), "value"].mean()
-            over = " (seed mean)" if len(study.seeds) > 1 else ""
-            ax.set_title(f"{algorithm_label(study.label(recipe), average)}\n{dataset}, {precision}: "
-                         f"{name} {value:.2f}{over}", fontsize=8)
+                                 & (data.fid.seed == seed) & (data.fid.average == average)
+                                 & (data.fid.precision == precision) & (data.fid.steps == steps), "value"].mean()
+            ax.set_title(f"{algorithm_label(study.label(recipe), average)}, {precision}, T'={steps}
+"
+                         f"{dataset}: {name} {value:.1f}", fontsize=8)
             ax.set_axis_off()
     return fig
 
@@ -266,6 +273,7 @@ def sample_rows(study: Study, choices: Choices) -> list[tuple[str, str, str]]:
 
 
 def samples_needed(study: Study, choices: Choices) -> list[str]:
-    """The samples.h5 files Fig. 2 reads, first seed, smallest T'."""
-    return [layout.samples(study.results, dataset, recipe, study.seeds[0], average, precision, study.steps[0])
-            for dataset, recipe, average in sample_rows(study, choices) for precision in study.precisions]
+    """The samples.h5 files Fig. 2 reads (first training seed)."""
+    return [layout.samples(study.results, dataset, recipe, study.seeds[0], average, precision, steps)
+            for dataset, recipe, average in sample_rows(study, choices)
+            for precision, steps in sample_columns(study)]

@@ -12,6 +12,7 @@ from typing import Any, Mapping, Sequence
 import pandas as pd
 
 from pipeline.errors import PipelineError
+from pipeline.settings import study_precisions, study_steps, study_variants
 
 AVERAGE_SUFFIX = {"none": "", "ema": "+EMA", "swa": "+SWA"}
 # How Tables 3 and 5 of the paper head their average columns.
@@ -81,7 +82,24 @@ class Study:
 
     @property
     def precisions(self) -> list[str]:
-        return list(self.settings["study"]["precisions"])
+        """Every precision of the study, those of one average only (extra_precisions) included."""
+        names: list[str] = []
+        for average in self.averages:
+            names += [p for p in study_precisions(self.settings["study"], average) if p not in names]
+        return names
+
+    def precisions_for(self, average: str) -> list[str]:
+        return study_precisions(self.settings["study"], average)
+
+    def steps_for(self, precision: str) -> list[int]:
+        return sorted(study_steps(self.settings["study"], precision))
+
+    def variants(self) -> list[tuple[str, str, int]]:
+        """(average, precision, T') of every scored variant of a run."""
+        return study_variants(self.settings["study"])
+
+    def scored(self, average: str, precision: str, steps: int) -> bool:
+        return (average, precision, steps) in self.variants()
 
     @property
     def quantized_precisions(self) -> list[str]:

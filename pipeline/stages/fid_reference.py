@@ -88,8 +88,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--settings-json", default=None,
                         help="the config's fid: slice as JSON (what the Snakemake rule passes); "
                              "replaces --config for the fid settings")
-    parser.add_argument("--extractor", choices=BUILTIN_EXTRACTORS, default=None,
-                        help=f"feature extractor (default: fid.extractor, else {INCEPTION})")
+    parser.add_argument("--extractor", default=None,
+                        help=f"feature extractor: {', '.join(BUILTIN_EXTRACTORS)} or effnet-lite0-<S>px "
+                             f"(default: fid.extractor, else {INCEPTION})")
     parser.add_argument("--inception-weights", default=None, metavar="PATH",
                         help="Inception weights file (default: fid.inception_weights, then the "
                              "torch hub cache, then a download)")

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from pipeline import layout
-from pipeline.settings import config_problems, stage_settings, train_settings
+from pipeline.settings import config_problems, stage_settings, study_variants, train_settings
 
 # Jobs run `python -m pipeline ...`: put the interpreter that runs Snakemake (the venv's) first
 # on PATH, here and in every job Snakemake spawns, locally or on a cluster node.
@@ -18,6 +18,8 @@ STUDY = config["study"]
 EXTRACTOR = config["fid"]["extractor"]
 # Data-parallel processes per training run, one GPU each: the train rule's `gpu` resource.
 TRAIN_PROCESSES = config["training"].get("processes", 1)
+# CPU threads per training process: the train rule's threads are this times the processes.
+TRAIN_THREADS = config["training"].get("threads_per_process", 2)
 
 from snakemake.exceptions import WorkflowError
 
@@ -33,7 +35,7 @@ wildcard_constraints:
     average="none|ema|swa",
     precision=r"fp32|int(8|6|4)(pc)?(asym)?",
     steps=r"\d+",
-    extractor="inception|effnet-lite0",
+    extractor="inception|effnet-lite0(-[0-9]+px)?",
     metric="lpf|perturbation|surface|hessian|exposure",
 
 
@@ -76,11 +78,11 @@ def all_runs():
                 yield dict(dataset=dataset, recipe=recipe, seed=seed)
 
 
-def all_variants():
+def all_scored():
+    """Every (run, average, precision, T') that is sampled and scored."""
     for run in all_runs():
-        for average in STUDY["averages"]:
-            for precision in STUDY["precisions"]:
-                yield dict(run, average=average, precision=precision)
+        for average, precision, steps in study_variants(STUDY):
+            yield dict(run, average=average, precision=precision), steps
 
 
 def variant_weights(w):
@@ -89,11 +91,9 @@ def variant_weights(w):
 
 def report_inputs():
     fids, metrics, logs, samples = [], [], [], []
-    for v in all_variants():
-        for steps in STUDY["sampling_steps"]:
-            fids.append(layout.fid(RESULTS, *v.values(), steps, EXTRACTOR))
-        # Figs. 2 and 4 show samples at the smallest T'.
-        samples.append(layout.samples(RESULTS, *v.values(), min(STUDY["sampling_steps"])))
+    for v, steps in all_scored():
+        fids.append(layout.fid(RESULTS, *v.values(), steps, EXTRACTOR))
+        samples.append(layout.samples(RESULTS, *v.values(), steps))
     for run in all_runs():
         logs.append(layout.train_log(RESULTS, *run.values()))
         for average in STUDY["averages"]:

@@ -15,7 +15,7 @@ rule train:
         out_dir=lambda w: layout.run_dir(RESULTS, w.dataset, w.recipe, w.seed),
     conda:
         "../envs/pipeline.yaml"
-    threads: 2 * TRAIN_PROCESSES
+    threads: TRAIN_THREADS * TRAIN_PROCESSES
     resources:
         mem_mb=16000 * TRAIN_PROCESSES,
         runtime=60 * 24 * 7,
