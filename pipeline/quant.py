@@ -1,7 +1,10 @@
 """Post-training weight quantization: scale, round and clip fp32 weights to b-bit integer codes.
 
 The paper quantizes "by clipping and rounding 32-bit parameters without fine-tuning" (SPEC 10).
-The default here is its plainest reading, weight-only min-max quantization:
+Two schemes; precision names (pipeline.precision) choose between them.
+
+Min-max, the default meaning of int8 / int6 / int4, is weight-only quantization whose range
+follows each tensor:
 
 * symmetric, per tensor: Q = 2^(b-1) - 1, s = max|W| / Q, codes = clamp(round(W / s), -Q, Q),
   W_q = s * codes (zero point 0);
@@ -20,38 +23,26 @@ For the symmetric quantizer this makes requantizing exactly idempotent: the elem
 magnitude comes back bit-identical (fl32(fl64(m / Q) * Q) = m), so s, the codes and W_q repeat.
 Asymmetric requantization gives the same codes, but W_q only to one float32 rounding, because its
 range ends -s z and s (2^b - 1 - z) are themselves rounded before s is recomputed from them.
+
+Clip-and-round (intBclip) is the literal reading: one fixed range [-c, c] for every floating tensor
+(1-D ones included), so the grid cannot adapt to, and flatter, a model's weight scale. See
+`clip_quantize_tensor`.
 """
 
 from __future__ import annotations
 
-import re
-from typing import Any, Mapping, NamedTuple
+import math
+from typing import Mapping, NamedTuple
 
 import torch
 
 from pipeline.errors import PipelineError
+# Re-exported: the names were defined here before they moved to the torch-free module.
+from pipeline.precision import PRECISION_FORMS, PRECISION_PATTERN, parse_precision  # noqa: F401
 
 GRANULARITIES = ("per_tensor", "per_channel")
-PRECISION_PATTERN = re.compile(r"int(?P<bits>8|6|4)(?P<per_channel>pc)?(?P<asym>asym)?")
-PRECISION_FORMS = ("fp32 (no quantization), or intB[pc][asym] with B in 8, 6, 4: 'pc' quantizes per "
-                   "output channel, 'asym' asymmetrically (e.g. int8, int4, int8pc, int6asym, int8pcasym)")
-
-
-def parse_precision(name: str) -> dict[str, Any] | None:
-    """Decode a precision name of the workflow: None for "fp32", else the quantizer's settings.
-
-    "int8" -> {"bits": 8, "granularity": "per_tensor", "symmetric": True};
-    "int4pcasym" -> {"bits": 4, "granularity": "per_channel", "symmetric": False}.
-    Each variant has exactly one name, so artifact paths are unambiguous.
-    """
-    if name == "fp32":
-        return None
-    match = PRECISION_PATTERN.fullmatch(name)
-    if match is None:
-        raise PipelineError(f"unknown precision '{name}'; use {PRECISION_FORMS}.")
-    return {"bits": int(match["bits"]),
-            "granularity": "per_channel" if match["per_channel"] else "per_tensor",
-            "symmetric": match["asym"] is None}
+# The clip range c of intBclip when the config does not set quantization.clip.
+DEFAULT_CLIP = 1.0
 
 
 class QuantizedTensor(NamedTuple):
@@ -175,6 +166,93 @@ def quantize_state_dict(state_dict: Mapping[str, torch.Tensor], bits: int = 8,
         per_channel = granularity == "per_channel" and tensor.ndim >= 2
         try:
             quantized = quantize_tensor(tensor, bits, per_channel, symmetric)
+        except PipelineError as err:
+            raise PipelineError(f"{name}: {err}") from None
+        result.dequantized[name] = quantized.dequantized
+        result.codes[name] = quantized.codes
+        result.scales[name] = quantized.scale
+        result.zero_points[name] = quantized.zero_point
+    return result
+
+
+def checked_clip(clip: float) -> float:
+    """`clip` as a float, or a PipelineError when it is not a finite number > 0."""
+    try:
+        value = float(clip)
+    except (TypeError, ValueError):
+        value = math.nan
+    if not (math.isfinite(value) and value > 0):
+        raise PipelineError(f"the clip range c must be a finite number > 0, got {clip!r}; set "
+                            f"quantization: {{clip: {DEFAULT_CLIP}}} in the config or pass --clip.")
+    return value
+
+
+def clip_step(bits: int, clip: float) -> float:
+    """Spacing of the clip-and-round grid: c / (2^(b-1) - 1)."""
+    return checked_clip(clip) / code_range(bits, symmetric=True)[1]
+
+
+def clip_levels(bits: int, clip: float) -> torch.Tensor:
+    """The 2^b - 1 values W_q can take, float64 (2^b - 1,): k * c / Q for k = -Q..Q, Q = 2^(b-1) - 1."""
+    low, high = code_range(bits, symmetric=True)
+    return torch.arange(low, high + 1, dtype=torch.float64) * clip_step(bits, clip)
+
+
+def clip_quantize_tensor(weight: torch.Tensor, bits: int = 8, clip: float = DEFAULT_CLIP) -> QuantizedTensor:
+    """Clip `weight` to [-c, c] and round it to the nearest of 2^b - 1 levels, 0 among them.
+
+    Grid: step s = c / Q with Q = 2^(b-1) - 1, levels k s for integer k in [-Q, Q] (so -c, 0 and c
+    are levels); codes = clamp(round(clamp(W, -c, c) / s), -Q, Q), W_q = s * codes, ties to even.
+    A symmetric grid with 0 on it, rather than 2^b levels -c + k 2c / (2^b - 1): that grid has no
+    0, so every weight that is exactly 0 (zero-initialised biases and shifts, untouched
+    parameters) would move by half a step, and the one level it gains does not pay for that. The
+    codes, scale and zero point (0) then have the same layout as symmetric min-max (int8 codes,
+    float64 scalar scale), only with s fixed by c instead of by max|W|.
+
+    Computed in float64 and rounded once to the weight's dtype; requantizing is exactly idempotent
+    (|W_q / s - k| <= Q * 2^-24 is far below 1/2, so the codes repeat).
+
+    :param weight: any floating tensor, any shape (0-D and 1-D included).
+    :param bits: 2..16.
+    :param clip: c > 0, finite.
+    :return: QuantizedTensor(dequantized (weight's shape and dtype), codes (same shape), scale (),
+        zero_point ()).
+    """
+    if not 2 <= bits <= 16:
+        raise ValueError(f"bits must be in 2..16, got {bits}")
+    if not weight.is_floating_point():
+        raise ValueError(f"only floating tensors are quantized, got {weight.dtype}")
+    if not torch.isfinite(weight).all():
+        raise PipelineError("a weight tensor holds NaN or infinite values; such weights cannot be "
+                            "quantized (the training run diverged).")
+    clip = checked_clip(clip)
+    low, high = code_range(bits, symmetric=True)
+    scale = torch.tensor(clip_step(bits, clip), dtype=torch.float64)
+    w = weight.detach().to(torch.float64).clamp(-clip, clip)
+    # Clamping the codes too guards against c / s landing a rounding error above Q.
+    codes = torch.clamp(torch.round(w / scale), low, high).to(code_dtype(bits, symmetric=True))
+    zero_point = torch.zeros((), dtype=codes.dtype)
+    return QuantizedTensor(dequantize(codes, scale, zero_point, weight.dtype).to(weight.device),
+                           codes, scale, zero_point)
+
+
+def clip_quantize_state_dict(state_dict: Mapping[str, torch.Tensor], bits: int = 8,
+                             clip: float = DEFAULT_CLIP) -> QuantizedStateDict:
+    """Clip-and-round every floating tensor of a state_dict (1-D and 0-D too); others are copied.
+
+    :param state_dict: name -> tensor (order is kept).
+    :param bits: code width b (the workflow uses 8, 6, 4).
+    :param clip: the range [-c, c] shared by every tensor.
+    :return: QuantizedStateDict(dequantized state_dict, codes, scales (all c / Q), zero_points (0)).
+    """
+    clip = checked_clip(clip)
+    result = QuantizedStateDict({}, {}, {}, {})
+    for name, tensor in state_dict.items():
+        if not tensor.is_floating_point():
+            result.dequantized[name] = tensor.detach().clone()
+            continue
+        try:
+            quantized = clip_quantize_tensor(tensor, bits, clip)
         except PipelineError as err:
             raise PipelineError(f"{name}: {err}") from None
         result.dequantized[name] = quantized.dequantized

@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Any, Mapping
 
 from pipeline.config import section
+from pipeline.precision import CLIP, parse_precision, precision_scheme
 from pipeline.recipes import resolve_recipe
 
 
@@ -67,8 +68,17 @@ def study_variants(study: Mapping[str, Any]) -> list[tuple[str, str, int]]:
             for steps in study_steps(study, precision)]
 
 
-def stage_settings(config: Mapping[str, Any], stage: str, dataset: str | None = None) -> dict[str, Any]:
-    """The config slice a stage depends on (and nothing more, so unrelated edits rerun nothing)."""
+def stage_settings(config: Mapping[str, Any], stage: str, dataset: str | None = None,
+                   precision: str | None = None) -> dict[str, Any]:
+    """The config slice a stage depends on (and nothing more, so unrelated edits rerun nothing).
+
+    quantize needs `precision`: only clip-and-round reads the config (quantization.clip), so a
+    clip edit reruns the intBclip jobs and leaves the min-max ones (and their samples) alone.
+    """
+    if stage == "quantize":
+        if precision_scheme(parse_precision(precision)) == CLIP:
+            return {"quantization": {"clip": float(section(config, "quantization", "clip"))}}
+        return {}
     if stage == "prepare":
         return {"dataset": dataset, **dict(section(config, "datasets", dataset))}
     if stage in ("fid_reference", "fid"):

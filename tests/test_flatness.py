@@ -25,10 +25,11 @@ from pipeline.flatness.evalset import (draw_triples, evaluation_loss, image_subs
                                        per_sample_loss)
 from pipeline.flatness.exposure import exposure_gap, sampling_curve, training_curve
 from pipeline.flatness.hessian import HessianOperator, hutchinson_trace, top_eigenvalue, twice_differentiable
-from pipeline.flatness.lpf import low_pass_loss
+from pipeline.flatness.lpf import filter_noise_scales, low_pass_loss
 from pipeline.flatness.perturbation import loss_along_directions, unit_direction
 from pipeline.flatness.surface import grid_coordinates, loss_surface, surface_directions
 from pipeline.nn.presets import build_unet
+from pipeline.stages.lpf import checked_scalings
 from pipeline.stages.metric_common import resolve_model_settings, resolve_settings
 
 
@@ -98,6 +99,121 @@ def test_lpf_equals_loss_plus_half_sigma_squared_trace() -> None:
     again = low_pass_loss(list(model.parameters()), model.loss, [0.1, sigma], 50, seed=3)
     assert np.array_equal(again[1].draw_losses, result.draw_losses[:50])
     assert not np.array_equal(again[0].draw_losses, again[1].draw_losses)
+
+
+def test_filter_lpf_of_a_quadratic_is_loss_plus_half_sigma_squared_scaled_trace() -> None:
+    # With delta = sigma r z, E L(theta + delta) = L(theta) + sigma^2 / 2 sum_i r_i^2 A_ii.
+    matrix = spd_matrix(EIGENVALUES, seed=1)
+    model = quadratic(matrix, at_center=False)
+    sigma, draws = 0.2, 2000
+    absolute, filtered = low_pass_loss(list(model.parameters()), model.loss, [sigma], draws, seed=3,
+                                       scalings=("absolute", "filter"))
+    r = torch.cat([s.flatten() for s in filter_noise_scales(list(model.parameters()))])
+    expected = float(model.loss().detach()) + sigma ** 2 / 2 * float((r.square() * torch.diagonal(matrix)).sum())
+    assert (absolute.scaling, filtered.scaling) == ("absolute", "filter")
+    assert abs(filtered.lpf - expected) < 4 * filtered.stderr
+    # The absolute half of a two-scaling run is the one-scaling run: same draws, same numbers.
+    (alone,) = low_pass_loss(list(model.parameters()), model.loss, [sigma], draws, seed=3)
+    assert np.array_equal(alone.draw_losses, absolute.draw_losses)
+
+
+def test_filter_noise_has_the_stated_std_per_filter() -> None:
+    g = torch.Generator().manual_seed(5)
+    weight = torch.randn(3, 2, 3, generator=g) * torch.tensor([0.1, 1.0, 7.0])[:, None, None]
+    weight[1] = 0.0                                    # an all-zero filter stays unperturbed
+    bias = torch.tensor([0.0, 3.0, -4.0, 0.0])         # rms = 2.5; zero entries are perturbed too
+    params = [nn.Parameter(weight.clone()), nn.Parameter(bias.clone())]
+    scales = filter_noise_scales(params)
+    for k in range(3):
+        assert torch.allclose(scales[0][k], torch.full((2, 3), float(weight[k].norm())))
+    assert torch.allclose(scales[1], torch.full((4,), 2.5))
+
+    # Record delta of every evaluation: absolute then filter, per draw (the loop order).
+    deltas = []
+
+    def record() -> float:
+        deltas.append([(p.detach() - p0).clone() for p, p0 in zip(params, (weight, bias))])
+        return 0.0
+
+    sigma, draws = 0.1, 400
+    low_pass_loss(params, record, [sigma], draws, seed=0, scalings=("absolute", "filter"))
+    assert torch.equal(params[0].detach(), weight) and torch.equal(params[1].detach(), bias)
+    absolute, filtered = deltas[1::2], deltas[2::2]
+    # Common random numbers: the filter draw is the absolute draw times the multiplier (delta is
+    # read back as (theta + delta) - theta, so up to float32 rounding at the size of theta).
+    for a, f in zip(absolute[:5], filtered[:5]):
+        for d_abs, d_fil, r, p0 in zip(a, f, scales, (weight, bias)):
+            atol = 4 * torch.finfo(torch.float32).eps * float(p0.abs().max() + d_fil.abs().max())
+            torch.testing.assert_close(d_fil, d_abs * r, rtol=1e-5, atol=atol)
+    # And its empirical std per filter is sigma * ||W_k|| (2400 samples each: ~1.5 % standard error).
+    stacked_w = torch.stack([f[0] for f in filtered])
+    for k in range(3):
+        expected = sigma * float(weight[k].norm())
+        assert float(stacked_w[:, k].std()) == pytest.approx(expected, rel=0.08, abs=1e-12)
+    assert float(torch.stack([f[1] for f in filtered]).std()) == pytest.approx(sigma * 2.5, rel=0.08)
+
+
+class NormalisedTwoLayer(nn.Module):
+    """conv 3x3 (2 -> 4) -> GroupNorm with one channel per group -> SiLU -> conv 1x1 (4 -> 1).
+
+    Scaling output channel k of the first conv (its filter and bias) by c > 0 leaves the function
+    unchanged: the per-channel normalisation removes the bias and divides the scale out (eps is
+    tiny so that it does not break the symmetry).
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(11)
+        self.first = nn.Conv2d(2, 4, 3, padding=1)
+        self.norm = nn.GroupNorm(4, 4, eps=1e-12)
+        self.second = nn.Conv2d(4, 1, 1)
+        with torch.no_grad():
+            self.norm.weight.add_(0.3 * torch.randn(4))
+            self.norm.bias.add_(0.3 * torch.randn(4))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.second(torch.nn.functional.silu(self.norm(self.first(x))))
+
+
+def test_filter_lpf_is_invariant_to_rescaling_a_filter_and_absolute_lpf_is_not() -> None:
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(6, 2, 5, 5, generator=g)
+    target = torch.randn(6, 1, 5, 5, generator=g)
+    original, rescaled = NormalisedTwoLayer(), NormalisedTwoLayer()
+    with torch.no_grad():
+        for k, c in ((0, 8.0), (2, 0.125)):
+            rescaled.first.weight[k].mul_(c)
+            rescaled.first.bias[k].mul_(c)
+
+    def lpf(model: nn.Module) -> dict[str, np.ndarray]:
+        def loss() -> float:
+            return float(torch.nn.functional.mse_loss(model(x), target))
+        results = low_pass_loss(list(model.parameters()), loss, [0.02, 0.1], 6, seed=4,
+                                scalings=("absolute", "filter"))
+        return {s: np.stack([r.draw_losses for r in results if r.scaling == s]) for s in ("absolute", "filter")}
+
+    before, after = lpf(original), lpf(rescaled)
+    with torch.no_grad():
+        loss_before = float(torch.nn.functional.mse_loss(original(x), target))
+        loss_after = float(torch.nn.functional.mse_loss(rescaled(x), target))
+    assert loss_after == pytest.approx(loss_before, rel=1e-5)
+    # Filter-normalised: every draw's loss is the same up to float rounding.
+    np.testing.assert_allclose(after["filter"], before["filter"], rtol=1e-4)
+    # Absolute: the rescaled filters see relatively smaller / larger noise, so the draws change.
+    increase_before, increase_after = before["absolute"] - loss_before, after["absolute"] - loss_before
+    assert np.abs(increase_after - increase_before).max() > 0.1 * np.abs(increase_before).max()
+
+
+def test_lpf_scalings_are_checked() -> None:
+    assert checked_scalings(["absolute", "filter"]) == ["absolute", "filter"]
+    with pytest.raises(PipelineError, match="must include absolute"):
+        checked_scalings(["filter"])
+    with pytest.raises(PipelineError, match="unknown entries"):
+        checked_scalings(["absolute", "per_filter"])
+    with pytest.raises(PipelineError, match="twice"):
+        checked_scalings(["absolute", "absolute"])
+    with pytest.raises(ValueError, match="scalings"):
+        low_pass_loss([nn.Parameter(torch.zeros(2))], lambda: 0.0, [0.1], 1, seed=0, scalings=("relative",))
 
 
 def test_perturbation_curve_is_half_gamma_squared_curvature() -> None:
@@ -324,7 +440,7 @@ def stage_inputs(tmp_path_factory):
 
 STAGE_RUNS = {
     "lpf": (["--batch-size", "4"],
-            {"sigma", "loss", "lpf", "difference", "stderr", "draw_losses", "sweep"}),
+            {"sigma", "loss", "lpf", "difference", "stderr", "draw_losses", "sweep", "absolute", "filter"}),
     "perturbation": (["--radii", "0", "1", "--directions", "2", "--n-eval", "4"],
                      {"radii", "relative_radii", "losses", "loss", "loss_mean", "loss_std",
                       "difference_mean", "difference_std", "parameter_norm"}),
@@ -358,6 +474,14 @@ def test_stage_command_lines_write_their_keys(stage, stage_inputs) -> None:
             # Config metrics.lpf fills draws and the sweep; the sweep holds sigma too.
             assert f["draw_losses"].shape == (2,)
             assert f["sweep/sigma"][...].tolist() == [0.005, 0.01]
+            # config.yaml asks for both scalings; the top level is the absolute one.
+            assert f.attrs["scalings"] == "absolute,filter" and f.attrs["top_level_scaling"] == "absolute"
+            assert "noise_filter" in f.attrs and f.attrs["noise"] == f.attrs["noise_absolute"]
+            for key in ("lpf", "draw_losses", "sweep/draw_losses", "sweep/stderr"):
+                assert np.array_equal(f[key][()], f[f"absolute/{key}"][()])
+            assert f["filter/sweep/draw_losses"].shape == (2, 2)
+            assert not np.array_equal(f["filter/draw_losses"][...], f["draw_losses"][...])
+            assert set(f["filter"].keys()) == {"lpf", "difference", "stderr", "draw_losses", "sweep"}
         if stage == "exposure":
             assert f["steps3/training/l2_mean"].shape == (3,)
             assert np.all(f["steps3/training/l2_mean"][...] > 0) and np.all(f["steps3/sampling/l2"][...] > 0)

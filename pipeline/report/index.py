@@ -12,7 +12,7 @@ from typing import Any, Mapping, Sequence
 
 from pipeline import layout
 from pipeline.io.provenance import git_revision, package_version
-from pipeline.quant import parse_precision
+from pipeline.precision import CLIP, parse_precision, precision_scheme
 from pipeline.report.collect import Collected
 from pipeline.report.render import Table, markdown_grid
 from pipeline.report.study import Study
@@ -103,11 +103,15 @@ def open_choices(study: Study, data: Collected, choices: Choices) -> list[str]:
     quantized = []
     for precision in study.quantized_precisions:
         spec = parse_precision(precision) or {}
+        if precision_scheme(spec) == CLIP:
+            quantized.append(f"{precision} = {spec['bits']}-bit clip-and-round on the fixed range [-c, c] "
+                             f"(c = quantization.clip, recorded in codes.h5), every tensor incl. 1-D, 0 a level")
+            continue
         quantized.append(f"{precision} = {spec['bits']}-bit {spec['granularity'].replace('_', ' ')}, "
                          f"{'symmetric' if spec['symmetric'] else 'asymmetric'} min-max")
     items.append("Quantization: " + ("; ".join(quantized) if quantized else "no quantized precision")
-                 + "; weight-only, simulated (dequantized for sampling); tensors of >= 2 dims quantized, 1-D "
-                   "tensors (biases, GroupNorm) kept fp32 by the workflow's quantize rule; each average "
+                 + "; weight-only, simulated (dequantized for sampling); min-max quantizes tensors of >= 2 "
+                   "dims, 1-D tensors (biases, GroupNorm) kept fp32 by the workflow's quantize rule; each average "
                    "(raw, EMA, SWA) is quantized on its own, so '+EMA int8' is the quantized EMA weights.")
 
     fsgld = []

@@ -7,9 +7,17 @@ Writes two files, each atomically:
 * --codes: HDF5 with the low-bit model itself. For each quantized tensor a group
   `tensors/<state_dict key>` holds `codes` (int8, or uint8 when asymmetric, in the tensor's
   shape), `scale` (float64; a scalar per tensor, (C_out,) per channel) and `zero_point` (same
-  dtype as the codes, shaped like scale). Root attributes: precision, bits, granularity,
-  symmetric, include_1d, the input weights' path and SHA-256, the names of the tensors kept in
-  fp32 (JSON), and provenance. `read_codes` turns the file back into the exact --out tensors.
+  dtype as the codes, shaped like scale). Root attributes: precision, scheme ("minmax" or
+  "clip"), bits, include_1d, the input weights' path and SHA-256, the names of the tensors kept in
+  fp32 (JSON), and provenance; min-max adds granularity and symmetric. Clip-and-round (intBclip)
+  adds the range and grid: attributes clip (c), clip_low (-c), clip_high (c), step (c / Q),
+  code_min (-Q), code_max (Q), num_levels (2Q + 1), levels ("W_q = k * step for integer k in
+  [code_min, code_max]"), and a root dataset `levels` (float64, (2Q + 1,)) holding every value
+  W_q can take. `read_codes` turns the file back into the exact --out tensors.
+
+The clip range c of intBclip comes from --clip, else the config slice of --settings-json (what
+the Snakemake rule passes: `quantization.clip`), else the --config files' quantization.clip
+(default config.yaml), else 1.0. Min-max precisions read no config.
 
 Precision "fp32" is accepted for completeness: --out becomes a byte copy of the input and
 --codes an HDF5 file with an empty `tensors` group and precision "fp32". (The workflow uses the
@@ -28,23 +36,33 @@ import h5py
 import numpy as np
 import torch
 
+from pipeline.config import load_config
 from pipeline.errors import PipelineError
 from pipeline.io.hashing import file_sha256
 from pipeline.io import atomic_path, atomic_torch_save, provenance, write_attrs
 from pipeline.io.checkpoint import load_weights
-from pipeline.quant import QuantizedStateDict, dequantize, parse_precision, quantize_state_dict
+from pipeline.precision import CLIP, MINMAX, precision_scheme
+from pipeline.quant import (DEFAULT_CLIP, QuantizedStateDict, checked_clip, clip_levels, clip_quantize_state_dict,
+                            clip_step, code_range, dequantize, parse_precision, quantize_state_dict)
 
 
 def quantize_file(weights: str | Path, precision: str, out: str | Path, codes: str | Path,
-                  include_1d: bool = False) -> QuantizedStateDict | None:
+                  include_1d: bool = False, clip: float = DEFAULT_CLIP) -> QuantizedStateDict | None:
     """Quantize the state_dict in `weights` to `precision`; write `out` and `codes`.
 
+    :param include_1d: min-max only; clip-and-round always quantizes 1-D tensors.
+    :param clip: the range [-c, c] of intBclip precisions (ignored by the others).
     :return: the quantization result, or None for precision "fp32".
     """
     weights, out, codes = Path(weights), Path(out), Path(codes)
     spec = parse_precision(precision)
+    scheme = precision_scheme(spec)
+    if scheme == CLIP:
+        clip, include_1d = checked_clip(clip), True
     state_dict = load_weights(weights)
     settings = {"precision": precision, "include_1d": include_1d, **(spec or {})}
+    if scheme == CLIP:
+        settings["clip"] = clip
     attrs = provenance("quantize", settings, precision=precision, input_weights=str(weights),
                        input_sha256=file_sha256(weights), include_1d=include_1d)
 
@@ -54,16 +72,32 @@ def quantize_file(weights: str | Path, precision: str, out: str | Path, codes: s
         write_codes(codes, None, attrs, kept=list(state_dict))
         return None
 
-    result = quantize_state_dict(state_dict, include_1d=include_1d, **spec)
-    attrs.update(bits=spec["bits"], granularity=spec["granularity"], symmetric=spec["symmetric"])
+    levels = None
+    if scheme == CLIP:
+        result = clip_quantize_state_dict(state_dict, spec["bits"], clip)
+        low, high = code_range(spec["bits"], symmetric=True)
+        levels = clip_levels(spec["bits"], clip)
+        attrs.update(scheme=CLIP, bits=spec["bits"], clip=clip, clip_low=-clip, clip_high=clip,
+                     step=clip_step(spec["bits"], clip), code_min=low, code_max=high, num_levels=len(levels),
+                     levels="W_q = k * step for integer k in [code_min, code_max]")
+    else:
+        result = quantize_state_dict(state_dict, include_1d=include_1d, **spec)
+        attrs.update(scheme=MINMAX, bits=spec["bits"], granularity=spec["granularity"],
+                     symmetric=spec["symmetric"])
     atomic_torch_save(result.dequantized, out)
-    write_codes(codes, result, attrs, kept=[k for k in state_dict if k not in result.codes])
+    write_codes(codes, result, attrs, kept=[k for k in state_dict if k not in result.codes], levels=levels)
     return result
 
 
-def write_codes(path: Path, result: QuantizedStateDict | None, attrs: dict, kept: list[str]) -> None:
-    """The codes file described in the module docstring (no tensors when `result` is None)."""
+def write_codes(path: Path, result: QuantizedStateDict | None, attrs: dict, kept: list[str],
+                levels: torch.Tensor | None = None) -> None:
+    """The codes file described in the module docstring (no tensors when `result` is None).
+
+    :param levels: (L,) every value W_q can take, stored as the root dataset `levels` when given.
+    """
     with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
+        if levels is not None:
+            f.create_dataset("levels", data=levels.cpu().numpy())
         group = f.create_group("tensors")
         if result is not None:
             for name, codes in result.codes.items():
@@ -96,14 +130,24 @@ def read_codes(path: str | Path) -> dict[str, torch.Tensor]:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--weights", required=True, help="input state_dict (.pt) from the train stage")
     parser.add_argument("--precision", default="int8",
-                        help="fp32, or intB[pc][asym] with B in 8, 6, 4 (pc = per output channel, "
-                             "asym = asymmetric), e.g. int8, int4pc, int8asym")
+                        help="fp32; intB[pc][asym] with B in 8, 6, 4 for min-max (pc = per output channel, "
+                             "asym = asymmetric), e.g. int8, int4pc, int8asym; or intBclip for clip-and-round "
+                             "on [-c, c], e.g. int8clip")
     parser.add_argument("--out", required=True, help="dequantized state_dict (.pt) to write")
     parser.add_argument("--codes", default=None,
                         help="HDF5 with the integer codes, scales and zero points; None = --out "
                              "with suffix .h5")
     parser.add_argument("--include-1d", action="store_true",
-                        help="also quantize 1-D tensors (biases, GroupNorm parameters)")
+                        help="min-max: also quantize 1-D tensors (biases, GroupNorm parameters); "
+                             "clip-and-round always does")
+    parser.add_argument("--clip", type=float, default=None,
+                        help="range c of intBclip: weights are clipped to [-c, c] (default: the config's "
+                             f"quantization.clip, else {DEFAULT_CLIP})")
+    parser.add_argument("--settings-json", default=None, metavar="JSON",
+                        help="a config slice as JSON (what the Snakemake rule passes); replaces --config")
+    parser.add_argument("--config", action="append", default=None, metavar="YAML",
+                        help="config file(s), merged in order (default: config.yaml); quantization.clip "
+                             "is read from them")
 
 
 def run(args: argparse.Namespace) -> None:
@@ -111,6 +155,21 @@ def run(args: argparse.Namespace) -> None:
     codes = Path(args.codes) if args.codes else out.with_suffix(".h5")
     if codes == out:
         raise PipelineError(f"--out and --codes are both {out}; give --out a .pt name or another --codes.")
-    result = quantize_file(args.weights, args.precision, out, codes, include_1d=args.include_1d)
+    clip = DEFAULT_CLIP
+    if precision_scheme(parse_precision(args.precision)) == CLIP:
+        clip = resolve_clip(args)
+    result = quantize_file(args.weights, args.precision, out, codes, include_1d=args.include_1d, clip=clip)
     count = 0 if result is None else len(result.codes)
     print(f"quantize: {args.precision}: {count} tensors quantized -> {out}, {codes}", file=sys.stderr)
+
+
+def resolve_clip(args: argparse.Namespace) -> float:
+    """c for intBclip: --clip, else quantization.clip of --settings-json or --config, else DEFAULT_CLIP."""
+    if args.clip is not None:
+        return checked_clip(args.clip)
+    try:
+        config = json.loads(args.settings_json) if args.settings_json else load_config(args.config)
+    except json.JSONDecodeError as err:
+        raise PipelineError(f"--settings-json is not valid JSON ({err}); pass a config slice such as "
+                            f'\'{{"quantization": {{"clip": 1.0}}}}\'.') from None
+    return checked_clip((config.get("quantization") or {}).get("clip", DEFAULT_CLIP))

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from pipeline import layout
+from pipeline.precision import PRECISION_REGEX, QUANTIZED_REGEX
 from pipeline.settings import config_problems, stage_settings, study_variants, train_settings
 
 # Jobs run `python -m pipeline ...`: put the interpreter that runs Snakemake (the venv's) first
@@ -33,7 +34,7 @@ wildcard_constraints:
     recipe="|".join(map(lambda r: r.replace(".", r"\."), config["recipes"])),
     seed=r"\d+",
     average="none|ema|swa",
-    precision=r"fp32|int(8|6|4)(pc)?(asym)?",
+    precision=PRECISION_REGEX,
     steps=r"\d+",
     extractor="inception|effnet-lite0(-[0-9]+px)?",
     metric="lpf|perturbation|surface|hessian|exposure",
@@ -56,11 +57,11 @@ CODE = {
     "fid_reference": code("fidelity", "stages/fid_reference.py"),
     "train": code(*MODEL_CODE, "optim", "data/loader.py", "recipes.py", "seeding.py", "distributed.py",
                    "stages/train.py"),
-    "quantize": code("quant.py", "stages/quantize.py"),
+    "quantize": code("quant.py", "precision.py", "stages/quantize.py"),
     "sample": code(*MODEL_CODE, "seeding.py", "stages/sample.py"),
     "fid": code("fidelity", "stages/fid.py"),
     "metric": code(*MODEL_CODE, "flatness", "seeding.py"),
-    "report": code("report", "stages/report.py", "quant.py"),
+    "report": code("report", "stages/report.py", "quant.py", "precision.py"),
 }
 
 

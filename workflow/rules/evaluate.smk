@@ -10,7 +10,10 @@ rule quantize:
         weights=layout.quantized_weights(RESULTS, "{dataset}", "{recipe}", "{seed}", "{average}", "{precision}"),
         codes=layout.quantized_codes(RESULTS, "{dataset}", "{recipe}", "{seed}", "{average}", "{precision}"),
     wildcard_constraints:
-        precision=r"int(8|6|4)(pc)?(asym)?",
+        precision=QUANTIZED_REGEX,
+    params:
+        # {} for min-max precisions, {"quantization": {"clip": c}} for intBclip.
+        settings=lambda w: as_json(stage_settings(config, "quantize", precision=w.precision)),
     conda:
         "../envs/pipeline.yaml"
     threads: 1
@@ -22,7 +25,7 @@ rule quantize:
         f"{RESULTS}/logs/quantize/{{dataset}}_{{recipe}}_seed{{seed}}_{{average}}_{{precision}}.log",
     shell:
         "OMP_NUM_THREADS={threads} python -m pipeline quantize --weights {input.weights} --precision {wildcards.precision} "
-        "--out {output.weights} --codes {output.codes} 2> {log}"
+        "--out {output.weights} --codes {output.codes} --settings-json '{params.settings}' 2> {log}"
 
 
 rule sample:
