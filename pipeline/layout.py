@@ -70,6 +70,20 @@ def fid(results, dataset, recipe, seed, average, precision, steps, extractor) ->
     return f"{samples_dir(results, dataset, recipe, seed, average, precision, steps)}/fid_{extractor}.h5"
 
 
+def validation_samples(results, dataset, recipe, seed, steps) -> str:
+    """Samples of the raw fp32 weights drawn with the selection seed: they choose SAM's rho, so the
+    numbers the claims test (drawn with sampling.seed) play no part in the choice."""
+    return f"{samples_dir(results, dataset, recipe, seed, 'none', 'fp32', steps)}/validation/samples.h5"
+
+
+def validation_grid(results, dataset, recipe, seed, steps) -> str:
+    return f"{samples_dir(results, dataset, recipe, seed, 'none', 'fp32', steps)}/validation/grid.png"
+
+
+def validation_fid(results, dataset, recipe, seed, steps, extractor) -> str:
+    return f"{samples_dir(results, dataset, recipe, seed, 'none', 'fp32', steps)}/validation/fid_{extractor}.h5"
+
+
 def metric(results, dataset, recipe, seed, average, name) -> str:
     """Flatness and exposure metrics are measured on the fp32 weights of each average."""
     return f"{run_dir(results, dataset, recipe, seed)}/{average}/metrics/{name}.h5"

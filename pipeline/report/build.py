@@ -27,7 +27,7 @@ def build_report(settings: Mapping[str, Any], out_dir: str | Path) -> list[Path]
     out_dir = Path(out_dir)
     study = Study(dict(settings))
     data = collect(study)
-    choices = select_sam(study, data.fid, data.metric_name)
+    choices = select_sam(study, data.validation, data.metric_name)
     missing = [path for path in samples_needed(study, choices) if not Path(path).is_file()]
     if missing:
         shown = "\n".join(f"  - {path}  <- {MAKER['sample']}" for path in missing[:12])

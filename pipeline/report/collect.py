@@ -25,6 +25,7 @@ from pipeline.report.study import Study
 # The rule (workflow/rules/*.smk) and command behind each kind of input.
 MAKER = {
     "fid": "rule fid (python -m pipeline fid)",
+    "validation": "rule fid_validation (python -m pipeline fid)",
     "metric": "rule metric (python -m pipeline {name})",
     "train": "rule train (python -m pipeline train)",
     "sample": "rule sample (python -m pipeline sample)",
@@ -54,6 +55,12 @@ def required_inputs(study: Study) -> list[Input]:
         for average, precision, steps in study.variants():
             inputs.append(Input(layout.fid(results, *run.values(), average, precision, steps, study.extractor),
                                 "fid", {**run, "average": average, "precision": precision, "steps": steps}))
+    selection_steps = study.selection_steps
+    for run in _runs(study):
+        if selection_steps is not None and study.describe(run["recipe"]).get("sam") is not None:
+            inputs.append(Input(layout.validation_fid(results, *run.values(), selection_steps, study.extractor),
+                                "validation", {**run, "average": "none", "precision": "fp32",
+                                               "steps": selection_steps}))
     for run in _runs(study):
         inputs.append(Input(layout.train_log(results, *run.values()), "train", dict(run)))
         for average in study.averages:
@@ -86,6 +93,7 @@ class Collected:
     """The scalars of every input, plus the conventions their provenance records.
 
     fid: dataset, recipe, seed, average, precision, steps, value, kid_mean, kid_std, n_samples.
+    validation: the same columns for the selection samples of the SAM recipes (raw fp32 weights).
     lpf: dataset, recipe, seed, average, sigma, loss, lpf, difference, stderr, draw_losses (array).
     hessian: dataset, recipe, seed, average, top_eigenvalue, trace, trace_stderr, converged.
     exposure: dataset, recipe, seed, average, steps, gap_l2_mean, gap_l2_mean_stderr, gap_l2_sum,
@@ -96,6 +104,7 @@ class Collected:
 
     metric_name: str
     fid: pd.DataFrame
+    validation: pd.DataFrame | None
     lpf: pd.DataFrame | None
     hessian: pd.DataFrame | None
     exposure: pd.DataFrame | None
@@ -107,14 +116,15 @@ def collect(study: Study) -> Collected:
     """Check that every input exists, then read their scalars."""
     inputs = required_inputs(study)
     check_inputs(inputs)
-    rows: dict[str, list[dict[str, Any]]] = {"fid": [], "lpf": [], "hessian": [], "exposure": [], "train": []}
+    rows: dict[str, list[dict[str, Any]]] = {"fid": [], "validation": [], "lpf": [], "hessian": [], "exposure": [],
+                                             "train": []}
     conventions: dict[str, dict[str, list[Any]]] = {}
     names = set()
     for item in inputs:
         with _open(item.path, item.maker) as f:
-            if item.kind == "fid":
+            if item.kind in ("fid", "validation"):
                 names.add(str(f.attrs["metric_name"]))
-                rows["fid"].append({**item.key, "value": float(f.attrs["value"]),
+                rows[item.kind].append({**item.key, "value": float(f.attrs["value"]),
                                     "kid_mean": float(f.attrs["kid_mean"]), "kid_std": float(f.attrs["kid_std"]),
                                     "n_samples": int(f.attrs["n_samples"])})
             elif item.kind == "train":
@@ -130,7 +140,8 @@ def collect(study: Study) -> Collected:
         raise PipelineError(f"the FID files disagree on the metric ({sorted(names)}); they come from different "
                             f"extractors. Delete the stale ones and rerun the fid rule.")
     frames = {kind: pd.DataFrame(values) if values else None for kind, values in rows.items()}
-    return Collected(metric_name=names.pop(), fid=frames["fid"], lpf=frames["lpf"], hessian=frames["hessian"],
+    return Collected(metric_name=names.pop(), fid=frames["fid"], validation=frames["validation"],
+                     lpf=frames["lpf"], hessian=frames["hessian"],
                      exposure=frames["exposure"], train=frames["train"], conventions=conventions)
 
 

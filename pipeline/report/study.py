@@ -125,6 +125,20 @@ class Study:
     def sam_selection(self) -> str:
         return str(self.settings["report"]["sam_selection"])
 
+    @property
+    def selection_steps(self) -> int | None:
+        """The T' whose selection samples choose SAM's rho (None when rho is fixed)."""
+        rule = self.sam_selection
+        return int(rule.removeprefix("best_fid_")) if rule.startswith("best_fid_") else None
+
+    @property
+    def confidence(self) -> float:
+        return float(self.settings["report"]["confidence"])
+
+    @property
+    def margins(self) -> dict[str, float]:
+        return {k: float(v) for k, v in self.settings["report"]["margins"].items()}
+
     def describe(self, recipe: str) -> dict[str, Any]:
         return self.settings["recipes"][recipe]
 
@@ -169,9 +183,10 @@ class Study:
 def select_sam(study: Study, fid: pd.DataFrame, metric_name: str) -> dict[str, dict[str, SamChoice]]:
     """The SAM recipe of each (dataset, SAM label) named by `report.sam_selection`.
 
-    "best_fid_<T'>": the lowest mean-over-seeds metric of the raw (average none) fp32 weights at
-    T'; ties go to the recipe listed first in the study. "rho=<value>": the recipe with that rho.
-    `fid` holds one row per FID file (columns dataset, recipe, seed, average, precision, steps, value).
+    "best_fid_<T'>": the lowest mean-over-seeds metric of the raw fp32 weights at T' on the
+    selection samples (drawn with report.selection.sampling_seed, never the samples the claims
+    test); ties go to the recipe listed first in the study. "rho=<value>": the recipe with that rho.
+    `fid` holds one row per selection FID file (columns dataset, recipe, seed, steps, value).
 
     :return: {dataset: {label: SamChoice}}.
     """
@@ -193,8 +208,9 @@ def select_sam(study: Study, fid: pd.DataFrame, metric_name: str) -> dict[str, d
                 steps = int(rule.removeprefix("best_fid_"))
                 means = _raw_fp32_means(study, fid, dataset, group, steps, rule)
                 recipe = min(group, key=lambda r: (means[r], group.index(r)))
-                reason = (f"lowest {metric_name} of the raw fp32 weights at T'={steps} "
-                          f"among rho in {{{grid}}}")
+                reason = (f"lowest {metric_name} of the raw fp32 weights at T'={steps} among rho in "
+                          f"{{{grid}}}, on selection samples of their own (sampling seed "
+                          f"{study.settings['report']['selection']['sampling_seed']}), not on those the claims test")
             else:
                 raise PipelineError(f"report.sam_selection = {rule!r} is neither best_fid_<T'> nor rho=<value>.")
             choices[dataset][label] = SamChoice(dataset, label, recipe, study.rho(recipe), reason)
@@ -206,7 +222,6 @@ def _raw_fp32_means(study: Study, fid: pd.DataFrame, dataset: str, group: Sequen
     if steps not in study.steps or "fp32" not in study.precisions or "none" not in study.averages:
         raise PipelineError(f"report.sam_selection = {rule} needs T'={steps} in study.sampling_steps, fp32 in "
                             f"study.precisions and none in study.averages; set it to rho=<value> otherwise.")
-    rows = fid[(fid.dataset == dataset) & (fid.average == "none") & (fid.precision == "fp32")
-               & (fid.steps == steps)]
+    rows = fid[(fid.dataset == dataset) & (fid.steps == steps)]
     means = rows.groupby("recipe")["value"].mean()
     return {r: float(means[r]) for r in group}

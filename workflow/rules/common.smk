@@ -92,6 +92,13 @@ def variant_weights(w):
 
 def report_inputs():
     fids, metrics, logs, samples = [], [], [], []
+    validation = []
+    selection = config["report"]["sam_selection"]
+    if selection.startswith("best_fid_"):
+        steps = int(selection.removeprefix("best_fid_"))
+        for run in all_runs():
+            if (config["recipes"].get(run["recipe"]) or {}).get("sam") is not None:
+                validation.append(layout.validation_fid(RESULTS, *run.values(), steps, EXTRACTOR))
     for v, steps in all_scored():
         fids.append(layout.fid(RESULTS, *v.values(), steps, EXTRACTOR))
         samples.append(layout.samples(RESULTS, *v.values(), steps))
@@ -100,7 +107,7 @@ def report_inputs():
         for average in STUDY["averages"]:
             for name in STUDY["metrics"]:
                 metrics.append(layout.metric(RESULTS, *run.values(), average, name))
-    return dict(fid=fids, metrics=metrics, logs=logs, samples=samples, code=CODE["report"])
+    return dict(fid=fids, validation=validation, metrics=metrics, logs=logs, samples=samples, code=CODE["report"])
 
 
 def report_outputs():

@@ -75,6 +75,56 @@ rule fid:
         "--settings-json '{params.settings}' --out {output} --no-progress 2> {log}"
 
 
+# The rho behind the +SAM rows is chosen on samples drawn with another seed (report.selection).
+rule sample_validation:
+    input:
+        weights=lambda w: layout.trained_weights(RESULTS, w.dataset, w.recipe, w.seed, "none"),
+        code=CODE["sample"],
+    output:
+        samples=layout.validation_samples(RESULTS, "{dataset}", "{recipe}", "{seed}", "{steps}"),
+        grid=layout.validation_grid(RESULTS, "{dataset}", "{recipe}", "{seed}", "{steps}"),
+    params:
+        settings=lambda w: as_json(stage_settings(config, "sample", dataset=w.dataset)),
+        seed=config["report"]["selection"]["sampling_seed"],
+        n=config["report"]["selection"]["n_samples"],
+    conda:
+        "../envs/pipeline.yaml"
+    threads: 1
+    resources:
+        mem_mb=8000,
+        runtime=60 * 24,
+        gpu=1,
+    log:
+        f"{RESULTS}/logs/sample_validation/{{dataset}}_{{recipe}}_seed{{seed}}_T{{steps}}.log",
+    shell:
+        "OMP_NUM_THREADS={threads} python -m pipeline sample --weights {input.weights} --dataset {wildcards.dataset} "
+        "--steps {wildcards.steps} --settings-json '{params.settings}' --seed {params.seed} --n {params.n} "
+        "--out {output.samples} --grid {output.grid} --no-progress 2> {log}"
+
+
+rule fid_validation:
+    input:
+        samples=rules.sample_validation.output.samples,
+        reference=layout.fid_reference(RESULTS, "{dataset}", "{extractor}"),
+        code=CODE["fid"],
+    output:
+        layout.validation_fid(RESULTS, "{dataset}", "{recipe}", "{seed}", "{steps}", "{extractor}"),
+    params:
+        settings=lambda w: as_json(stage_settings(config, "fid", dataset=w.dataset)),
+    conda:
+        "../envs/pipeline.yaml"
+    threads: 1
+    resources:
+        mem_mb=8000,
+        runtime=120,
+        gpu=1,
+    log:
+        f"{RESULTS}/logs/fid_validation/{{dataset}}_{{recipe}}_seed{{seed}}_T{{steps}}_{{extractor}}.log",
+    shell:
+        "OMP_NUM_THREADS={threads} python -m pipeline fid --samples {input.samples} --reference {input.reference} "
+        "--settings-json '{params.settings}' --out {output} --no-progress 2> {log}"
+
+
 # Which metrics need a GPU on the cluster: all of them run the UNet many times.
 rule metric:
     input:

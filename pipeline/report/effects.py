@@ -1,0 +1,163 @@
+"""Effects with intervals: every number the claims compare, and how sure we are of it.
+
+A measured quantity of one weights variant of one training run is a `Reading`: its value and,
+where the measure has noise of its own, the draw-level replicates it came from. Replicates are
+aligned across models: every model is scored on the same sample indices (FD, KID: paired
+bootstrap, image i starts from the same x_T), the same weight-noise draws (LPF) or the same
+directions (perturbation), so replicate b of one model pairs with replicate b of another.
+
+An `Effect` combines readings of several "arms" (ADM raw, +SAM raw, ...) seed by seed, e.g.
+LPF(+SAM) - LPF(ADM) or |change under int8 of +SAM| - |that of ADM|. Its interval:
+- with two or more training seeds, Student-t over the per-seed effects (paired by seed: the
+  same seed gives both arms the same initialisation and data order);
+- with one seed, the draw-level interval (percentile over paired bootstrap replicates, t over
+  paired Monte-Carlo draws, or a normal interval from standard errors). It leaves out the
+  training-seed variance, so a difference between training runs is never decided on it: such an
+  effect is not `decisive`, and its verdict is inconclusive whatever the interval says.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Callable, Sequence
+
+import numpy as np
+
+from pipeline.stats.intervals import Interval, bootstrap_interval, normal_interval, t_interval
+from pipeline.stats.verdicts import (HELD, INCONCLUSIVE, NOT_HELD, directional_verdict,
+                                     equivalence_verdict)
+
+BOOTSTRAP, DRAWS, NONE = "bootstrap", "draws", "none"
+ONE_SEED_RULE = ("one training seed: the seed-to-seed variance is unknown, so a difference between "
+                 "training runs is never decided on draw-level noise")
+
+
+@dataclasses.dataclass(frozen=True)
+class Reading:
+    """One measured number of one model.
+
+    :param value: the measured value.
+    :param replicates: (B,) draw-level replicates aligned across models, or None.
+    :param kind: BOOTSTRAP (percentile interval), DRAWS (Monte-Carlo draws whose mean is the
+                 value: t interval) or NONE (no replicates).
+    :param stderr: a standard error of `value` when there are no replicates (exposure: over images).
+    """
+
+    value: float
+    replicates: np.ndarray | None = None
+    kind: str = NONE
+    stderr: float | None = None
+
+
+Arm = Callable[[int], "Reading | None"]  # seed -> the reading of one model, None when not measured
+
+
+@dataclasses.dataclass(frozen=True)
+class Effect:
+    """An effect over seeds. `interval` decides the verdict; `draw_interval` is the one-seed view."""
+
+    interval: Interval
+    per_seed: np.ndarray
+    basis: str  # "seeds" or "draws"
+    between_runs: bool
+    draw_interval: Interval | None
+
+    @property
+    def decisive(self) -> bool:
+        """Can a verdict rest on `interval`? Not for between-run differences measured on one seed."""
+        return not (self.between_runs and self.basis != "seeds")
+
+    def cell(self, digits: int = 4) -> str:
+        """"-0.0123 [-0.02, -0.004]" (an unbounded side prints as -inf / inf)."""
+        iv = self.interval
+        return f"{iv.estimate:+.{digits}g} [{_bound(iv.low, digits)}, {_bound(iv.high, digits)}]"
+
+
+def _bound(value: float, digits: int) -> str:
+    return f"{value:+.{digits - 1}g}" if math.isfinite(value) else ("-inf" if value < 0 else "inf")
+
+
+def identity(x):
+    return x
+
+
+def difference(a, b):
+    return a - b
+
+
+def abs_difference(a, b):
+    return np.abs(a) - np.abs(b)
+
+
+def change_difference(a_after, a_before, b_after, b_before):
+    """|a_after - a_before| - |b_after - b_before|: who changes less."""
+    return np.abs(a_after - a_before) - np.abs(b_after - b_before)
+
+
+def effect(arms: Sequence[Arm], combine: Callable, seeds: Sequence[int], level: float,
+           between_runs: bool) -> Effect | None:
+    """The effect `combine(*arm values)` per seed, with its interval; None when nothing was measured.
+
+    :param arms: one function per model, seed -> Reading (all arms must be read on a seed for it
+                 to count).
+    :param combine: elementwise on floats and on (B,) replicate arrays.
+    :param between_runs: the arms come from different training runs of one seed (different
+                         recipes, or two seeds), as opposed to variants of one run (averages,
+                         precisions, T' of the same weights).
+    """
+    per_seed, first = [], None
+    for seed in seeds:
+        readings = [arm(seed) for arm in arms]
+        if any(r is None for r in readings):
+            continue
+        per_seed.append(float(combine(*[r.value for r in readings])))
+        first = first or readings
+    if not per_seed:
+        return None
+    draw = draw_level_interval(first, combine, per_seed[0], level)
+    if len(per_seed) >= 2:
+        return Effect(t_interval(np.asarray(per_seed), level), np.asarray(per_seed), "seeds", between_runs, draw)
+    return Effect(draw, np.asarray(per_seed), "draws", between_runs, draw)
+
+
+def draw_level_interval(readings: Sequence[Reading], combine: Callable, estimate: float, level: float) -> Interval:
+    """The interval of one seed's effect from its readings' replicates (or standard errors)."""
+    kinds = {r.kind for r in readings}
+    lengths = {len(r.replicates) for r in readings if r.replicates is not None}
+    if kinds == {BOOTSTRAP} and len(lengths) == 1:
+        replicates = combine(*[r.replicates for r in readings])
+        return bootstrap_interval(estimate, np.asarray(replicates, dtype=np.float64), level)
+    if kinds == {DRAWS} and len(lengths) == 1:
+        # The value is the mean of the draws, and combine is linear for every draw-based effect.
+        return t_interval(np.asarray(combine(*[r.replicates for r in readings]), dtype=np.float64), level)
+    errors = [r.stderr for r in readings]
+    if combine in (identity, difference) and all(e is not None for e in errors):
+        return normal_interval(estimate, math.sqrt(sum(e * e for e in errors)), level)
+    return Interval(estimate, -math.inf, math.inf, level, "no draw-level uncertainty for this measure", 1)
+
+
+def verdict(effect_: Effect, direction: str) -> tuple[str, str]:
+    """(verdict, rule) of a directional claim: the effect is below 0 ("lower") or above ("higher")."""
+    rule = f"{_percent(effect_.interval.level)} CI excludes 0 {'below' if direction == 'lower' else 'above'}"
+    if not effect_.decisive:
+        return INCONCLUSIVE, f"{rule}; {ONE_SEED_RULE}"
+    return directional_verdict(effect_.interval, direction), rule
+
+
+def no_effect_verdict(effect_: Effect, margin: float, direction: str) -> tuple[str, str]:
+    """(verdict, rule) of a no-effect claim: no effect beyond `margin` in `direction`."""
+    side = "-" if direction == "lower" else "+"
+    rule = (f"{_percent(effect_.interval.level)} CI within {side}{margin:.3g} on the {direction} side "
+            f"(equivalence margin)")
+    if not effect_.decisive:
+        return INCONCLUSIVE, f"{rule}; {ONE_SEED_RULE}"
+    return equivalence_verdict(effect_.interval, margin, direction), rule
+
+
+def _percent(level: float) -> str:
+    return f"{100 * level:g}%"
+
+
+__all__ = ["BOOTSTRAP", "DRAWS", "NONE", "Reading", "Arm", "Effect", "effect", "verdict", "no_effect_verdict",
+           "identity", "difference", "abs_difference", "change_difference", "HELD", "NOT_HELD", "INCONCLUSIVE"]
