@@ -143,3 +143,12 @@ def test_fid_files_of_the_same_n_pair_up(tmp_path, monkeypatch):
                     "--settings-json", settings, "--kid-subsets", "5", "--no-progress"], monkeypatch) == 0
     with pytest.raises(PipelineError, match="not paired: n_samples"):
         check_paired(good, read_fid_replicates(small))
+
+
+def test_bootstrap_settings_reach_the_fid_stage_but_not_the_reference():
+    from pipeline.config import load_config
+    from pipeline.settings import stage_settings
+    config = load_config(None)
+    assert stage_settings(config, "fid")["bootstrap"] == {"fd_replicates": 50, "kid_replicates": 200, "seed": 0}
+    reference = stage_settings(config, "fid_reference")
+    assert "bootstrap" not in reference and reference["kid_rows"] == config["fid"]["kid_rows"]
