@@ -114,7 +114,7 @@ def t_interval(values: Sequence[float] | np.ndarray, level: float = 0.95, *,
     x = _finite_values(values, "t interval")
     mean = float(x.mean())
     if x.size == 1:
-        return Interval(mean, -math.inf, math.inf, level, f"one of {unit}: variance unknown", 1)
+        return Interval(mean, -math.inf, math.inf, level, f"n = 1 ({unit}): variance unknown, no interval", 1)
     stderr = float(x.std(ddof=1)) / math.sqrt(x.size)
     half = student_t_quantile(0.5 + level / 2, x.size - 1) * stderr
     return Interval(mean, mean - half, mean + half, level, f"t over {x.size} {unit}", int(x.size))
