@@ -81,8 +81,11 @@ def stage_settings(config: Mapping[str, Any], stage: str, dataset: str | None = 
         return {}
     if stage == "prepare":
         return {"dataset": dataset, **dict(section(config, "datasets", dataset))}
-    if stage in ("fid_reference", "fid"):
+    if stage == "fid":
         return dict(section(config, "fid"))
+    if stage == "fid_reference":
+        # The bootstrap is drawn in the fid stage only: changing it must not recompute the reference.
+        return {k: v for k, v in section(config, "fid").items() if k != "bootstrap"}
     if stage == "sample":
         return {**model_settings(config, dataset), **dict(section(config, "sampling"))}
     if stage in METRICS:

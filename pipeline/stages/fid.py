@@ -7,6 +7,14 @@ hold metric_name ("FID" only for Inception, "FD-EffNetLite0" for the offline pro
 kid_mean, kid_std, the extractor, the weights' SHA-256, N and the torch-fidelity version, with
 the samples' provenance.
 
+Paired bootstrap (config fid.bootstrap; pipeline.fidelity.bootstrap): datasets fd_replicates
+(B_fd,) and kid_replicates (B_kid,), one value per replicate, and the point KID on all rows with
+the replicates' estimator (attr kid_value). Replicate b resamples the same positions in every fid
+file of the same N, seed and reference, so replicate b of model A minus replicate b of model B is
+a replicate of the paired difference. FD replicates resample the samples only (reference moments
+fixed: reference-set variation is left out, common to all models, cancelling to first order in
+paired differences); KID replicates resample samples and reference rows (included).
+
 It refuses to compare when the weights now in use differ from the reference's (by SHA-256) or
 when the samples' size or channels differ from the reference images'.
 """
@@ -21,10 +29,12 @@ from pathlib import Path
 from typing import Any, Mapping
 
 import h5py
+import numpy as np
 import torch_fidelity
 
 from pipeline.config import load_config
 from pipeline.errors import PipelineError
+from pipeline.fidelity.bootstrap import fd_replicates, kid_replicates
 from pipeline.fidelity.extractors import resolve_extractor
 from pipeline.io.hashing import file_sha256
 from pipeline.fidelity.stats import (DEFAULT_KID_ROWS, H5Images, feature_statistics, frechet_distance,
@@ -38,11 +48,13 @@ def evaluate(samples: str | Path, reference: str | Path, out: str | Path | None 
              inception_weights: str | Path | None = None, max_samples: int | None = None,
              kid_rows: int = DEFAULT_KID_ROWS, kid_subsets: int = 100, kid_subset_size: int = 1000,
              batch_size: int = 64, seed: int = 0, progress: bool = False,
+             fd_bootstrap: int = 0, kid_bootstrap: int = 0, bootstrap_seed: int = 0,
              settings: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """Compute FD and KID of `samples` against `reference`, write `out`, return its attributes.
 
-    `out` defaults to fid_{extractor}.h5 beside the samples; the returned mapping also holds
-    the path written under "out".
+    fd_bootstrap / kid_bootstrap: paired bootstrap replicates of FD and KID (0 = none), drawn
+    from bootstrap_seed. `out` defaults to fid_{extractor}.h5 beside the samples; the returned
+    mapping also holds the path written under "out" (the replicate arrays are in the file only).
     """
     start = time.time()
     samples, reference = Path(samples), Path(reference)
@@ -67,7 +79,8 @@ def evaluate(samples: str | Path, reference: str | Path, out: str | Path | None 
                             f"reference of their own dataset.")
 
     stats = feature_statistics(source, extractor, max_images=max_samples, kid_rows=kid_rows,
-                               batch_size=batch_size, seed=seed, progress=progress)
+                               batch_size=batch_size, seed=seed, progress=progress,
+                               keep_features=fd_bootstrap > 0)
     if stats.feature_dim != ref.stats.feature_dim:
         raise PipelineError(f"samples give {stats.feature_dim}-d features but the reference holds "
                             f"{ref.stats.feature_dim}-d ones.")
@@ -75,6 +88,10 @@ def evaluate(samples: str | Path, reference: str | Path, out: str | Path | None 
     kid_mean, kid_std, subset_size = kernel_distance(stats.kid_features, ref.stats.kid_features,
                                                      subsets=kid_subsets, subset_size=kid_subset_size,
                                                      seed=seed)
+    fd_reps = (fd_replicates(stats.features, ref.stats.mu, ref.stats.sigma, ref.sigma_sqrt,
+                             fd_bootstrap, bootstrap_seed) if fd_bootstrap else np.empty(0))
+    kid_value, kid_reps = kid_replicates(stats.kid_features, ref.stats.kid_features, kid_bootstrap,
+                                         bootstrap_seed)
 
     attrs = provenance("fid", settings or {})
     attrs.update({
@@ -84,6 +101,22 @@ def evaluate(samples: str | Path, reference: str | Path, out: str | Path | None 
         "kid_std": kid_std,
         "kid_subsets": kid_subsets,
         "kid_subset_size": subset_size,
+        "kid_value": kid_value,
+        "kid_value_estimator": "unbiased MMD^2, kernel (x.y/D + 1)^3, all kid rows of both sides",
+        "bootstrap_seed": bootstrap_seed,
+        "bootstrap_fd_replicates": int(fd_reps.size),
+        "bootstrap_kid_replicates": int(kid_reps.size),
+        "bootstrap_fd_sample_rows": stats.n,
+        "bootstrap_kid_sample_rows": int(len(stats.kid_features)),
+        "bootstrap_kid_reference_rows": int(len(ref.stats.kid_features)),
+        "bootstrap_fd_resampled": "samples only; reference moments fixed, so reference-set variation "
+                                  "is left out (common to all models, cancels to first order in "
+                                  "paired differences)",
+        "bootstrap_kid_resampled": "samples and reference kid rows; reference-set variation included; "
+                                   "within-set means skip pairs of a row with itself",
+        "bootstrap_pairing": "replicate b draws positions from numpy default_rng(SeedSequence("
+                             "[bootstrap_seed, b, *stream.encode()])), stream 'samples' or 'reference': "
+                             "files with equal seed and row counts share every replicate's positions",
         "extractor": extractor.name,
         "fidelity_extractor": extractor.fidelity_name,
         "feature_layer": extractor.feature_layer,
@@ -104,6 +137,8 @@ def evaluate(samples: str | Path, reference: str | Path, out: str | Path | None 
     })
     out = Path(out or samples.parent / f"fid_{extractor.name}.h5")
     with atomic_path(out) as tmp, h5py.File(tmp, "w") as f:
+        f.create_dataset("fd_replicates", data=fd_reps)
+        f.create_dataset("kid_replicates", data=kid_reps)
         write_attrs(f, h5_safe_attrs(attrs))
     return {**attrs, "out": str(out)}
 
@@ -129,34 +164,51 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "hub cache, then a download); must match the reference's")
     parser.add_argument("--max-samples", type=int, default=None,
                         help="use a seeded random subset of at most this many samples (default: all)")
-    parser.add_argument("--kid-rows", type=int, default=DEFAULT_KID_ROWS,
-                        help="features of at most this many samples are kept for KID")
+    parser.add_argument("--kid-rows", type=int, default=None,
+                        help=f"features of at most this many samples are kept for KID "
+                             f"(default: fid.kid_rows, else {DEFAULT_KID_ROWS})")
     parser.add_argument("--kid-subsets", type=int, default=100, help="KID: number of random subsets")
     parser.add_argument("--kid-subset-size", type=int, default=1000,
                         help="KID: rows per subset (capped at the smaller side)")
     parser.add_argument("--batch-size", type=int, default=None,
                         help="images per extractor forward (default: fid.batch_size, else 64)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the subsets (samples and KID)")
+    parser.add_argument("--fd-replicates", type=int, default=None,
+                        help="paired bootstrap replicates of FD (default: fid.bootstrap.fd_replicates, "
+                             "else 0 = none)")
+    parser.add_argument("--kid-replicates", type=int, default=None,
+                        help="paired bootstrap replicates of KID (default: fid.bootstrap.kid_replicates, "
+                             "else 0 = none)")
+    parser.add_argument("--bootstrap-seed", type=int, default=None,
+                        help="seed of the bootstrap draws (default: fid.bootstrap.seed, else 0)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 def run(args: argparse.Namespace) -> None:
     fid = fid_settings(args)
     batch_size = args.batch_size if args.batch_size is not None else fid.get("batch_size") or 64
-    lower_bounds = {"max-samples": (args.max_samples, 2), "kid-rows": (args.kid_rows, 2),
+    kid_rows = args.kid_rows if args.kid_rows is not None else fid.get("kid_rows") or DEFAULT_KID_ROWS
+    boot = fid.get("bootstrap") or {}
+    fd_bootstrap = args.fd_replicates if args.fd_replicates is not None else boot.get("fd_replicates", 0)
+    kid_bootstrap = args.kid_replicates if args.kid_replicates is not None else boot.get("kid_replicates", 0)
+    bootstrap_seed = args.bootstrap_seed if args.bootstrap_seed is not None else boot.get("seed", 0)
+    lower_bounds = {"max-samples": (args.max_samples, 2), "kid-rows": (kid_rows, 2),
                     "kid-subsets": (args.kid_subsets, 1), "kid-subset-size": (args.kid_subset_size, 2),
-                    "batch-size": (batch_size, 1)}
+                    "batch-size": (batch_size, 1), "fd-replicates": (fd_bootstrap, 0),
+                    "kid-replicates": (kid_bootstrap, 0)}
     for flag, (value, least) in lower_bounds.items():
         if value is not None and value < least:
             raise PipelineError(f"--{flag} is {value}; it must be at least {least}.")
     samples = Path(args.samples)
     weights = args.inception_weights or fid.get("inception_weights")
     settings = {"samples": str(samples), "reference": str(args.reference), "inception_weights": weights,
-                "max_samples": args.max_samples, "kid_rows": args.kid_rows,
+                "max_samples": args.max_samples, "kid_rows": kid_rows,
                 "kid_subsets": args.kid_subsets, "kid_subset_size": args.kid_subset_size,
-                "batch_size": batch_size, "seed": args.seed}
+                "batch_size": batch_size, "seed": args.seed, "fd_replicates": fd_bootstrap,
+                "kid_replicates": kid_bootstrap, "bootstrap_seed": bootstrap_seed}
     attrs = evaluate(samples, args.reference, args.out, inception_weights=weights,
-                     max_samples=args.max_samples, kid_rows=args.kid_rows,
+                     max_samples=args.max_samples, kid_rows=kid_rows,
+                     fd_bootstrap=fd_bootstrap, kid_bootstrap=kid_bootstrap, bootstrap_seed=bootstrap_seed,
                      kid_subsets=args.kid_subsets, kid_subset_size=args.kid_subset_size,
                      batch_size=batch_size, seed=args.seed, progress=not args.no_progress,
                      settings=settings)

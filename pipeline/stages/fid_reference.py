@@ -2,7 +2,8 @@
 
 Reads the training images of data.h5 ("images", uint8 N x H x W x C) and writes
 fid_ref_{extractor}.h5 beside it: the features' mean and covariance (float64), the float32
-features of a fixed random subset of at most --kid-rows images (what KID needs), the extractor's
+features of a fixed random subset of at most --kid-rows images (what KID and its bootstrap
+need), the symmetric square root of the covariance (what the FD bootstrap needs), the extractor's
 name, its metric name ("FID" only for Inception) and the SHA-256 of the weights used.
 
 Extractors: `inception` (the paper's FID; weights from --inception-weights, config
@@ -97,8 +98,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-images", type=int, default=None,
                         help="use a seeded random subset of at most this many images "
                              "(default: fid.reference_images; null = all)")
-    parser.add_argument("--kid-rows", type=int, default=DEFAULT_KID_ROWS,
-                        help="features of at most this many images are stored for KID")
+    parser.add_argument("--kid-rows", type=int, default=None,
+                        help=f"features of at most this many images are stored for KID and its "
+                             f"bootstrap (default: fid.kid_rows, else {DEFAULT_KID_ROWS})")
     parser.add_argument("--batch-size", type=int, default=None,
                         help="images per extractor forward (default: fid.batch_size, else 64)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the image subsets")
@@ -118,7 +120,8 @@ def run(args: argparse.Namespace) -> None:
         raise PipelineError(f"{data} does not exist; run `python -m pipeline prepare` for the dataset first.")
     max_images = args.max_images if args.max_images is not None else fid.get("reference_images")
     batch_size = args.batch_size if args.batch_size is not None else fid.get("batch_size") or 64
-    lower_bounds = {"max-images": (max_images, 2), "kid-rows": (args.kid_rows, 2),
+    kid_rows = args.kid_rows if args.kid_rows is not None else fid.get("kid_rows") or DEFAULT_KID_ROWS
+    lower_bounds = {"max-images": (max_images, 2), "kid-rows": (kid_rows, 2),
                     "batch-size": (batch_size, 1)}
     for flag, (value, least) in lower_bounds.items():
         if value is not None and value < least:
@@ -128,10 +131,10 @@ def run(args: argparse.Namespace) -> None:
     extractor = resolve_extractor(name, inception_weights=weights)
     out = Path(args.out or default_output(data, extractor.name))
     settings = {"data": str(data), "extractor": extractor.name, "inception_weights": weights,
-                "max_images": max_images, "kid_rows": args.kid_rows, "batch_size": batch_size,
+                "max_images": max_images, "kid_rows": kid_rows, "batch_size": batch_size,
                 "seed": args.seed}
     start = time.time()
-    build_reference(data, extractor, out, max_images=max_images, kid_rows=args.kid_rows,
+    build_reference(data, extractor, out, max_images=max_images, kid_rows=kid_rows,
                     batch_size=batch_size, seed=args.seed, progress=not args.no_progress,
                     settings=settings)
     print(f"wrote {out}: {extractor.metric_name} reference statistics ({extractor.name}, weights "
