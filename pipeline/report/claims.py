@@ -1,214 +1,361 @@
-"""Did the paper's claims hold in this run? One row per claim, dataset and condition.
+"""Did the paper's claims hold? One row per claim, measure and condition: the effect, its interval,
+the rule applied and the verdict (held / not held / inconclusive).
 
-The claims (paper Sec. 1, 4.2-4.4), each tested on the raw weights against the ADM recipe, for
-the chosen +SAM and, as this project's extension, every fSGLD recipe:
+Claims of the paper (Sec. 1, 4.2-4.4, Tables 2-5), tested for the chosen +SAM and, as this
+project's extension, every fSGLD recipe, always against ADM on the same dataset:
 
-C1  SAM is flatter: its LPF is lower than ADM's by more than 2 standard errors.
-C2  EMA and SWA are not flatter: neither lowers ADM's LPF by more than 2 standard errors.
-C3  SAM's metric changes less under weight quantization: |change| smaller than ADM's (per T').
-C4  SAM has a smaller exposure gap: |mean eps-norm gap| smaller than ADM's (per T').
-C5  SAM has a better metric at 20 sampling steps (the smallest T' when 20 is not sampled).
+C1  flatter than ADM: lower LPF (absolute and filter-normalised), and for fSGLD, whose training
+    perturbs the weights as the absolute LPF does, on measures it does not optimise: filter-
+    normalised LPF, Hessian trace and top eigenvalue, loss increase along random directions.
+C2  EMA and SWA do not make ADM flatter (no effect beyond the LPF margin).
+C3  changes its metric less than ADM under weight quantization (|change| smaller), FD and KID.
+C4  smaller exposure gap than ADM (|eps-norm gap| smaller), per T'.
+C5  better metric than ADM at T'=20 (the smallest T' when 20 is not sampled), FD and KID.
+C6  EMA improves ADM's metric over its raw weights.
+C7  input perturbation (IP) does not make ADM flatter (no effect beyond the LPF margin).
+C8  +SAM+EMA and +SAM+SWA are at least as good as +SAM (no worsening beyond the FD margin).
+C9  +SAM+EMA changes its metric less under quantization than +EMA (Table 4).
+C10 a stronger rho gives a flatter model (the grid's largest rho against its smallest).
+Controls: PC, the strongest SAM rho against ADM on LPF (a real effect the study should detect);
+NC, ADM against ADM trained with other seeds (no real effect: must come out inconclusive).
 
-Standard error of an LPF difference: with one seed, from the paired Monte-Carlo draws (every
-model sees the same weight-noise draws and evaluation set); with several seeds, from the paired
-per-seed differences. C3-C5 compare means over seeds. "n.a." means the study lacks what the claim
-needs (a metric, the ADM recipe, a SAM recipe, a quantized precision).
+Every verdict follows pipeline.report.effects: held when the interval excludes 0 in the claimed
+direction, not held when it excludes 0 in the other, inconclusive otherwise; no-effect claims
+(C2, C7, C8) are equivalence tests against a margin stated in report.margins. Between training
+runs, the interval comes from per-seed paired differences (t quantiles); with one seed such a
+difference is never decided (inconclusive), whatever its draw-level interval says.
 """
 
 from __future__ import annotations
 
-import math
-from typing import Any
+from typing import Callable
 
 import numpy as np
 import pandas as pd
 
-from pipeline.report import paper
 from pipeline.report.collect import Collected
+from pipeline.report.effects import (INCONCLUSIVE, Arm, Effect, abs_difference, change_difference, difference,
+                                     effect, exposure_arm, fd_arm, hessian_arm, kid_arm, lpf_arm,
+                                     no_effect_verdict, perturbation_arm, verdict)
 from pipeline.report.render import Table
 from pipeline.report.study import Study, algorithm_label
-from pipeline.report.tables import (Choices, choice_notes, exposure_steps, fixed, has_metric, raw_average,
-                                    seed_values, seeds_note, significant, weights_name)
+from pipeline.report.tables import Choices, choice_notes, has_metric, raw_average, seeds_note, weights_name
 
-YES, NO, NOT_APPLICABLE = "yes", "no", "n.a."
+NOT_APPLICABLE = "n.a."
+COLUMNS = ["id", "claim", "dataset", "algorithm", "condition", "measure", "effect [CI]", "interval", "rule",
+           "verdict"]
 
-
-def lpf_difference(data: Collected, dataset: str, a: tuple[str, str], b: tuple[str, str]) -> tuple[float, float]:
-    """LPF(a) - LPF(b) (means over seeds) and its standard error; a, b = (recipe, average)."""
-    frames = []
-    for recipe, average in (a, b):
-        mask = (data.lpf.dataset == dataset) & (data.lpf.recipe == recipe) & (data.lpf.average == average)
-        frames.append(data.lpf.loc[mask].sort_values("seed"))
-    first, second = frames
-    per_seed = first["lpf"].to_numpy() - second["lpf"].to_numpy()
-    if len(per_seed) > 1:
-        return float(per_seed.mean()), float(per_seed.std(ddof=1) / math.sqrt(len(per_seed)))
-    draws_a, draws_b = first["draw_losses"].iloc[0], second["draw_losses"].iloc[0]
-    if len(draws_a) != len(draws_b):
-        # Files measured with different draw counts are not paired: combine their own errors.
-        return float(per_seed[0]), float(math.hypot(first["stderr"].iloc[0], second["stderr"].iloc[0]))
-    if len(draws_a) < 2:
-        return float(per_seed[0]), 0.0  # one draw: no spread to estimate, the difference alone decides
-    paired = draws_a - draws_b
-    return float(per_seed[0]), float(paired.std(ddof=1) / math.sqrt(len(paired)))
-
-
-def _paper_pair(value: float | None, reference: float | None, fmt: str = ".2f") -> str:
-    if value is None or reference is None:
-        return ""
-    return f" (paper: {value:{fmt}} vs {reference:{fmt}})"
+ArmOf = Callable[[str, str], Arm]  # (recipe, average) -> arm
 
 
 class _Context:
-    """What every claim of one dataset needs: the study, the data, the rows compared with ADM."""
+    """What every claim of one dataset needs."""
 
     def __init__(self, study: Study, data: Collected, choices: Choices, dataset: str) -> None:
         self.study, self.data, self.dataset = study, data, dataset
         self.name, self.raw, self.base = data.metric_name, raw_average(study), study.baseline
-        self.flat = [c.recipe for c in choices.get(dataset, {}).values()] + study.fsgld_recipes
+        self.level, self.seeds = study.confidence, study.seeds
+        self.sam = [c.recipe for c in choices.get(dataset, {}).values()]
+        self.flat = self.sam + study.fsgld_recipes
+        self.rows: list[dict[str, str]] = []
 
-    def missing(self, metric: str | None = None, flat: bool = True) -> str:
-        """Why a claim cannot be tested on this study, or "" when it can."""
-        if self.base is None:
-            return "no ADM recipe in the study"
-        if flat and not self.flat:
-            return "no SAM or fSGLD recipe in the study"
-        if metric is not None and not has_metric(self.study, self.data, metric):
-            return f"{metric} not in study.metrics"
-        return ""
+    # -- measures --------------------------------------------------------------------------
+    def lpf_measures(self) -> list[tuple[str, ArmOf]]:
+        if not has_metric(self.study, self.data, "lpf"):
+            return []
+        sigma = float(self.data.lpf.loc[self.data.lpf["main"], "sigma"].iloc[0])
+        scalings = sorted(set(self.data.lpf["scaling"]), key=lambda s: s != "absolute")
+        return [(f"LPF {scaling} (sigma {sigma:g})",
+                 lambda recipe, average, scaling=scaling: lpf_arm(self.data, self.dataset, recipe, average, scaling))
+                for scaling in scalings]
 
-    def flat_labels(self) -> list[tuple[str | None, str]]:
-        """(recipe, label) of each recipe tested against ADM; one placeholder row when there is none."""
-        return [(r, self.study.label(r)) for r in self.flat] or [(None, "+SAM")]
+    def flatness_measures(self, recipe: str) -> list[tuple[str, ArmOf]]:
+        """LPF for SAM; for fSGLD only what its training does not optimise."""
+        measures = self.lpf_measures()
+        if self.study.describe(recipe).get("fsgld") is None:
+            return measures
+        measures = [m for m in measures if "absolute" not in m[0]]
+        if has_metric(self.study, self.data, "hessian"):
+            for column, title in (("trace", "Hessian trace"), ("top_eigenvalue", "Hessian top eigenvalue")):
+                measures.append((title, lambda r, a, column=column: hessian_arm(self.data, self.dataset, r, a, column)))
+        if has_metric(self.study, self.data, "perturbation") and self.data.perturbation is not None:
+            radius = float(self.data.perturbation["radius"].max())
+            measures.append((f"loss increase at perturbation norm {radius:g}",
+                             lambda r, a: perturbation_arm(self.data, self.dataset, r, a)))
+        return measures
 
-    def row(self, claim_id: str, claim: str, algorithm: str, condition: str, held: str,
-            evidence: str) -> dict[str, str]:
-        return {"id": claim_id, "claim": claim, "dataset": self.dataset, "algorithm": algorithm,
-                "condition": condition, "held": held, "evidence": evidence}
+    def quality_measures(self) -> list[tuple[str, Callable[..., Arm]]]:
+        """FD (the study's metric) and KID, each as (label, arm(recipe, average, precision, steps))."""
+        return [(self.name, lambda r, a, p, t: fd_arm(self.data, self.dataset, r, a, p, t)),
+                ("KID", lambda r, a, p, t: kid_arm(self.data, self.dataset, r, a, p, t))]
 
+    def mean_value(self, arm: Arm) -> float:
+        values = [r.value for r in (arm(s) for s in self.seeds) if r is not None]
+        return float(np.mean(values)) if values else float("nan")
 
-def _c1_flatter(c: _Context) -> list[dict[str, str]]:
-    rows, condition = [], f"{weights_name(c.raw)} weights"
-    for recipe, label in c.flat_labels():
-        claim = f"{label} is flatter than ADM (lower LPF)"
-        reason = c.missing("lpf")
-        if reason:
-            rows.append(c.row("C1", claim, label, condition, NOT_APPLICABLE, reason))
-            continue
-        diff, se = lpf_difference(c.data, c.dataset, (recipe, c.raw), (c.base, c.raw))
-        ours = seed_values(c.data.lpf, "lpf", dataset=c.dataset, recipe=recipe, average=c.raw)
-        adm = seed_values(c.data.lpf, "lpf", dataset=c.dataset, recipe=c.base, average=c.raw)
-        evidence = f"LPF {significant(ours)} vs ADM {significant(adm)}: difference {diff:+.4g}, 2 SE = {2 * se:.2g}"
-        if c.study.show_paper_numbers:
-            evidence += _paper_pair(paper.paper_lpf(c.dataset, label), paper.paper_lpf(c.dataset, "ADM"), ".3f")
-        rows.append(c.row("C1", claim, label, condition, YES if diff < -2 * se else NO, evidence))
-    return rows
+    # -- rows ------------------------------------------------------------------------------
+    def add(self, claim_id: str, claim: str, algorithm: str, condition: str, measure: str,
+            effect_: Effect | None, outcome: tuple[str, str] | None) -> None:
+        if effect_ is None or outcome is None:
+            self.skip(claim_id, claim, algorithm, f"{measure} was not measured for both sides")
+            return
+        self.rows.append({"id": claim_id, "claim": claim, "dataset": self.dataset, "algorithm": algorithm,
+                          "condition": condition, "measure": measure, "effect [CI]": effect_.cell(),
+                          "interval": effect_.interval.method, "rule": outcome[1], "verdict": outcome[0]})
 
+    def skip(self, claim_id: str, claim: str, algorithm: str, reason: str) -> None:
+        self.rows.append({"id": claim_id, "claim": claim, "dataset": self.dataset, "algorithm": algorithm,
+                          "condition": "", "measure": "", "effect [CI]": "", "interval": "", "rule": reason,
+                          "verdict": NOT_APPLICABLE})
 
-def _c2_averages(c: _Context) -> list[dict[str, str]]:
-    averages = [a for a in ("ema", "swa") if a in c.study.averages]
-    claim = "EMA and SWA do not make ADM flatter (LPF)"
-    algorithms = ", ".join(algorithm_label("ADM", a) for a in averages) or "+EMA, +SWA"
-    reason = (c.missing("lpf", flat=False) or ("" if averages else "neither ema nor swa in study.averages")
-              or ("" if c.raw == "none" else "none (raw weights) not in study.averages"))
-    if reason:
-        return [c.row("C2", claim, algorithms, "vs raw weights", NOT_APPLICABLE, reason)]
-    flatter, parts = [], []
-    for average in averages:
-        diff, se = lpf_difference(c.data, c.dataset, (c.base, average), (c.base, "none"))
-        flatter.append(diff < -2 * se)
-        values = seed_values(c.data.lpf, "lpf", dataset=c.dataset, recipe=c.base, average=average)
-        parts.append(f"{algorithm_label('ADM', average)} {significant(values)} "
-                     f"(difference {diff:+.4g}, 2 SE = {2 * se:.2g})")
-    adm = seed_values(c.data.lpf, "lpf", dataset=c.dataset, recipe=c.base, average="none")
-    return [c.row("C2", claim, algorithms, "vs raw weights", NO if any(flatter) else YES,
-                  f"ADM {significant(adm)}; " + "; ".join(parts))]
+    def compare(self, arms: list[Arm], combine, between_runs: bool) -> Effect | None:
+        return effect(arms, combine, self.seeds, self.level, between_runs)
 
+    def label(self, recipe: str, average: str | None = None) -> str:
+        return algorithm_label(self.study.label(recipe), average or self.raw)
 
-def _c3_quantization(c: _Context) -> list[dict[str, str]]:
-    rows = []
-    quantized = c.study.quantized_precisions if "fp32" in c.study.precisions else []
-    for recipe, label in c.flat_labels():
-        claim = f"{label} changes {c.name} less than ADM under weight quantization"
-        reason = c.missing() or ("" if quantized else "no fp32 / quantized precision pair")
-        if reason:
-            rows.append(c.row("C3", claim, label, "", NOT_APPLICABLE, reason))
-            continue
-        for precision in quantized:
-            for steps in c.study.steps:
-                changes = {r: _change(c.data, c.dataset, r, c.raw, precision, steps) for r in (recipe, c.base)}
-                evidence = f"change {fixed(changes[recipe], signed=True)} vs ADM {fixed(changes[c.base], signed=True)}"
-                numbers = (paper.paper_int8(c.dataset, label, steps), paper.paper_int8(c.dataset, "ADM", steps))
-                if (paper.fid_comparable(c.study.show_paper_numbers, c.dataset, c.name) and precision == "int8"
-                        and None not in numbers):
-                    evidence += _paper_pair(numbers[0][2], numbers[1][2], "+.2f")
-                held = abs(np.mean(changes[recipe])) < abs(np.mean(changes[c.base]))
-                rows.append(c.row("C3", claim, label, f"{precision}, T'={steps}", YES if held else NO, evidence))
-    return rows
+    def fp32_steps(self) -> list[int]:
+        return self.study.steps_for("fp32") if "fp32" in self.study.precisions_for(self.raw) else []
 
 
-def _c4_exposure(c: _Context) -> list[dict[str, str]]:
-    rows = []
-    for recipe, label in c.flat_labels():
-        claim = f"{label} has a smaller exposure gap than ADM (eps-norm)"
-        reason = c.missing("exposure")
-        if reason:
-            rows.append(c.row("C4", claim, label, "", NOT_APPLICABLE, reason))
-            continue
-        table1_steps = exposure_steps(c.data)
+# ------------------------------------------------------------------------------------------
+# The claims.
+
+def _c1_flatter(c: _Context) -> None:
+    condition = f"{weights_name(c.raw)} weights"
+    for recipe in c.flat:
+        claim = f"{c.label(recipe)} is flatter than ADM"
+        measures = c.flatness_measures(recipe)
+        if not measures:
+            c.skip("C1", claim, c.label(recipe), "no flatness metric in study.metrics")
+        for measure, arm in measures:
+            eff = c.compare([arm(recipe, c.raw), arm(c.base, c.raw)], difference, between_runs=True)
+            c.add("C1", claim, c.label(recipe), condition, f"{measure}: {c.label(recipe)} - ADM", eff,
+                  eff and verdict(eff, "lower"))
+
+
+def _c2_averages(c: _Context) -> None:
+    claim = "EMA and SWA do not make ADM flatter"
+    for average in [a for a in ("ema", "swa") if a in c.study.averages and c.raw == "none"]:
+        for measure, arm in c.lpf_measures():
+            margin = c.study.margins["lpf_relative"] * c.mean_value(arm(c.base, c.raw))
+            eff = c.compare([arm(c.base, average), arm(c.base, c.raw)], difference, between_runs=False)
+            c.add("C2", claim, c.label(c.base, average), "same training run, vs raw weights",
+                  f"{measure}: {c.label(c.base, average)} - ADM", eff, eff and no_effect_verdict(eff, margin, "lower"))
+
+
+def _quantization_change(c: _Context, claim_id: str, claim: str, recipe: str, other: str, average: str) -> None:
+    quantized = [p for p in c.study.precisions_for(average) if p != "fp32"]
+    if "fp32" not in c.study.precisions_for(average) or not quantized:
+        c.skip(claim_id, claim, c.label(recipe, average), f"no fp32 / quantized pair for {weights_name(average)} weights")
+        return
+    for precision in quantized:
+        for steps in c.study.steps_for(precision):
+            for measure, arm in c.quality_measures():
+                arms = [arm(recipe, average, precision, steps), arm(recipe, average, "fp32", steps),
+                        arm(other, average, precision, steps), arm(other, average, "fp32", steps)]
+                eff = c.compare(arms, change_difference, between_runs=True)
+                c.add(claim_id, claim, c.label(recipe, average), f"fp32 → {precision}, T'={steps}",
+                      f"{measure}: |change| of {c.label(recipe, average)} - |change| of {c.label(other, average)}",
+                      eff, eff and verdict(eff, "lower"))
+
+
+def _c3_quantization(c: _Context) -> None:
+    for recipe in c.flat:
+        _quantization_change(c, "C3", f"{c.label(recipe)} changes its sample quality less than ADM under "
+                                      f"weight quantization", recipe, c.base, c.raw)
+
+
+def _c4_exposure(c: _Context) -> None:
+    if not has_metric(c.study, c.data, "exposure"):
+        return
+    for recipe in c.flat:
+        claim = f"{c.label(recipe)} has a smaller exposure gap than ADM"
         for steps in sorted(set(c.data.exposure["steps"].tolist())):
-            gaps = {r: seed_values(c.data.exposure, "gap_l2_mean", dataset=c.dataset, recipe=r, average=c.raw,
-                                   steps=steps) for r in (recipe, c.base)}
-            evidence = f"gap {fixed(gaps[recipe], signed=True)} vs ADM {fixed(gaps[c.base], signed=True)}"
-            # The paper's one gap per model is set beside the T' that Table 1 shows.
-            if c.study.show_paper_numbers and steps == table1_steps:
-                evidence += _paper_pair(paper.paper_gap(c.dataset, label), paper.paper_gap(c.dataset, "ADM"), "+.2f")
-            held = abs(np.mean(gaps[recipe])) < abs(np.mean(gaps[c.base]))
-            rows.append(c.row("C4", claim, label, f"T'={steps}, L2 norm, mean over steps", YES if held else NO,
-                              evidence))
-    return rows
+            arms = [exposure_arm(c.data, c.dataset, r, c.raw, steps) for r in (recipe, c.base)]
+            eff = c.compare(arms, abs_difference, between_runs=True)
+            c.add("C4", claim, c.label(recipe), f"T'={steps}",
+                  f"|eps-norm gap| of {c.label(recipe)} - that of ADM", eff, eff and verdict(eff, "lower"))
 
 
-def _c5_fewer_steps(c: _Context) -> list[dict[str, str]]:
-    rows = []
-    steps = 20 if 20 in c.study.steps else c.study.steps[0]
-    condition = f"T'={steps}, fp32, {weights_name(c.raw)} weights"
-    for recipe, label in c.flat_labels():
-        claim = f"{label} has a better {c.name} than ADM at T'={steps}"
-        reason = c.missing() or ("" if "fp32" in c.study.precisions else "fp32 not in study.precisions")
-        if reason:
-            rows.append(c.row("C5", claim, label, condition, NOT_APPLICABLE, reason))
+def _c5_fewer_steps(c: _Context) -> None:
+    fp32 = c.fp32_steps()
+    if not fp32:
+        return
+    steps = 20 if 20 in fp32 else fp32[0]
+    for recipe in c.flat:
+        claim = f"{c.label(recipe)} has better sample quality than ADM at T'={steps}"
+        for measure, arm in c.quality_measures():
+            eff = c.compare([arm(recipe, c.raw, "fp32", steps), arm(c.base, c.raw, "fp32", steps)], difference,
+                            between_runs=True)
+            c.add("C5", claim, c.label(recipe), f"T'={steps}, fp32", f"{measure}: {c.label(recipe)} - ADM", eff,
+                  eff and verdict(eff, "lower"))
+
+
+def _c6_ema_quality(c: _Context) -> None:
+    if "ema" not in c.study.averages or c.raw != "none":
+        return
+    claim = "EMA improves ADM's sample quality over its raw weights"
+    for steps in c.fp32_steps():
+        for measure, arm in c.quality_measures():
+            eff = c.compare([arm(c.base, "ema", "fp32", steps), arm(c.base, "none", "fp32", steps)], difference,
+                            between_runs=False)
+            c.add("C6", claim, "+EMA", f"same training run, T'={steps}, fp32", f"{measure}: +EMA - ADM", eff,
+                  eff and verdict(eff, "lower"))
+
+
+def _c7_ip(c: _Context) -> None:
+    ips = [r for r in c.study.recipes if c.study.describe(r).get("input_perturbation") is not None
+           and c.study.describe(r).get("sam") is None and c.study.describe(r).get("fsgld") is None]
+    for recipe in ips:
+        claim = f"{c.label(recipe)} does not make ADM flatter"
+        for measure, arm in c.lpf_measures():
+            margin = c.study.margins["lpf_relative"] * c.mean_value(arm(c.base, c.raw))
+            eff = c.compare([arm(recipe, c.raw), arm(c.base, c.raw)], difference, between_runs=True)
+            c.add("C7", claim, c.label(recipe), f"{weights_name(c.raw)} weights", f"{measure}: {c.label(recipe)} - ADM",
+                  eff, eff and no_effect_verdict(eff, margin, "lower"))
+
+
+def _c8_sam_averages(c: _Context) -> None:
+    fp32 = c.fp32_steps()
+    for recipe in c.sam:
+        for average in [a for a in ("ema", "swa") if a in c.study.averages and c.raw == "none"]:
+            claim = f"{c.label(recipe, average)} is at least as good as {c.label(recipe)}"
+            for steps in fp32:
+                for measure, arm in c.quality_measures():
+                    margin = c.study.margins["fid_relative"] * c.mean_value(arm(recipe, "none", "fp32", steps))
+                    eff = c.compare([arm(recipe, average, "fp32", steps), arm(recipe, "none", "fp32", steps)],
+                                    difference, between_runs=False)
+                    c.add("C8", claim, c.label(recipe, average), f"same training run, T'={steps}, fp32",
+                          f"{measure}: {c.label(recipe, average)} - {c.label(recipe)}", eff,
+                          eff and no_effect_verdict(eff, margin, "higher"))
+
+
+def _c9_ema_quantization(c: _Context) -> None:
+    if "ema" not in c.study.averages:
+        return
+    for recipe in c.sam:
+        _quantization_change(c, "C9", f"{c.label(recipe, 'ema')} changes its sample quality less than +EMA under "
+                                      f"weight quantization", recipe, c.base, "ema")
+
+
+def _c10_rho(c: _Context) -> None:
+    for label, group in c.study.sam_groups().items():
+        if len(group) < 2:
             continue
-        values = {r: seed_values(c.data.fid, "value", dataset=c.dataset, recipe=r, average=c.raw, precision="fp32",
-                                 steps=steps) for r in (recipe, c.base)}
-        evidence = f"{c.name} {fixed(values[recipe])} vs ADM {fixed(values[c.base])}"
-        if paper.fid_comparable(c.study.show_paper_numbers, c.dataset, c.name):
-            evidence += _paper_pair(paper.paper_fid(c.dataset, label, steps), paper.paper_fid(c.dataset, "ADM", steps))
-        if c.study.sam_selection == f"best_fid_{steps}" and c.study.describe(recipe).get("sam") is not None:
-            evidence += "; this rho was selected by this very number"
-        held = np.mean(values[recipe]) < np.mean(values[c.base])
-        rows.append(c.row("C5", claim, label, condition, YES if held else NO, evidence))
-    return rows
+        strong, weak = max(group, key=c.study.rho), min(group, key=c.study.rho)
+        claim = f"a larger rho makes {label} flatter"
+        for measure, arm in c.lpf_measures():
+            eff = c.compare([arm(strong, c.raw), arm(weak, c.raw)], difference, between_runs=True)
+            c.add("C10", claim, f"{label} rho {c.study.rho(strong):g} vs {c.study.rho(weak):g}",
+                  f"{weights_name(c.raw)} weights", f"{measure}: rho {c.study.rho(strong):g} - rho {c.study.rho(weak):g}",
+                  eff, eff and verdict(eff, "lower"))
 
 
-def claims_table(study: Study, data: Collected, choices: Choices) -> Table:
-    """The claims table: columns id, claim, dataset, algorithm, condition, held, evidence."""
+def _positive_control(c: _Context) -> None:
+    sams = c.study.sam_recipes
+    if not sams:
+        return
+    strongest = max(sams, key=c.study.rho)
+    claim = f"positive control: SAM at its largest rho ({c.study.rho(strongest):g}) is flatter than ADM"
+    for measure, arm in c.lpf_measures():
+        eff = c.compare([arm(strongest, c.raw), arm(c.base, c.raw)], difference, between_runs=True)
+        c.add("PC", claim, f"{c.study.label(strongest)} rho {c.study.rho(strongest):g}", f"{weights_name(c.raw)} weights",
+              f"{measure}: rho {c.study.rho(strongest):g} - ADM", eff, eff and verdict(eff, "lower"))
+
+
+def negative_control_pairs(seeds: list[int]) -> list[tuple[int, int]]:
+    """Seed pairs of the negative control: the first half of the seeds against the second half
+    (one pair with two or three seeds, none with one)."""
+    half = len(seeds) // 2
+    return list(zip(seeds[:half], seeds[half:2 * half]))
+
+
+def _negative_control(c: _Context) -> None:
+    pairs = negative_control_pairs(c.seeds)
+    claim = "negative control: ADM differs from ADM trained with other seeds"
+    if not pairs:
+        c.skip("NC", claim, "ADM", "one training seed: no second ADM run to compare with")
+        return
+
+    def shifted(arm: Arm, side: int) -> Arm:
+        return lambda index: arm(pairs[index][side])
+
+    measures = [(m, lambda side, arm=arm: shifted(arm(c.base, c.raw), side)) for m, arm in c.lpf_measures()]
+    for measure, arm in c.quality_measures():
+        for steps in c.fp32_steps()[:1]:
+            measures.append((f"{measure} (T'={steps}, fp32)",
+                             lambda side, arm=arm, steps=steps: shifted(arm(c.base, c.raw, "fp32", steps), side)))
+    seeds_a = ", ".join(str(a) for a, _ in pairs)
+    seeds_b = ", ".join(str(b) for _, b in pairs)
+    for measure, arm in measures:
+        eff = effect([arm(0), arm(1)], difference, list(range(len(pairs))), c.level, between_runs=True)
+        if eff is None:
+            continue
+        outcome = verdict(eff, "lower")
+        if eff.basis != "seeds" and eff.draw_interval is not None:
+            iv = eff.draw_interval
+            alone = "excludes" if (iv.low > 0 or iv.high < 0) else "includes"
+            outcome = (outcome[0], f"{outcome[1]} (the draw-level interval alone {alone} 0)")
+        c.add("NC", claim, "ADM", f"seeds {seeds_a} vs seeds {seeds_b}", f"{measure}: first - second", eff, outcome)
+
+
+CLAIMS = (_c1_flatter, _c2_averages, _c3_quantization, _c4_exposure, _c5_fewer_steps, _c6_ema_quality, _c7_ip,
+          _c8_sam_averages, _c9_ema_quantization, _c10_rho, _positive_control, _negative_control)
+
+
+def claims_frame(study: Study, data: Collected, choices: Choices) -> pd.DataFrame:
     rows: list[dict[str, str]] = []
     for dataset in study.datasets:
         context = _Context(study, data, choices, dataset)
-        for claim in (_c1_flatter, _c2_averages, _c3_quantization, _c4_exposure, _c5_fewer_steps):
-            rows += claim(context)
-    notes = ["Claims of the paper tested on this run's numbers; fSGLD rows apply the same tests to this "
-             "project's extension.",
-             "C1/C2: 'flatter' = LPF lower by more than 2 standard errors of the difference (paired Monte-Carlo "
-             "draws with one seed, paired seeds with several). C3-C5 compare means over seeds; C3 and C4 compare "
-             "absolute values.",
+        if context.base is None:
+            context.skip("all", "every claim compares with ADM", "", "no ADM recipe in the study")
+        else:
+            for claim in CLAIMS:
+                claim(context)
+        rows += context.rows
+    return pd.DataFrame(rows, columns=COLUMNS)
+
+
+def control_failures(frame: pd.DataFrame) -> list[str]:
+    """Sentences flagging the run: a negative control that is not inconclusive, a positive one not held."""
+    flags = []
+    for _, row in frame[frame["id"] == "NC"].iterrows():
+        if row["verdict"] not in (INCONCLUSIVE, NOT_APPLICABLE):
+            flags.append(f"the negative control on {row['dataset']} ({row['measure']}) came out '{row['verdict']}': "
+                         f"two ADM runs that differ only in their seed look different by these rules, so the "
+                         f"study's intervals are too narrow; treat every verdict with suspicion.")
+    for _, row in frame[frame["id"] == "PC"].iterrows():
+        if row["verdict"] not in ("held", NOT_APPLICABLE):
+            flags.append(f"the positive control on {row['dataset']} ({row['measure']}) is '{row['verdict']}': the "
+                         f"study did not detect even its strongest intervention, so 'inconclusive' elsewhere says "
+                         f"little about whether an effect exists.")
+    return flags
+
+
+def claims_table(study: Study, data: Collected, choices: Choices) -> Table:
+    """The claims table: columns id, claim, dataset, algorithm, condition, measure, effect [CI], interval, rule,
+    verdict."""
+    frame = claims_frame(study, data, choices)
+    level = f"{100 * study.confidence:g}%"
+    notes = [f"Each row: the effect (mean over training seeds) with its {level} confidence interval, how the "
+             f"interval was made, the rule, and the verdict. held: the interval excludes 0 in the claimed "
+             f"direction; not held: it excludes 0 in the other; inconclusive: neither. No-effect claims (C2, C7, "
+             f"C8) hold when the interval stays within the margin (report.margins: LPF "
+             f"{study.margins['lpf_relative']:.0%} of ADM's, sample quality {study.margins['fid_relative']:.0%} "
+             f"of the compared model's), are not held when it lies wholly beyond it.",
+             "Between training runs (different recipes, or seeds), the interval is Student-t over per-seed paired "
+             "differences; with one seed the training-seed variance is unknown, and such a row is inconclusive "
+             "whatever its draw-level interval (paired bootstrap over sample indices for FD and KID, t over the "
+             "shared weight-noise draws for LPF) says. Variants of one run (averages, precisions) are compared on "
+             "their draw-level intervals when there is one seed.",
+             "FD intervals resample the samples with the reference statistics fixed (reference-set variation, "
+             "common to all models, is left out); KID intervals resample both. KID is unbiased at any N; FD is "
+             "biased upward at small N, so compare FD values only at equal N.",
+             "fSGLD perturbs its weights in training much as the absolute LPF does, so its flatness claims (C1) rest "
+             "on the filter-normalised LPF, the Hessian and the perturbation curve.",
              *choice_notes(choices), seeds_note(study)]
-    return Table("claims", "Claims of the paper: did they hold in this run?", pd.DataFrame(rows), notes)
-
-
-def _change(data: Collected, dataset: str, recipe: str, average: str, precision: str, steps: int) -> np.ndarray:
-    key: dict[str, Any] = {"dataset": dataset, "recipe": recipe, "average": average, "steps": steps}
-    return (seed_values(data.fid, "value", **key, precision=precision)
-            - seed_values(data.fid, "value", **key, precision="fp32"))
-
+    flags = control_failures(frame)
+    if flags:
+        notes = [f"WARNING: {flag}" for flag in flags] + notes
+    return Table("claims", "Claims of the paper: effects, intervals and verdicts", frame, notes)

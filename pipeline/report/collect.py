@@ -92,9 +92,14 @@ def _runs(study: Study) -> Iterator[dict[str, Any]]:
 class Collected:
     """The scalars of every input, plus the conventions their provenance records.
 
-    fid: dataset, recipe, seed, average, precision, steps, value, kid_mean, kid_std, n_samples.
+    fid: dataset, recipe, seed, average, precision, steps, value (FD), kid_value (unbiased KID on all
+        rows), kid_mean, kid_std (torch-fidelity's subset KID), fd_replicates, kid_replicates (paired
+        bootstrap arrays, aligned across files), bootstrap_seed, n_samples.
     validation: the same columns for the selection samples of the SAM recipes (raw fp32 weights).
-    lpf: dataset, recipe, seed, average, sigma, loss, lpf, difference, stderr, draw_losses (array).
+    lpf: dataset, recipe, seed, average, scaling (absolute | filter), sigma, main (the configured sigma
+        rather than the sweep), loss, lpf, difference, stderr, draw_losses (array, aligned across files).
+    perturbation: dataset, recipe, seed, average, radius (the largest), increases (per-direction loss
+        increase at it, aligned across files), increase (their mean).
     hessian: dataset, recipe, seed, average, top_eigenvalue, trace, trace_stderr, converged.
     exposure: dataset, recipe, seed, average, steps, gap_l2_mean, gap_l2_mean_stderr, gap_l2_sum,
         gap_sq_mean, reference_l2.
@@ -107,6 +112,7 @@ class Collected:
     validation: pd.DataFrame | None
     lpf: pd.DataFrame | None
     hessian: pd.DataFrame | None
+    perturbation: pd.DataFrame | None
     exposure: pd.DataFrame | None
     train: pd.DataFrame
     conventions: dict[str, dict[str, list[Any]]]
@@ -117,7 +123,7 @@ def collect(study: Study) -> Collected:
     inputs = required_inputs(study)
     check_inputs(inputs)
     rows: dict[str, list[dict[str, Any]]] = {"fid": [], "validation": [], "lpf": [], "hessian": [], "exposure": [],
-                                             "train": []}
+                                             "perturbation": [], "train": []}
     conventions: dict[str, dict[str, list[Any]]] = {}
     names = set()
     for item in inputs:
@@ -125,8 +131,12 @@ def collect(study: Study) -> Collected:
             if item.kind in ("fid", "validation"):
                 names.add(str(f.attrs["metric_name"]))
                 rows[item.kind].append({**item.key, "value": float(f.attrs["value"]),
-                                    "kid_mean": float(f.attrs["kid_mean"]), "kid_std": float(f.attrs["kid_std"]),
-                                    "n_samples": int(f.attrs["n_samples"])})
+                                        "kid_mean": float(f.attrs["kid_mean"]), "kid_std": float(f.attrs["kid_std"]),
+                                        "kid_value": float(f.attrs["kid_value"]),
+                                        "fd_replicates": np.asarray(f["fd_replicates"][...], dtype=np.float64),
+                                        "kid_replicates": np.asarray(f["kid_replicates"][...], dtype=np.float64),
+                                        "bootstrap_seed": int(f.attrs["bootstrap_seed"]),
+                                        "n_samples": int(f.attrs["n_samples"])})
             elif item.kind == "train":
                 rows["train"].append({**item.key, **_train_row(f)})
             else:
@@ -141,7 +151,7 @@ def collect(study: Study) -> Collected:
                             f"extractors. Delete the stale ones and rerun the fid rule.")
     frames = {kind: pd.DataFrame(values) if values else None for kind, values in rows.items()}
     return Collected(metric_name=names.pop(), fid=frames["fid"], validation=frames["validation"],
-                     lpf=frames["lpf"], hessian=frames["hessian"],
+                     lpf=frames["lpf"], hessian=frames["hessian"], perturbation=frames["perturbation"],
                      exposure=frames["exposure"], train=frames["train"], conventions=conventions)
 
 
@@ -165,9 +175,24 @@ def _scalar(f: h5py.File, key: str) -> float:
 
 
 def _lpf_rows(f: h5py.File) -> list[dict[str, Any]]:
-    return [{"sigma": _scalar(f, "sigma"), "loss": _scalar(f, "loss"), "lpf": _scalar(f, "lpf"),
-             "difference": _scalar(f, "difference"), "stderr": _scalar(f, "stderr"),
-             "draw_losses": np.asarray(f["draw_losses"][...], dtype=np.float64)}]
+    """One row per (scaling, sigma): the main sigma (main=True) and every sigma of the sweep."""
+    rows = []
+    sigma, loss = _scalar(f, "sigma"), _scalar(f, "loss")
+    sweep = np.asarray(f["sweep/sigma"][...], dtype=np.float64)
+    for scaling in str(_plain(f.attrs["scalings"])).split(","):
+        group = f[scaling]
+        rows.append({"scaling": scaling, "sigma": sigma, "main": True, "loss": loss, "lpf": _scalar(group, "lpf"),
+                     "difference": _scalar(group, "difference"), "stderr": _scalar(group, "stderr"),
+                     "draw_losses": np.asarray(group["draw_losses"][...], dtype=np.float64)})
+        draws = np.asarray(group["sweep/draw_losses"][...], dtype=np.float64)
+        for i, value in enumerate(sweep):
+            if value == sigma:
+                continue
+            rows.append({"scaling": scaling, "sigma": float(value), "main": False, "loss": loss,
+                         "lpf": float(draws[i].mean()), "difference": float(draws[i].mean() - loss),
+                         "stderr": float(draws[i].std(ddof=1) / np.sqrt(draws.shape[1])) if draws.shape[1] > 1
+                         else 0.0, "draw_losses": draws[i]})
+    return rows
 
 
 def _hessian_rows(f: h5py.File) -> list[dict[str, Any]]:
@@ -187,7 +212,16 @@ def _exposure_rows(f: h5py.File) -> list[dict[str, Any]]:
     return rows
 
 
-METRIC_ROWS = {"lpf": _lpf_rows, "hessian": _hessian_rows, "exposure": _exposure_rows}
+def _perturbation_rows(f: h5py.File) -> list[dict[str, Any]]:
+    """The loss increase at the largest radius, per direction (K,) and its mean."""
+    radii = np.asarray(f["radii"][...], dtype=np.float64)
+    losses = np.asarray(f["losses"][...], dtype=np.float64)  # (K, R)
+    increases = losses[:, -1] - _scalar(f, "loss")
+    return [{"radius": float(radii[-1]), "increases": increases, "increase": float(increases.mean())}]
+
+
+METRIC_ROWS = {"lpf": _lpf_rows, "hessian": _hessian_rows, "exposure": _exposure_rows,
+               "perturbation": _perturbation_rows}
 
 
 def _train_row(f: h5py.File) -> dict[str, Any]:

@@ -117,7 +117,8 @@ def effect(arms: Sequence[Arm], combine: Callable, seeds: Sequence[int], level: 
         return None
     draw = draw_level_interval(first, combine, per_seed[0], level)
     if len(per_seed) >= 2:
-        return Effect(t_interval(np.asarray(per_seed), level), np.asarray(per_seed), "seeds", between_runs, draw)
+        return Effect(t_interval(np.asarray(per_seed), level, unit="paired seeds"), np.asarray(per_seed), "seeds",
+                      between_runs, draw)
     return Effect(draw, np.asarray(per_seed), "draws", between_runs, draw)
 
 
@@ -130,29 +131,37 @@ def draw_level_interval(readings: Sequence[Reading], combine: Callable, estimate
         return bootstrap_interval(estimate, np.asarray(replicates, dtype=np.float64), level)
     if kinds == {DRAWS} and len(lengths) == 1:
         # The value is the mean of the draws, and combine is linear for every draw-based effect.
-        return t_interval(np.asarray(combine(*[r.replicates for r in readings]), dtype=np.float64), level)
+        return t_interval(np.asarray(combine(*[r.replicates for r in readings]), dtype=np.float64), level,
+                          unit="paired draws")
     errors = [r.stderr for r in readings]
     if combine in (identity, difference) and all(e is not None for e in errors):
         return normal_interval(estimate, math.sqrt(sum(e * e for e in errors)), level)
     return Interval(estimate, -math.inf, math.inf, level, "no draw-level uncertainty for this measure", 1)
 
 
+def value_cell(effect_: Effect | None, digits: int = 4) -> str:
+    """A table cell for one model's value: "0.1234 [0.12, 0.127]", "" when not measured."""
+    if effect_ is None:
+        return ""
+    iv = effect_.interval
+    bounds = f" [{_bound(iv.low, digits)}, {_bound(iv.high, digits)}]" if math.isfinite(iv.low) else ""
+    return f"{iv.estimate:.{digits}g}{bounds}".replace("[+", "[").replace(", +", ", ")
+
+
 def verdict(effect_: Effect, direction: str) -> tuple[str, str]:
     """(verdict, rule) of a directional claim: the effect is below 0 ("lower") or above ("higher")."""
-    rule = f"{_percent(effect_.interval.level)} CI excludes 0 {'below' if direction == 'lower' else 'above'}"
+    decided = directional_verdict(effect_.interval, direction)
     if not effect_.decisive:
-        return INCONCLUSIVE, f"{rule}; {ONE_SEED_RULE}"
-    return directional_verdict(effect_.interval, direction), rule
+        return INCONCLUSIVE, f"{decided.rule}; {ONE_SEED_RULE}"
+    return decided.label, decided.rule
 
 
 def no_effect_verdict(effect_: Effect, margin: float, direction: str) -> tuple[str, str]:
-    """(verdict, rule) of a no-effect claim: no effect beyond `margin` in `direction`."""
-    side = "-" if direction == "lower" else "+"
-    rule = (f"{_percent(effect_.interval.level)} CI within {side}{margin:.3g} on the {direction} side "
-            f"(equivalence margin)")
+    """(verdict, rule) of a no-effect claim: no effect beyond `margin` on the `direction` side."""
+    decided = equivalence_verdict(effect_.interval, margin, direction)
     if not effect_.decisive:
-        return INCONCLUSIVE, f"{rule}; {ONE_SEED_RULE}"
-    return equivalence_verdict(effect_.interval, margin, direction), rule
+        return INCONCLUSIVE, f"{decided.rule}; {ONE_SEED_RULE}"
+    return decided.label, decided.rule
 
 
 def _percent(level: float) -> str:
@@ -161,3 +170,88 @@ def _percent(level: float) -> str:
 
 __all__ = ["BOOTSTRAP", "DRAWS", "NONE", "Reading", "Arm", "Effect", "effect", "verdict", "no_effect_verdict",
            "identity", "difference", "abs_difference", "change_difference", "HELD", "NOT_HELD", "INCONCLUSIVE"]
+
+
+# ------------------------------------------------------------------------------------------
+# Arms: how each measure of the collected data becomes a Reading per seed.
+
+def _row(frame, **key):
+    """The single row of `frame` matching `key`, or None."""
+    if frame is None:
+        return None
+    mask = np.ones(len(frame), dtype=bool)
+    for name, value in key.items():
+        mask &= (frame[name] == value).to_numpy()
+    rows = frame.loc[mask]
+    return None if rows.empty else rows.iloc[0]
+
+
+def _replicates(values) -> np.ndarray | None:
+    array = np.asarray(values, dtype=np.float64)
+    return array if array.size else None
+
+
+def fd_arm(data, dataset: str, recipe: str, average: str, precision: str, steps: int) -> Arm:
+    """FD of one variant, with its paired bootstrap replicates (sample indices resampled)."""
+    def arm(seed: int) -> Reading | None:
+        row = _row(data.fid, dataset=dataset, recipe=recipe, seed=seed, average=average, precision=precision,
+                   steps=steps)
+        if row is None:
+            return None
+        replicates = _replicates(row["fd_replicates"])
+        return Reading(float(row["value"]), replicates, BOOTSTRAP if replicates is not None else NONE)
+    return arm
+
+
+def kid_arm(data, dataset: str, recipe: str, average: str, precision: str, steps: int) -> Arm:
+    """Unbiased KID of one variant, with paired bootstrap replicates (samples and reference resampled)."""
+    def arm(seed: int) -> Reading | None:
+        row = _row(data.fid, dataset=dataset, recipe=recipe, seed=seed, average=average, precision=precision,
+                   steps=steps)
+        if row is None:
+            return None
+        replicates = _replicates(row["kid_replicates"])
+        return Reading(float(row["kid_value"]), replicates, BOOTSTRAP if replicates is not None else NONE)
+    return arm
+
+
+def lpf_arm(data, dataset: str, recipe: str, average: str, scaling: str, sigma: float | None = None) -> Arm:
+    """LPF at `sigma` (None: the configured one) with its Monte-Carlo draws, shared by every model."""
+    def arm(seed: int) -> Reading | None:
+        key = dict(dataset=dataset, recipe=recipe, seed=seed, average=average, scaling=scaling)
+        row = _row(data.lpf, **key, main=True) if sigma is None else _row(data.lpf, **key, sigma=sigma)
+        if row is None:
+            return None
+        return Reading(float(row["lpf"]), np.asarray(row["draw_losses"], dtype=np.float64), DRAWS)
+    return arm
+
+
+def perturbation_arm(data, dataset: str, recipe: str, average: str) -> Arm:
+    """Loss increase at the largest perturbation norm, over directions shared by every model."""
+    def arm(seed: int) -> Reading | None:
+        row = _row(data.perturbation, dataset=dataset, recipe=recipe, seed=seed, average=average)
+        if row is None:
+            return None
+        return Reading(float(row["increase"]), np.asarray(row["increases"], dtype=np.float64), DRAWS)
+    return arm
+
+
+def hessian_arm(data, dataset: str, recipe: str, average: str, column: str) -> Arm:
+    """Hessian top eigenvalue (no draw-level error) or trace (Hutchinson's standard error)."""
+    def arm(seed: int) -> Reading | None:
+        row = _row(data.hessian, dataset=dataset, recipe=recipe, seed=seed, average=average)
+        if row is None:
+            return None
+        stderr = float(row["trace_stderr"]) if column == "trace" else None
+        return Reading(float(row[column]), None, NONE, stderr)
+    return arm
+
+
+def exposure_arm(data, dataset: str, recipe: str, average: str, steps: int) -> Arm:
+    """The eps-norm gap at T' with its standard error over images."""
+    def arm(seed: int) -> Reading | None:
+        row = _row(data.exposure, dataset=dataset, recipe=recipe, seed=seed, average=average, steps=steps)
+        if row is None:
+            return None
+        return Reading(float(row["gap_l2_mean"]), None, NONE, float(row["gap_l2_mean_stderr"]))
+    return arm

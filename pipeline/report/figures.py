@@ -148,8 +148,7 @@ def fig2_samples(study: Study, data: Collected, choices: Choices) -> Figure:
     columns = sample_columns(study)
     fig = Figure(figsize=(max(2.6 * len(columns), 6.5), 2.9 * len(rows)), layout="constrained")
     fig.suptitle(f"Figs. 2 and 4: the first {GRID_IMAGES} samples of each variant (training seed {seed}; "
-                 f"image i starts from the same noise in every panel)
-panel titles give each variant's {name} "
+                 f"image i starts from the same noise in every panel)\npanel titles give each variant's {name} "
                  f"on all its samples")
     axes = fig.subplots(len(rows), len(columns), squeeze=False)
     for r, (dataset, recipe, average) in enumerate(rows):
@@ -164,8 +163,7 @@ panel titles give each variant's {name} "
             value = data.fid.loc[(data.fid.dataset == dataset) & (data.fid.recipe == recipe)
                                  & (data.fid.seed == seed) & (data.fid.average == average)
                                  & (data.fid.precision == precision) & (data.fid.steps == steps), "value"].mean()
-            ax.set_title(f"{algorithm_label(study.label(recipe), average)}, {precision}, T'={steps}
-"
+            ax.set_title(f"{algorithm_label(study.label(recipe), average)}, {precision}, T'={steps}\n"
                          f"{dataset}: {name} {value:.1f}", fontsize=8)
             ax.set_axis_off()
     return fig

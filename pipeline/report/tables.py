@@ -17,6 +17,9 @@ import pandas as pd
 
 from pipeline.report import paper
 from pipeline.report.collect import Collected
+from pipeline.precision import parse_precision
+from pipeline.report.effects import (difference, effect, exposure_arm, fd_arm, hessian_arm, identity, kid_arm,
+                                     lpf_arm, value_cell)
 from pipeline.report.render import Table
 from pipeline.report.study import AVERAGE_HEADING, SamChoice, Study, algorithm_label
 
@@ -114,53 +117,88 @@ def exposure_steps(data: Collected) -> int | None:
 # ------------------------------------------------------------------------------------------
 # Table 1: ADM vs +SAM (and fSGLD): FID fp32 -> int8, eps-norm gap, LPF (Hessian when measured).
 
+def _value(study: Study, arm) -> str:
+    """One model's value with its interval (over seeds, or draw-level with one seed)."""
+    return value_cell(effect([arm], identity, study.seeds, study.confidence, between_runs=False))
+
+
+def _change(study: Study, after, before) -> str:
+    """A change within one run (e.g. fp32 -> int8), paired per seed and per bootstrap replicate."""
+    eff = effect([after, before], difference, study.seeds, study.confidence, between_runs=False)
+    return "" if eff is None else eff.cell()
+
+
+def interval_note(study: Study) -> str:
+    level = f"{100 * study.confidence:g}%"
+    if len(study.seeds) > 1:
+        return (f"Cells: mean over training seeds {', '.join(map(str, study.seeds))} [{level} t interval of the mean "
+                f"over seeds]; changes are paired per seed.")
+    return (f"Cells: value [{level} draw-level interval: paired bootstrap over sample indices for FD and KID, t over "
+            f"Monte-Carlo draws for LPF, over images for the eps-norm gap]. One training seed: these intervals leave "
+            f"out the seed-to-seed variation, which is larger.")
+
+
+def _hessian_cell(study: Study, data: Collected, dataset: str, recipe: str, average: str, column: str) -> str:
+    cell = _value(study, hessian_arm(data, dataset, recipe, average, column))
+    rows = data.hessian[(data.hessian.dataset == dataset) & (data.hessian.recipe == recipe)
+                        & (data.hessian.average == average)]
+    return f"{cell} †" if cell and not bool(rows["converged"].all()) else cell
+
+
+HESSIAN_NOTE = ("Hessian: largest-magnitude eigenvalue (power iteration) and trace (Hutchinson, interval from its "
+                "probes) of the training loss on a fixed batch; † marks an estimate that stopped at "
+                "metrics.hessian.max_iter before reaching its tolerance.")
+
+
 def table1(study: Study, data: Collected, choices: Choices) -> Table:
     name, raw, base = data.metric_name, raw_average(study), _base_precision(study)
-    quantized = _quantized_with_fp32(study)
     gap_steps = exposure_steps(data) if has_metric(study, data, "exposure") else None
-    show_paper_fid = _fid_comparable_anywhere(study, name, paper.TABLE4_INT8) and "int8" in quantized
+    show_paper_fid = _fid_comparable_anywhere(study, name, paper.TABLE4_INT8) and "int8" in study.precisions_for(raw)
     show_paper_gap = study.show_paper_numbers and any(d in paper.TABLE1_GAP for d in study.datasets)
     show_paper_lpf = study.show_paper_numbers and any(d in paper.LPF for d in study.datasets)
+    quantized = [p for p in study.precisions_for(raw) if p != "fp32"][:1] if base == "fp32" else []
     rows = []
     for dataset in study.datasets:
         chosen = [c.recipe for c in choices.get(dataset, {}).values()]
         recipes = [r for r in [study.baseline, *chosen, *study.fsgld_recipes] if r is not None]
         for recipe in recipes:
             algorithm = algorithm_label(study.label(recipe), raw)
-            key = {"dataset": dataset, "recipe": recipe, "average": raw}
             row = {"dataset": dataset, "algorithm": algorithm, "recipe": recipe}
             comparable = paper.fid_comparable(study.show_paper_numbers, dataset, name)
-            for steps in study.steps:
-                before = seed_values(data.fid, "value", **key, precision=base, steps=steps)
-                for precision in quantized:
-                    after = seed_values(data.fid, "value", **key, precision=precision, steps=steps)
-                    row[f"{name} {base} → {precision} (T'={steps})"] = (
-                        f"{fixed(before)} → {fixed(after)} ({fixed(after - before, signed=True)})")
-                if not quantized:
-                    row[f"{name} {base} (T'={steps})"] = fixed(before)
+            for steps in study.steps_for(base):
+                before = fd_arm(data, dataset, recipe, raw, base, steps)
+                row[f"{name} {base} (T'={steps})"] = _value(study, before)
+                for precision in [p for p in quantized if steps in study.steps_for(p)]:
+                    row[f"{name} change {base} → {precision} (T'={steps})"] = _change(
+                        study, fd_arm(data, dataset, recipe, raw, precision, steps), before)
                 if show_paper_fid:
                     numbers = paper.paper_int8(dataset, algorithm, steps) if comparable else None
                     row[f"paper FID fp32 → int8 (T'={steps})"] = (
                         "" if numbers is None else f"{numbers[0]:.2f} → {numbers[1]:.2f} ({numbers[2]:+.2f})")
             if gap_steps is not None:
-                gap = seed_values(data.exposure, "gap_l2_mean", **key, steps=gap_steps)
-                row[f"eps-norm gap (L2, mean over T'={gap_steps})"] = fixed(gap, signed=True)
+                row[f"eps-norm gap (L2, mean over T'={gap_steps})"] = _value(
+                    study, exposure_arm(data, dataset, recipe, raw, gap_steps))
                 if show_paper_gap:
                     row["paper eps-norm gap"] = paper_number(paper.paper_gap(dataset, algorithm), signed=True)
             if has_metric(study, data, "lpf"):
-                row["LPF"] = significant(seed_values(data.lpf, "lpf", **key))
+                for scaling in _scalings(data):
+                    row[f"LPF {scaling}"] = _lpf_cell(study, data, dataset, recipe, raw, scaling)
                 if show_paper_lpf:
                     row["paper LPF"] = paper_number(paper.paper_lpf(dataset, algorithm), decimals=3)
             if has_metric(study, data, "hessian"):
-                row["Hessian top eigenvalue"] = significant(seed_values(data.hessian, "top_eigenvalue", **key))
-                row["Hessian trace"] = significant(seed_values(data.hessian, "trace", **key))
+                row["Hessian top eigenvalue"] = _hessian_cell(study, data, dataset, recipe, raw, "top_eigenvalue")
+                row["Hessian trace"] = _hessian_cell(study, data, dataset, recipe, raw, "trace")
             rows.append(row)
-    notes = [metric_note(name), *choice_notes(choices), seeds_note(study),
-             f"Weights: {weights_name(raw)}; '→' shows {base} → quantized with the change in brackets."]
+    notes = [metric_note(name), interval_note(study), *choice_notes(choices),
+             f"Weights: {weights_name(raw)}; 'change' is the quantized value minus the {base} one, paired."]
     if gap_steps is not None:
         notes.append(f"eps-norm gap: mean over the T'={gap_steps} sampling steps of the sampling-minus-"
                      f"training mean L2 norm of the predicted eps (not squared); the paper does not say "
                      f"how it aggregates its gap.")
+    if has_metric(study, data, "lpf"):
+        notes.append(lpf_note(study, data))
+    if has_metric(study, data, "hessian"):
+        notes.append(HESSIAN_NOTE)
     if show_paper_fid:
         notes.append(f"Paper FID: Table 4 of the paper (its Table 1 repeats T'=20); {paper.TABLE4_NOTE}.")
     if show_paper_gap or show_paper_lpf:
@@ -168,6 +206,28 @@ def table1(study: Study, data: Collected, choices: Choices) -> Table:
                      "sigma and draws are not stated.")
     return Table("table1_adm_vs_sam", f"Table 1: ADM vs +SAM ({name}, eps-norm gap, flatness)",
                  pd.DataFrame(rows), notes)
+
+
+def _scalings(data: Collected) -> list[str]:
+    return sorted(set(data.lpf["scaling"]), key=lambda s: s != "absolute")
+
+
+def _lpf_cell(study: Study, data: Collected, dataset: str, recipe: str, average: str, scaling: str,
+              sigma: float | None = None) -> str:
+    cell = _value(study, lpf_arm(data, dataset, recipe, average, scaling, sigma))
+    # fSGLD trains on the loss under Gaussian weight noise: the absolute LPF is its own objective.
+    if cell and scaling == "absolute" and study.describe(recipe).get("fsgld") is not None:
+        cell += " §"
+    return cell
+
+
+def lpf_note(study: Study, data: Collected) -> str:
+    main = float(data.lpf.loc[data.lpf["main"], "sigma"].iloc[0])
+    return (f"LPF: training loss averaged over Gaussian weight noise (lower is flatter), at sigma = {main:g} unless "
+            f"a column names another. absolute: i.i.d. N(0, sigma^2) on every parameter; filter: each filter's "
+            f"noise scaled by that filter's norm (Bisla et al.'s measure, invariant to rescaling a filter before a "
+            f"normalisation). § marks fSGLD's absolute LPF: fSGLD trains on the loss under this very noise, so "
+            f"there it measures its own objective, not flatness.")
 
 
 # ------------------------------------------------------------------------------------------
@@ -183,56 +243,57 @@ def table2(study: Study, data: Collected, choices: Choices) -> Table:
             for average in study.averages:
                 algorithm = algorithm_label(study.label(recipe), average)
                 row = {"dataset": dataset, "algorithm": algorithm, "recipe": recipe}
-                for steps in study.steps:
-                    row[f"{name} (T'={steps})"] = fixed(seed_values(
-                        data.fid, "value", dataset=dataset, recipe=recipe, average=average, precision=base,
-                        steps=steps))
+                for steps in study.steps_for(base):
+                    row[f"{name} (T'={steps})"] = _value(study, fd_arm(data, dataset, recipe, average, base, steps))
+                    row[f"KID (T'={steps})"] = _value(study, kid_arm(data, dataset, recipe, average, base, steps))
                     if show_paper:
                         value = paper.paper_fid(dataset, algorithm, steps) if comparable else None
                         row[f"paper FID (T'={steps})"] = paper_number(value)
                 rows.append(row)
-    notes = [metric_note(name), f"Weights in {base}; DDPM ancestral sampling with T' respaced steps.",
-             *choice_notes(choices), seeds_note(study)]
+    notes = [metric_note(name), KID_NOTE, interval_note(study),
+             f"Weights in {base}; DDPM ancestral sampling with T' respaced steps.", *choice_notes(choices)]
     if show_paper:
         notes.append("Paper columns: Table 2 of the paper.")
-    return Table("table2_fid", f"Table 2: {name} of every algorithm (dataset x T')", pd.DataFrame(rows), notes)
+    return Table("table2_fid", f"Table 2: {name} and KID of every algorithm (dataset x T')", pd.DataFrame(rows), notes)
+
+
+KID_NOTE = ("KID: unbiased squared MMD with the cubic polynomial kernel in the same features (lower is better); "
+            "unlike FD it has no small-sample bias, so it can be compared across sample sizes.")
 
 
 # ------------------------------------------------------------------------------------------
-# Tables 3 and 5: LPF by recipe x average, with Hessian columns where measured.
+# Tables 3 and 5: LPF (both scalings, every sigma) by recipe and average, with the Hessian.
 
 def table3(study: Study, data: Collected, choices: Choices) -> Table:
     with_lpf, with_hessian = has_metric(study, data, "lpf"), has_metric(study, data, "hessian")
+    sigmas = sorted(set(data.lpf["sigma"].tolist())) if with_lpf else []
     rows = []
     for dataset in study.datasets:
         show_paper = study.show_paper_numbers and dataset in paper.LPF
         for recipe in study.table_recipes(choices, dataset):
-            label = study.label(recipe)
-            row = {"dataset": dataset, "algorithm": label, "recipe": recipe}
-            keys = {a: {"dataset": dataset, "recipe": recipe, "average": a} for a in study.averages}
-            # Grouped by measure, then by average, as the paper's Tables 3 and 5 lay out LPF.
-            for average in study.averages if with_lpf else ():
-                heading = AVERAGE_HEADING[average]
-                row[f"LPF {heading}"] = significant(seed_values(data.lpf, "lpf", **keys[average]))
-                if study.show_paper_numbers and any(d in paper.LPF for d in study.datasets):
-                    value = paper.paper_lpf(dataset, algorithm_label(label, average)) if show_paper else None
-                    row[f"paper LPF {heading}"] = paper_number(value, decimals=3)
-            for column, title in (("top_eigenvalue", "Hessian top eigenvalue"), ("trace", "Hessian trace")):
-                for average in study.averages if with_hessian else ():
-                    row[f"{title} {AVERAGE_HEADING[average]}"] = significant(
-                        seed_values(data.hessian, column, **keys[average]))
-            rows.append(row)
-    notes = [*choice_notes(choices), seeds_note(study)]
+            for average in study.averages:
+                algorithm = algorithm_label(study.label(recipe), average)
+                row = {"dataset": dataset, "algorithm": algorithm, "recipe": recipe}
+                for scaling in _scalings(data) if with_lpf else ():
+                    for sigma in sigmas:
+                        row[f"LPF {scaling} σ={sigma:g}"] = _lpf_cell(study, data, dataset, recipe, average, scaling,
+                                                                      sigma)
+                if with_lpf and study.show_paper_numbers and any(d in paper.LPF for d in study.datasets):
+                    value = paper.paper_lpf(dataset, algorithm) if show_paper else None
+                    row["paper LPF"] = paper_number(value, decimals=3)
+                if with_hessian:
+                    row["Hessian top eigenvalue"] = _hessian_cell(study, data, dataset, recipe, average,
+                                                                  "top_eigenvalue")
+                    row["Hessian trace"] = _hessian_cell(study, data, dataset, recipe, average, "trace")
+                rows.append(row)
+    notes = [interval_note(study), *choice_notes(choices)]
     if with_lpf:
-        sigma = sorted(set(data.lpf["sigma"].tolist()))
-        notes.insert(0, f"LPF: training loss averaged over i.i.d. N(0, sigma^2) weight noise, sigma = "
-                        f"{', '.join(f'{s:g}' for s in sigma)} (lower is flatter).")
+        notes.insert(0, lpf_note(study, data))
         if study.show_paper_numbers and any(d in paper.LPF for d in study.datasets):
             sources = ", ".join(f"{d}: {paper.LPF_SOURCE[d]}" for d in study.datasets if d in paper.LPF)
-            notes.append(f"Paper columns: {sources} of the paper, whose sigma and draws are not stated.")
+            notes.append(f"Paper column: {sources} of the paper, whose sigma and draws are not stated.")
     if with_hessian:
-        notes.append("Hessian: largest-magnitude eigenvalue (power iteration) and trace (Hutchinson) of the "
-                     "training loss on a fixed batch.")
+        notes.append(HESSIAN_NOTE)
     if not (with_lpf or with_hessian):
         notes.insert(0, "Neither lpf nor hessian is in study.metrics, so this table has no measurements.")
     return Table("table3_lpf", "Tables 3 and 5: flatness by recipe and average", pd.DataFrame(rows), notes)
@@ -243,38 +304,53 @@ def table3(study: Study, data: Collected, choices: Choices) -> Table:
 
 def table4(study: Study, data: Collected, choices: Choices) -> Table:
     name = data.metric_name
-    quantized = _quantized_with_fp32(study)
-    show_paper = _fid_comparable_anywhere(study, name, paper.TABLE4_INT8) and "int8" in quantized
+    schemes = sorted({quantization_scheme(p) for a in study.averages for p in study.precisions_for(a) if p != "fp32"})
+    show_paper = _fid_comparable_anywhere(study, name, paper.TABLE4_INT8) and "int8" in study.precisions
     rows = []
     for dataset in study.datasets:
         comparable = paper.fid_comparable(study.show_paper_numbers, dataset, name)
         for recipe in study.table_recipes(choices, dataset):
             for average in study.averages:
+                quantized = [p for p in study.precisions_for(average) if p != "fp32"]
+                if "fp32" not in study.precisions_for(average) or not quantized:
+                    continue
                 algorithm = algorithm_label(study.label(recipe), average)
-                key = {"dataset": dataset, "recipe": recipe, "average": average}
                 row = {"dataset": dataset, "algorithm": algorithm, "recipe": recipe}
-                for steps in study.steps if quantized else ():
-                    before = seed_values(data.fid, "value", **key, precision="fp32", steps=steps)
-                    row[f"{name} fp32 (T'={steps})"] = fixed(before)
-                    for precision in quantized:
-                        after = seed_values(data.fid, "value", **key, precision=precision, steps=steps)
-                        row[f"{name} {precision} (T'={steps})"] = fixed(after)
-                        # Paired per seed: each seed's quantized model against its own fp32 weights.
-                        row[f"{name} change {precision} (T'={steps})"] = fixed(after - before, signed=True)
-                    if show_paper:
-                        numbers = paper.paper_int8(dataset, algorithm, steps) if comparable else None
-                        fp32, int8, change = numbers if numbers else (None, None, None)
-                        row[f"paper FID fp32 (T'={steps})"] = paper_number(fp32)
-                        row[f"paper FID int8 (T'={steps})"] = paper_number(int8)
-                        row[f"paper FID change int8 (T'={steps})"] = paper_number(change, signed=True)
+                for precision in quantized:
+                    for steps in study.steps_for(precision):
+                        for measure, arm_of in ((name, fd_arm), ("KID", kid_arm)):
+                            before = arm_of(data, dataset, recipe, average, "fp32", steps)
+                            after = arm_of(data, dataset, recipe, average, precision, steps)
+                            row[f"{measure} fp32 (T'={steps})"] = _value(study, before)
+                            row[f"{measure} {precision} (T'={steps})"] = _value(study, after)
+                            row[f"{measure} change {precision} (T'={steps})"] = _change(study, after, before)
+                    if show_paper and precision == "int8":
+                        for steps in study.steps_for(precision):
+                            numbers = paper.paper_int8(dataset, algorithm, steps) if comparable else None
+                            fp32, int8, change = numbers if numbers else (None, None, None)
+                            row[f"paper FID change int8 (T'={steps})"] = paper_number(change, signed=True)
                 rows.append(row)
-    notes = [metric_note(name), *choice_notes(choices), seeds_note(study)]
-    if not quantized:
+    notes = [metric_note(name), KID_NOTE, interval_note(study), *choice_notes(choices),
+             "Changes are the quantized value minus the fp32 one of the same weights, paired per seed and per "
+             "bootstrap replicate (the same x_T for both)."]
+    if not rows:
         notes.insert(0, "The study has no fp32 / quantized pair of precisions, so no change can be shown.")
     if show_paper:
         notes.append(f"Paper columns: Table 4 of the paper (CIFAR-10 only); {paper.TABLE4_NOTE}.")
-    return Table("table4_quantization", f"Table 4: {name} under post-training weight quantization",
-                 pd.DataFrame(rows), notes)
+    scheme_text = " and ".join(schemes) if schemes else "none"
+    return Table("table4_quantization", f"Table 4: {name} and KID under post-training weight quantization "
+                                        f"(scheme: {scheme_text})", pd.DataFrame(rows), notes)
+
+
+def quantization_scheme(precision: str) -> str:
+    """How a precision name quantizes, as Table 4's header says it."""
+    settings = parse_precision(precision)
+    if settings is None:
+        return "none"
+    if settings.get("scheme") == "clip":
+        return "clip-and-round to [-c, c], every tensor"
+    kind = "per-channel" if settings["granularity"] == "per_channel" else "per-tensor"
+    return f"{kind} {'symmetric' if settings['symmetric'] else 'asymmetric'} min-max, weights of >= 2 dims"
 
 
 # ------------------------------------------------------------------------------------------
@@ -286,12 +362,11 @@ def rho_sweep(study: Study, data: Collected, choices: Choices) -> Table:
     rows = []
 
     def row_of(dataset: str, algorithm: str, rho: str, recipe: str, selected: str) -> dict[str, str]:
-        key = {"dataset": dataset, "recipe": recipe, "average": raw}
         row = {"dataset": dataset, "algorithm": algorithm, "rho": rho, "recipe": recipe, "selected": selected}
-        for steps in study.steps:
-            row[f"{name} (T'={steps})"] = fixed(seed_values(data.fid, "value", **key, precision=base, steps=steps))
-        if with_lpf:
-            row["LPF"] = significant(seed_values(data.lpf, "lpf", **key))
+        for steps in study.steps_for(base):
+            row[f"{name} (T'={steps})"] = _value(study, fd_arm(data, dataset, recipe, raw, base, steps))
+        for scaling in _scalings(data) if with_lpf else ():
+            row[f"LPF {scaling}"] = _lpf_cell(study, data, dataset, recipe, raw, scaling)
         return row
 
     for dataset in study.datasets:
@@ -304,7 +379,7 @@ def rho_sweep(study: Study, data: Collected, choices: Choices) -> Table:
                 rows.append(row_of(dataset, label, f"{study.rho(recipe):g}", recipe,
                                    "yes" if recipe == chosen else ""))
     notes = [metric_note(name), f"Weights: {weights_name(raw)}, {base}.", *choice_notes(choices),
-             f"Selection rule: report.sam_selection = {study.sam_selection}.", seeds_note(study)]
+             f"Selection rule: report.sam_selection = {study.sam_selection}.", interval_note(study)]
     if not study.sam_groups():
         notes.insert(0, "The study has no SAM recipe, so there is no rho to sweep.")
     measures = f"{name} and LPF" if with_lpf else name
