@@ -36,7 +36,7 @@ class Recipe:
 
     @property
     def label(self) -> str:
-        """How tables name the recipe's training: '+SAM', '+IP', '+fSGLD (Adam base, ext.)'..."""
+        """How tables name the recipe's training: 'ADM', 'SGD', '+SAM', '+IP', '+fSGLD (Adam base, ext.)'..."""
         parts = []
         if self.ip_gamma:
             parts.append("+IP")
@@ -44,7 +44,8 @@ class Recipe:
             parts.append("+ASAM" if self.sam["adaptive"] else "+SAM")
         if self.fsgld is not None:
             parts.append("+fSGLD" if self.optimizer["name"] == "sgd" else "+fSGLD (Adam base, ext.)")
-        return "".join(parts) or "ADM"
+        # A plain SGD run is the baseline of the faithful (SGD-base) fSGLD, not ADM.
+        return "".join(parts) or ("SGD" if self.optimizer["name"] == "sgd" else "ADM")
 
     def describe(self) -> dict[str, Any]:
         """Everything that defines the recipe, for provenance attributes."""

@@ -60,6 +60,12 @@ def study_steps(study: Mapping[str, Any], precision: str) -> list[int]:
     return [int(s) for s in study["quantized_steps"]]
 
 
+def metric_averages(study: Mapping[str, Any], metric: str) -> list[str]:
+    """The averages a metric is measured on: study.metric_averages[metric], else every average."""
+    chosen = (study.get("metric_averages") or {}).get(metric)
+    return [a for a in study["averages"] if chosen is None or a in chosen]
+
+
 def study_variants(study: Mapping[str, Any]) -> list[tuple[str, str, int]]:
     """Every (average, precision, T') a training run of the study is sampled and scored at."""
     return [(average, precision, steps)
@@ -129,6 +135,12 @@ def config_problems(config: Mapping[str, Any]) -> list[str]:
         if average not in study["averages"]:
             problems.append(f"study.extra_precisions names average '{average}', which is not in study.averages "
                             f"{study['averages']}.")
+    for metric, averages in (study.get("metric_averages") or {}).items():
+        if metric not in study["metrics"]:
+            problems.append(f"study.metric_averages names '{metric}', which is not in study.metrics {study['metrics']}.")
+        unknown = sorted(set(averages) - set(study["averages"]))
+        if unknown:
+            problems.append(f"study.metric_averages.{metric} names {unknown}, not in study.averages {study['averages']}.")
     stray = sorted(set(study.get("quantized_steps") or []) - set(study["sampling_steps"]))
     if stray:
         problems.append(f"study.quantized_steps {stray} are not in study.sampling_steps {study['sampling_steps']}; "

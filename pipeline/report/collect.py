@@ -63,8 +63,8 @@ def required_inputs(study: Study) -> list[Input]:
                                                "steps": selection_steps}))
     for run in _runs(study):
         inputs.append(Input(layout.train_log(results, *run.values()), "train", dict(run)))
-        for average in study.averages:
-            for name in study.metrics:
+        for name in study.metrics:
+            for average in study.metric_averages(name):
                 inputs.append(Input(layout.metric(results, *run.values(), average, name), "metric",
                                     {**run, "average": average}, name))
     return inputs

@@ -182,7 +182,7 @@ def fig5_loss_vs_perturbation(study: Study, data: Collected, choices: Choices) -
     axes = fig.subplots(2, len(study.datasets), squeeze=False)
     for col, dataset in enumerate(study.datasets):
         for recipe in study.table_recipes(choices, dataset):
-            for average in study.averages:
+            for average in study.metric_averages("perturbation"):
                 curves = {s: read_perturbation(layout.metric(study.results, dataset, recipe, s, average,
                                                              "perturbation")) for s in study.seeds}
                 radii = curves[study.seeds[0]]["radii"]
@@ -219,7 +219,7 @@ def fig6_eps_norm(study: Study, data: Collected, choices: Choices) -> Figure:
     axes = fig.subplots(len(study.datasets), len(steps_list), squeeze=False)
     for row, dataset in enumerate(study.datasets):
         for recipe in study.table_recipes(choices, dataset):
-            for average in study.averages:
+            for average in study.metric_averages("exposure"):
                 curves = {s: read_exposure_curves(layout.metric(study.results, dataset, recipe, s, average,
                                                                 "exposure")) for s in study.seeds}
                 label = algorithm_label(study.label(recipe), average)

@@ -12,7 +12,7 @@ from typing import Any, Mapping, Sequence
 import pandas as pd
 
 from pipeline.errors import PipelineError
-from pipeline.settings import study_precisions, study_steps, study_variants
+from pipeline.settings import metric_averages, study_precisions, study_steps, study_variants
 
 AVERAGE_SUFFIX = {"none": "", "ema": "+EMA", "swa": "+SWA"}
 # How Tables 3 and 5 of the paper head their average columns.
@@ -34,8 +34,11 @@ def algorithm_label(recipe_label: str, average: str) -> str:
 
 
 def _kind_rank(described: Mapping[str, Any]) -> int:
-    """Row order of the paper (ADM, +IP, +SAM), then this project's fSGLD rows."""
+    """Row order of the paper (ADM, +IP, +SAM), then this project's SGD and fSGLD rows."""
     if described.get("fsgld") is not None:
+        return 4
+    if described.get("sam") is None and described.get("input_perturbation") is None \
+            and described["optimizer"]["name"] == "sgd":
         return 3
     if described.get("sam") is not None:
         return 2
@@ -87,6 +90,10 @@ class Study:
         for average in self.averages:
             names += [p for p in study_precisions(self.settings["study"], average) if p not in names]
         return names
+
+    def metric_averages(self, metric: str) -> list[str]:
+        """The averages `metric` is measured on."""
+        return metric_averages(self.settings["study"], metric)
 
     def precisions_for(self, average: str) -> list[str]:
         return study_precisions(self.settings["study"], average)
@@ -173,6 +180,18 @@ class Study:
     def baseline(self) -> str | None:
         """The plain ADM recipe the claims compare against (the first recipe labelled "ADM")."""
         return next((r for r in self.recipes if self.label(r) == "ADM"), None)
+
+    def base_of(self, recipe: str) -> str | None:
+        """The recipe `recipe` is compared with: the first one without IP, SAM or fSGLD that trains with
+        the same base optimizer and learning rate (ADM for the Adam recipes, SGD for SGD-base fSGLD)."""
+        optimizer = self.describe(recipe)["optimizer"]
+        for name in self.recipes:
+            described = self.describe(name)
+            if (all(described.get(k) is None for k in ("input_perturbation", "sam", "fsgld"))
+                    and described["optimizer"]["name"] == optimizer["name"]
+                    and float(described["optimizer"]["lr"]) == float(optimizer["lr"])):
+                return name
+        return None
 
     def table_recipes(self, choices: Mapping[str, Mapping[str, SamChoice]], dataset: str) -> list[str]:
         """Rows of Tables 1-4 on `dataset`: every non-SAM recipe, and each SAM label's chosen rho."""

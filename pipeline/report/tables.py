@@ -160,7 +160,11 @@ def table1(study: Study, data: Collected, choices: Choices) -> Table:
     rows = []
     for dataset in study.datasets:
         chosen = [c.recipe for c in choices.get(dataset, {}).values()]
-        recipes = [r for r in [study.baseline, *chosen, *study.fsgld_recipes] if r is not None]
+        bases = [study.base_of(r) for r in study.fsgld_recipes]
+        recipes = []
+        for recipe in [study.baseline, *chosen, *bases, *study.fsgld_recipes]:
+            if recipe is not None and recipe not in recipes:
+                recipes.append(recipe)
         for recipe in recipes:
             algorithm = algorithm_label(study.label(recipe), raw)
             row = {"dataset": dataset, "algorithm": algorithm, "recipe": recipe}

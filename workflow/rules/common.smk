@@ -9,7 +9,7 @@ from pathlib import Path
 
 from pipeline import layout
 from pipeline.precision import PRECISION_REGEX, QUANTIZED_REGEX
-from pipeline.settings import config_problems, stage_settings, study_variants, train_settings
+from pipeline.settings import config_problems, metric_averages, stage_settings, study_variants, train_settings
 
 # Jobs run `python -m pipeline ...`: put the interpreter that runs Snakemake (the venv's) first
 # on PATH, here and in every job Snakemake spawns, locally or on a cluster node.
@@ -104,8 +104,8 @@ def report_inputs():
         samples.append(layout.samples(RESULTS, *v.values(), steps))
     for run in all_runs():
         logs.append(layout.train_log(RESULTS, *run.values()))
-        for average in STUDY["averages"]:
-            for name in STUDY["metrics"]:
+        for name in STUDY["metrics"]:
+            for average in metric_averages(STUDY, name):
                 metrics.append(layout.metric(RESULTS, *run.values(), average, name))
     return dict(fid=fids, validation=validation, metrics=metrics, logs=logs, samples=samples, code=CODE["report"])
 
