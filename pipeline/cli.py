@@ -21,6 +21,7 @@ from pipeline.errors import PipelineError
 STAGES = {
     "prepare": "pipeline.stages.prepare",
     "fid-reference": "pipeline.stages.fid_reference",
+    "calibration-samples": "pipeline.stages.calibration",
     "train": "pipeline.stages.train",
     "quantize": "pipeline.stages.quantize",
     "sample": "pipeline.stages.sample",

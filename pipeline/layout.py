@@ -21,6 +21,22 @@ def fid_reference(results: str, dataset: str, extractor: str) -> str:
     return f"{dataset_dir(results, dataset)}/fid_ref_{extractor}.h5"
 
 
+CALIBRATION_KINDS = ("floor", "static")
+
+
+def calibration_dir(results: str, dataset: str, kind: str, n: int | str) -> str:
+    """Reference points of the FID-proxy: held-out real images (floor) or noise (static), N images."""
+    return f"{dataset_dir(results, dataset)}/calibration/{kind}/n{n}"
+
+
+def calibration_samples(results: str, dataset: str, kind: str, n: int | str) -> str:
+    return f"{calibration_dir(results, dataset, kind, n)}/samples.h5"
+
+
+def calibration_fid(results: str, dataset: str, kind: str, n: int | str, extractor: str) -> str:
+    return f"{calibration_dir(results, dataset, kind, n)}/fid_{extractor}.h5"
+
+
 def run_dir(results: str, dataset: str, recipe: str, seed: int | str) -> str:
     return f"{dataset_dir(results, dataset)}/{recipe}/seed{seed}"
 

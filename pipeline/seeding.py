@@ -12,7 +12,8 @@ import torch
 
 # Stream names keep draws for different purposes independent even at the same counters.
 STREAMS = {"init": 0, "timesteps": 1, "noise": 2, "input_perturbation": 3, "dropout": 4,
-           "fsgld": 5, "sample": 6, "eval_set": 7, "directions": 8, "probes": 9}
+           "fsgld": 5, "sample": 6, "eval_set": 7, "directions": 8, "probes": 9,
+           "calibration": 10}
 
 
 def derive_seed(seed: int, *counters: int, stream: str) -> int:

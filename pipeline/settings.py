@@ -92,6 +92,14 @@ def stage_settings(config: Mapping[str, Any], stage: str, dataset: str | None = 
     if stage == "fid_reference":
         # The bootstrap is drawn in the fid stage only: changing it must not recompute the reference.
         return {k: v for k, v in section(config, "fid").items() if k != "bootstrap"}
+    if stage in ("calibration_floor", "calibration_static"):
+        # The floor of a dataset without a test split avoids the reference's subset; noise
+        # depends on N and the seed only.
+        sampling = section(config, "sampling")
+        settings = {"n": sampling["n_samples"], "seed": sampling["seed"]}
+        if stage == "calibration_floor":
+            settings["reference_images"] = section(config, "fid")["reference_images"]
+        return settings
     if stage == "sample":
         return {**model_settings(config, dataset), **dict(section(config, "sampling"))}
     if stage in METRICS:
@@ -104,6 +112,8 @@ def stage_settings(config: Mapping[str, Any], stage: str, dataset: str | None = 
         study = section(config, "study")
         return {"results": config["results"], "study": dict(study), "report": dict(section(config, "report")),
                 "extractor": section(config, "fid", "extractor"),
+                # N of the calibration rows' file names (floor and static use the models' N).
+                "n_samples": section(config, "sampling", "n_samples"),
                 "recipes": {name: resolve_recipe(config, name).describe() for name in study["recipes"]},
                 "averages_from_training": {"ema_decay": section(config, "training", "ema", "decay"),
                                            "swa": dict(section(config, "training", "swa"))}}

@@ -121,6 +121,9 @@ def test_cifar_tarball(tmp_path):
     np.testing.assert_array_equal(got_labels, labels)
     assert info["count"] == 30 and info["resolution"] == 32 and info["channels"] == 3
     assert info["source_kind"] == "cifar10-tarball"
+    with h5py.File(tmp_path / "data.h5") as f:  # the fixture's test_batch repeats data_batch_5
+        np.testing.assert_array_equal(f["test_images"][...], images[24:])
+        assert f.attrs["test_count"] == 6 and f["test_images"].attrs["source_kind"] == "cifar10-tarball-test"
     sums = info["source_checksums"]["cifar-10-python.tar.gz"]
     assert sums["sha256"] == hashlib.sha256(tarball.read_bytes()).hexdigest()
     assert info["label_names"][0] == "airplane"
@@ -132,8 +135,10 @@ def test_cifar_extracted_folder_and_max_images(tmp_path):
     got, got_labels, info = write_and_read(source, tmp_path / "data.h5")
     np.testing.assert_array_equal(got, images[:8])
     np.testing.assert_array_equal(got_labels, labels[:8])
+    # test_batch is read too: it becomes the held-out "test_images", whole (max_images caps training only).
     assert info["source_kind"] == "cifar10-batches" and set(info["source_checksums"]) == {
-        f"data_batch_{i}" for i in range(1, 6)}
+        *(f"data_batch_{i}" for i in range(1, 6)), "test_batch"}
+    assert info["test_count"] == 6
     with pytest.raises(PipelineError, match="data_batch_1 has md5 .* not the official c99cafc"):
         CifarSource("cifar10", tmp_path, max_images=8)
 
@@ -284,15 +289,17 @@ def test_png_folder_wrong_count_and_unreadable_image(tmp_path):
 # ------------------------------------------------------------------------------------------
 # Fashion-MNIST: IDX files, plain or gzipped.
 
-def make_idx(folder: Path, count: int = 30, compress: bool = True) -> tuple[np.ndarray, np.ndarray]:
+def make_idx(folder: Path, count: int = 30, compress: bool = True, split: str = "train",
+             seed: int = 5) -> tuple[np.ndarray, np.ndarray]:
+    """IDX image and label files of `split` ("train" or "t10k") holding `count` 28x28 images."""
     folder.mkdir(parents=True, exist_ok=True)
-    images = pattern_images(count, 28, 28, 1, seed=5)[..., 0]
-    labels = np.arange(count, dtype=np.uint8) % 10
+    images = pattern_images(count, 28, 28, 1, seed=seed)[..., 0]
+    labels = (np.arange(count, dtype=np.uint8) + seed) % 10
     opener = gzip.open if compress else open
     suffix = ".gz" if compress else ""
-    with opener(folder / f"train-images-idx3-ubyte{suffix}", "wb") as f:
+    with opener(folder / f"{split}-images-idx3-ubyte{suffix}", "wb") as f:
         f.write(struct.pack(">4I", 0x803, count, 28, 28) + images.tobytes())
-    with opener(folder / f"train-labels-idx1-ubyte{suffix}", "wb") as f:
+    with opener(folder / f"{split}-labels-idx1-ubyte{suffix}", "wb") as f:
         f.write(struct.pack(">2I", 0x801, count) + labels.tobytes())
     return images, labels
 
@@ -307,6 +314,32 @@ def test_idx_files_padded_to_32(tmp_path, compress):
     assert not got[:, :2].any() and not got[:, 30:].any() and not got[:, :, :2].any() and not got[:, :, 30:].any()
     np.testing.assert_array_equal(got_labels, labels)
     assert info["source_kind"] == "idx"
+    assert info["test_count"] == 0  # no t10k files in the folder: no test split
+    with h5py.File(tmp_path / "data.h5") as f:
+        assert "test_images" not in f
+
+
+def test_idx_test_split_is_stored_apart_and_preprocessed_alike(tmp_path):
+    """Fashion-MNIST's t10k files become "test_images"/"test_labels" (the calibration floor's
+    held-out images), box-filtered like the training images; "images" stays the training set."""
+    train, train_labels = make_idx(tmp_path / "fm", count=30)
+    test, test_labels = make_idx(tmp_path / "fm", count=12, split="t10k", seed=8)
+    source = sources.open_source("fashion_mnist", tmp_path / "fm", download_allowed=False,
+                                 downloads_dir=tmp_path / "dl", resolution=16, max_images=30)
+    got, got_labels, info = write_and_read(source, tmp_path / "data.h5")
+    padded = lambda x: np.pad(x, ((0, 0), (2, 2), (2, 2))).astype(np.float64)  # noqa: E731
+    boxed = lambda x: np.floor(padded(x).reshape(len(x), 16, 2, 16, 2).mean(axis=(2, 4)) + 0.5)  # noqa: E731
+    np.testing.assert_array_equal(got[..., 0], boxed(train))
+    np.testing.assert_array_equal(got_labels, train_labels)
+    assert info["count"] == 30 and info["test_count"] == 12
+    with h5py.File(tmp_path / "data.h5") as f:
+        assert f["test_images"].shape == (12, 16, 16, 1) and f["test_images"].dtype == np.uint8
+        np.testing.assert_array_equal(f["test_images"][..., 0], boxed(test))
+        np.testing.assert_array_equal(f["test_labels"][...], test_labels)
+        attrs = dict(f["test_images"].attrs)
+    assert attrs["count"] == 12 and attrs["source_kind"] == "idx"
+    assert "t10k-images-idx3-ubyte.gz" in json.loads(attrs["checksums"])
+    assert "test images" in attrs["preprocessing"] and "2x2 box means" in attrs["preprocessing"]
 
 
 def test_idx_wrong_count_truncated_and_corrupt(tmp_path):
@@ -349,6 +382,8 @@ def test_fashion_mnist_full_prepare_through_the_cli(tmp_path):
         assert f["labels"].shape == (60_000,) and f.attrs["count"] == 60_000
         assert f["images"].compression == "gzip"
         assert json.loads(f.attrs["source_checksums"])["train-images-idx3-ubyte.gz"]["sha256"]
+        assert f["test_images"].shape == (10_000, 32, 32, 1) and f.attrs["test_count"] == 10_000
+        assert f["test_labels"].shape == (10_000,)
 
 
 # ------------------------------------------------------------------------------------------

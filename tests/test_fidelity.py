@@ -32,11 +32,14 @@ from pipeline.fidelity import (INCEPTION_WEIGHTS_NAME, H5Images, feature_statist
                                resolve_inception_weights)
 from pipeline.fidelity import stats as stats_module
 from pipeline.fidelity.stats import RunningMoments, read_reference, to_fidelity_images
+from pipeline.fidelity.stats import reference_rows
+from pipeline.stages.calibration import held_out_rows
 from pipeline.stages.fid_reference import build_reference
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = "tiny-random-test-fidelity"
-OUR_STAGES = {"fid-reference": cli.STAGES["fid-reference"], "fid": cli.STAGES["fid"]}
+OUR_STAGES = {"fid-reference": cli.STAGES["fid-reference"], "fid": cli.STAGES["fid"],
+              "calibration-samples": cli.STAGES["calibration-samples"]}
 
 
 class TinyRandomFeatures(FeatureExtractorBase):
@@ -328,3 +331,100 @@ def test_missing_inception_weights_offline_cli(tmp_path):
     assert INCEPTION_WEIGHTS_NAME in result.stderr and "fid.inception_weights" in result.stderr
     assert "127.0.0.1:9" in result.stderr and str(torch_home / "hub" / "checkpoints") in result.stderr
     assert not list(torch_home.rglob("*.pth")) and not (tmp_path / "fid_ref_inception.h5").exists()
+
+
+# ------------------------------------------------------------------------------------------
+# Calibration rows: the FD of held-out real images (floor) and of noise (static).
+
+def write_prepared(path: Path, train: np.ndarray, test: np.ndarray | None = None) -> Path:
+    """A data.h5 as prepare writes it: "images" and, when given, "test_images"."""
+    with h5py.File(path, "w") as f:
+        f.create_dataset("images", data=train, chunks=(min(16, len(train)),) + train.shape[1:])
+        if test is not None:
+            f.create_dataset("test_images", data=test, chunks=(min(16, len(test)),) + test.shape[1:])
+    return path
+
+
+def calibration(tmp_path: Path, monkeypatch, data: Path, kind: str, n: int, *extra: str) -> Path:
+    out = tmp_path / kind / f"n{n}" / "samples.h5"
+    assert run_cli(["calibration-samples", "--data", str(data), "--kind", kind, "--n", str(n),
+                    "--seed", "3", "--out", str(out), *extra], monkeypatch) == 0
+    return out
+
+
+def test_calibration_floor_and_static_under_the_fid_stage(tmp_path, monkeypatch):
+    train, test = blobs(120, seed=0), blobs(60, seed=3)
+    data = write_prepared(tmp_path / "data.h5", train, test)
+    reference = build_reference(data, resolve_extractor(TINY), tmp_path / "fid_ref_tiny.h5",
+                                kid_rows=100, batch_size=40)
+
+    floor = calibration(tmp_path, monkeypatch, data, "floor", 50)
+    with h5py.File(floor) as f:
+        images, rows, attrs = f["images"][...], f["source_rows"][...], dict(f.attrs)
+    assert images.shape == (50, 32, 32, 3) and images.dtype == np.uint8
+    assert attrs["kind"] == "floor" and attrs["n"] == 50 and attrs["seed"] == 3
+    assert attrs["source_dataset"] == "test_images" and "test split" in attrs["source"]
+    assert len(set(rows.tolist())) == 50
+    np.testing.assert_array_equal(images, test[rows])  # real test images ...
+    train_bytes = {image.tobytes() for image in train}
+    assert not any(image.tobytes() in train_bytes for image in images)  # ... and none of the training ones
+
+    static = calibration(tmp_path, monkeypatch, data, "static", 50)
+    with h5py.File(static) as f:
+        noise_images, seeds, attrs = f["images"][...], f["seeds"][...], dict(f.attrs)
+    assert noise_images.shape == (50, 32, 32, 3) and noise_images.dtype == np.uint8 and seeds.shape == (50,)
+    assert attrs["kind"] == "static" and attrs["n"] == 50
+    # N(0, 1) clipped to [-1, 1] and mapped by (x + 1) * 127.5, truncated: P(x <= -1) = P(x >= 1) = 0.1587
+    # piles up at 0 and 255, and the rest spreads around 127 with the normal's shape.
+    pixels = noise_images.astype(np.float64).ravel()
+    assert abs((pixels == 0).mean() - 0.1587) < 0.01 and abs((pixels == 255).mean() - 0.1587) < 0.01
+    assert abs(pixels.mean() - 127.0) < 1.0
+    inner = pixels[(pixels > 0) & (pixels < 255)]
+    assert abs((np.abs(inner - 127.5) < 127.5 * 0.5).mean() - 0.3829 / 0.6827) < 0.02  # P(|x|<.5 | |x|<1)
+    # Image i depends only on (seed, i): a smaller N draws a prefix of the same images.
+    with h5py.File(calibration(tmp_path / "small", monkeypatch, data, "static", 10)) as f:
+        np.testing.assert_array_equal(f["images"][...], noise_images[:10])
+
+    values = {}
+    for name, samples in (("floor", floor), ("static", static)):
+        out = samples.parent / "fid_tiny.h5"
+        assert run_cli(["fid", "--samples", str(samples), "--reference", str(reference), "--out", str(out),
+                        "--kid-subsets", "10", "--no-progress"], monkeypatch) == 0
+        with h5py.File(out) as f:
+            assert f.attrs["n_samples"] == 50
+            assert f"\"kind\": \"{name}\"" in f.attrs["samples_attrs_json"]
+            values[name] = float(f.attrs["value"])
+    assert values["floor"] > 0 and values["static"] > 20 * values["floor"], values
+
+
+def test_calibration_floor_uses_all_test_images_when_fewer_than_n(tmp_path, monkeypatch):
+    data = write_prepared(tmp_path / "data.h5", blobs(40, seed=0), blobs(12, seed=3))
+    with h5py.File(calibration(tmp_path, monkeypatch, data, "floor", 30)) as f:
+        assert f["images"].shape[0] == 12 and f.attrs["n"] == 12 and f.attrs["n_requested"] == 30
+        assert sorted(f["source_rows"][...].tolist()) == list(range(12))
+
+
+def test_calibration_floor_without_test_split_holds_the_reference_subset_out(tmp_path, monkeypatch, capsys):
+    train = blobs(120, seed=0)
+    data = write_prepared(tmp_path / "data.h5", train)
+    # kid_rows >= max_images keeps every reference row, so kid_rows is the reference subset itself.
+    reference = build_reference(data, resolve_extractor(TINY), tmp_path / "fid_ref_tiny.h5",
+                                max_images=80, kid_rows=100, batch_size=40)
+    with h5py.File(reference) as f:
+        used = f["kid_rows"][...]
+    np.testing.assert_array_equal(np.sort(used), reference_rows(120, 80, 0))
+    np.testing.assert_array_equal(held_out_rows(120, 80), np.setdiff1d(np.arange(120), used))
+
+    floor = calibration(tmp_path, monkeypatch, data, "floor", 30, "--reference-images", "80")
+    with h5py.File(floor) as f:
+        rows, images, attrs = f["source_rows"][...], f["images"][...], dict(f.attrs)
+    assert attrs["source_dataset"] == "images" and "outside the FID reference subset" in attrs["source"]
+    assert len(rows) == 30 and not set(rows.tolist()) & set(used.tolist())
+    np.testing.assert_array_equal(images, train[rows])
+
+    # A reference of every training image leaves nothing held out: a clear error naming the fix.
+    out = tmp_path / "none" / "samples.h5"
+    assert run_cli(["calibration-samples", "--data", str(data), "--kind", "floor", "--n", "30", "--seed", "3",
+                    "--out", str(out), "--settings-json", '{"reference_images": null}'], monkeypatch) == 2
+    err = capsys.readouterr().err
+    assert "uses all 120 training images" in err and "fid.reference_images" in err and not out.exists()

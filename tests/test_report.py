@@ -10,6 +10,7 @@ runs the real metric stages on a tiny UNet and reads their files with the report
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -28,9 +29,9 @@ from pipeline.flatness.exposure import GAP_CONVENTION
 from pipeline.flatness.model_setup import ModelSettings
 from pipeline.io import provenance, write_attrs
 from pipeline.report import build_report
-from pipeline.report.collect import METRIC_ROWS, read_exposure_curves, read_perturbation
+from pipeline.report.collect import METRIC_ROWS, collect, read_exposure_curves, read_perturbation
 from pipeline.report.render import Table, latex_escape, to_latex, to_markdown
-from pipeline.report.study import algorithm_label
+from pipeline.report.study import Study, algorithm_label
 from pipeline.report.tables import fixed, significant
 from pipeline.settings import config_problems, stage_settings, train_settings
 from pipeline.stages import exposure as exposure_stage
@@ -175,6 +176,10 @@ def write_samples(path: str, shade: int, channels: int) -> None:
         write_attrs(f, {"steps": 20, "n": 20, "seed": 0, "clip_denoised": True})
 
 
+# FD of held-out real images and of noise: the floor and the ceiling of the reading scale.
+CALIBRATION = {"floor": 1.5, "static": 300.0}
+
+
 def make_study(root: Path, *, dataset: str = "cifar10", extractor: str = "inception", seeds=(0,),
                sam_selection: str = "best_fid_20", lpf: dict[str, float] | None = None,
                lpf_ema_offset: float | None = None,
@@ -217,6 +222,11 @@ def make_study(root: Path, *, dataset: str = "cifar10", extractor: str = "incept
                 for name in metrics:
                     Path(metric(name)).parent.mkdir(parents=True, exist_ok=True)
                     writers[name](metric(name))
+    for kind, value in CALIBRATION.items():
+        path = layout.calibration_fid(results, dataset, kind, config["sampling"]["n_samples"], extractor)
+        write_fid(path, metric_name, extractor, value)
+        with h5py.File(path, "r+") as f:  # what the fid stage copies from the calibration samples
+            f.attrs["samples_attrs_json"] = json.dumps({"kind": kind, "source": f"{kind} images"})
     return stage_settings(config, "report")
 
 
@@ -434,6 +444,24 @@ def test_missing_inputs_name_the_file_and_its_rule(tmp_path, capsys) -> None:
         del f.attrs["value"]
     with pytest.raises(PipelineError, match="rule fid"):
         build_report(settings, out)
+
+
+def test_calibration_rows_are_collected_and_required(tmp_path) -> None:
+    settings = make_study(tmp_path, metrics=("lpf",))
+    collected = collect(Study(settings))
+    frame = collected.calibration.sort_values("kind").reset_index(drop=True)
+    n = settings["n_samples"]
+    assert list(frame.columns) == ["dataset", "kind", "n", "value", "kid_mean", "kid_std", "n_samples", "source"]
+    assert frame.kind.tolist() == ["floor", "static"] and (frame.dataset == "cifar10").all() and (frame.n == n).all()
+    assert frame.value.tolist() == [CALIBRATION["floor"], CALIBRATION["static"]]
+    assert frame.source.tolist() == ["floor images", "static images"]
+    assert len(collected.fid) and "static" not in set(collected.fid.get("kind", []))  # model rows stay apart
+
+    missing = Path(layout.calibration_fid(settings["results"], "cifar10", "floor", n, "inception"))
+    missing.unlink()
+    with pytest.raises(PipelineError, match="missing 1 of its") as err:
+        collect(Study(settings))
+    assert str(missing) in str(err.value) and "rule fid_calibration" in str(err.value)
 
 
 # ------------------------------------------------------------------------------------------

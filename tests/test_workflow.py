@@ -120,6 +120,19 @@ def test_report_code_edit_reruns_only_the_report(workdir):
     assert planned_jobs(workdir) == {"report": 1, "all": 1}
 
 
+def test_calibration_code_edit_reruns_only_the_calibration_rows(workdir):
+    """Floor and static of the one dataset: their images, their FD, and the report."""
+    stage = workdir / "pipeline" / "stages" / "calibration.py"
+    original, times = stage.read_text(), stage.stat()
+    stage.write_text(original + "\n# edited\n")
+    try:
+        assert planned_jobs(workdir) == {"calibration_samples": 2, "fid_calibration": 2, "report": 1, "all": 1}
+    finally:
+        # Content and mtime back: later tests of this module expect the calibration rows up to date.
+        stage.write_text(original)
+        os.utime(stage, ns=(times.st_atime_ns, times.st_mtime_ns))
+
+
 def test_training_code_edit_reruns_training_and_what_follows(workdir):
     optim = workdir / "pipeline" / "optim" / "sam.py"
     optim.write_text(optim.read_text() + "\n# edited\n")

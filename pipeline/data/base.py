@@ -70,8 +70,34 @@ class ImageSource(abc.ABC):
     def describe(self) -> str:
         return f"{self.dataset} {self.kind} {self.path}"
 
+    def test_split(self) -> "ImageSource | None":
+        """The dataset's official held-out test split with the same preprocessing, or None when
+        the source has none (LSUN Tower, FFHQ, image folders)."""
+        return None
 
-def select_count(what: str, available: int, expected: int | None, max_images: int | None) -> int:
+
+class ArraySource(ImageSource):
+    """Images already in memory: images (N, H, W, C) uint8, labels (N,) int64 or None."""
+
+    def __init__(self, dataset: str, path: Path, kind: str, images: np.ndarray, labels: np.ndarray | None,
+                 label_names: list[str] | None, preprocessing: str, checksums: dict[str, Any]) -> None:
+        self.kind = kind
+        self._images, self._labels, self._checksums = images, labels, checksums
+        super().__init__(dataset, path, len(images), images.shape[1], images.shape[3], label_names,
+                         preprocessing)
+
+    def blocks(self) -> Iterator[ImageBlock]:
+        for start in range(0, self.count, BLOCK_SIZE * 16):
+            stop = min(start + BLOCK_SIZE * 16, self.count)
+            yield ImageBlock(self._images[start:stop],
+                             None if self._labels is None else self._labels[start:stop])
+
+    def checksums(self) -> dict[str, Any]:
+        return self._checksums
+
+
+def select_count(what: str, available: int, expected: int | None, max_images: int | None,
+                 split: str = "training") -> int:
     """How many images to take from a source that holds `available`.
 
     Without max_images a dataset of known size must hold exactly `expected` images: anything else
@@ -84,7 +110,7 @@ def select_count(what: str, available: int, expected: int | None, max_images: in
     if max_images is None:
         if expected is not None and available != expected:
             raise PipelineError(
-                f"{what} holds {available:,} images but the official training set has "
+                f"{what} holds {available:,} images but the official {split} set has "
                 f"{expected:,}: the source is truncated or not the official one. Obtain it "
                 f"again, or set max_images to use a subset on purpose.")
         return available

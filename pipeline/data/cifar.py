@@ -18,7 +18,8 @@ from typing import Any, BinaryIO, Iterator
 
 import numpy as np
 
-from pipeline.data.base import BLOCK_SIZE, ImageBlock, ImageSource, file_digests, select_count
+from pipeline.data.base import (BLOCK_SIZE, ArraySource, ImageBlock, ImageSource, file_digests,
+                                select_count)
 from pipeline.errors import PipelineError
 
 CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
@@ -33,6 +34,8 @@ CIFAR10_BATCH_MD5 = {
     "data_batch_5": "482c414d41f54cd18b22e5b47cb7c3cb",
 }
 TRAIN_BATCHES = tuple(CIFAR10_BATCH_MD5)
+TEST_BATCH = "test_batch"
+TEST_BATCH_MD5 = "40351d587109b95175f43aff81a1287e"
 CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse",
                    "ship", "truck"]
 
@@ -78,7 +81,8 @@ def load_batch(stream: BinaryIO, name: str) -> tuple[np.ndarray, np.ndarray]:
 
 
 class CifarSource(ImageSource):
-    """The CIFAR-10 training batches from the tarball or the extracted folder.
+    """The CIFAR-10 training batches from the tarball or the extracted folder; test_batch, when
+    present, is the test split (`test_split()`).
 
     :param path: cifar-10-python.tar.gz, or a folder holding data_batch_1..5 (directly or in
                  cifar-10-batches-py/).
@@ -95,6 +99,7 @@ class CifarSource(ImageSource):
             raise PipelineError(f"{dataset}: CIFAR-10 images are 32x32; set resolution: 32 "
                                 f"(got {resolution}).")
         self.official_checksums = official_checksums
+        self._test: tuple[np.ndarray, np.ndarray] | None = None
         if path.is_file():
             self.kind = "cifar10-tarball"
             self._checksums = {path.name: self._verify_tarball(path)}
@@ -118,14 +123,13 @@ class CifarSource(ImageSource):
         digests["md5_checked_against_official"] = self.official_checksums
         return digests
 
-    @staticmethod
-    def _read_tarball(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    def _read_tarball(self, path: Path) -> tuple[np.ndarray, np.ndarray]:
         found: dict[str, tuple[np.ndarray, np.ndarray]] = {}
         try:
             with tarfile.open(path, "r:*") as tar:
                 for member in tar:
                     base = member.name.rsplit("/", 1)[-1]
-                    if member.isfile() and base in TRAIN_BATCHES:
+                    if member.isfile() and (base in TRAIN_BATCHES or base == TEST_BATCH):
                         data = tar.extractfile(member).read()
                         found[base] = load_batch(io.BytesIO(data), f"{path}:{member.name}")
         except (tarfile.TarError, EOFError, OSError, zlib.error) as err:
@@ -134,6 +138,7 @@ class CifarSource(ImageSource):
         if missing:
             raise PipelineError(f"{path} lacks {', '.join(missing)}: truncated or not the CIFAR-10 "
                                 f"python tarball.")
+        self._test = found.get(TEST_BATCH)
         return (np.concatenate([found[name][0] for name in TRAIN_BATCHES]),
                 np.concatenate([found[name][1] for name in TRAIN_BATCHES]))
 
@@ -154,6 +159,15 @@ class CifarSource(ImageSource):
             batch_images, batch_labels = load_batch(io.BytesIO(raw), str(folder / name))
             images.append(batch_images)
             labels.append(batch_labels)
+        if (folder / TEST_BATCH).is_file():
+            raw = (folder / TEST_BATCH).read_bytes()
+            md5 = hashlib.md5(raw).hexdigest()
+            if self.official_checksums and md5 != TEST_BATCH_MD5:
+                raise PipelineError(f"{folder / TEST_BATCH} has md5 {md5}, not the official {TEST_BATCH_MD5}: "
+                                    f"the file is corrupt or truncated.")
+            checksums[TEST_BATCH] = {"sha256": hashlib.sha256(raw).hexdigest(), "md5": md5,
+                                     "md5_checked_against_official": self.official_checksums}
+            self._test = load_batch(io.BytesIO(raw), str(folder / TEST_BATCH))
         return np.concatenate(images), np.concatenate(labels), checksums
 
     def blocks(self) -> Iterator[ImageBlock]:
@@ -163,3 +177,12 @@ class CifarSource(ImageSource):
 
     def checksums(self) -> dict[str, Any]:
         return self._checksums
+
+    def test_split(self) -> ImageSource | None:
+        if self._test is None:
+            return None
+        images, labels = self._test
+        checksums = {TEST_BATCH: self._checksums.get(TEST_BATCH, "inside the tarball, see source_checksums")}
+        return ArraySource(self.dataset, self.path, f"{self.kind}-test", images, labels, self.label_names,
+                           f"CIFAR-10 python batch {TEST_BATCH}, all {len(images)} images, channel-planar rows "
+                           f"reshaped to 32x32x3; no resizing", checksums)

@@ -22,12 +22,17 @@ IMAGES_MAGIC = 0x00000803
 LABELS_MAGIC = 0x00000801
 TRAIN_IMAGES = "train-images-idx3-ubyte"
 TRAIN_LABELS = "train-labels-idx1-ubyte"
+TEST_IMAGES = "t10k-images-idx3-ubyte"
+TEST_LABELS = "t10k-labels-idx1-ubyte"
+SPLIT_FILES = {"train": (TRAIN_IMAGES, TRAIN_LABELS), "test": (TEST_IMAGES, TEST_LABELS)}
 
 # Upstream md5 sums of the gzipped files at the official URL (Debian's recompressed copies
 # differ; their decoded content is checked through the headers and sizes instead).
 OFFICIAL_MD5 = {
     f"{TRAIN_IMAGES}.gz": "8d4fb7e6c68d591d4c3dfef9ec88bf0d",
     f"{TRAIN_LABELS}.gz": "25c81989df183df01b3e8a0aad5dffbe",
+    f"{TEST_IMAGES}.gz": "bef4ecab320f06d8554ea6380940ec79",
+    f"{TEST_LABELS}.gz": "bb300cfdad3c16e7a12a480ee83cd310",
 }
 FASHION_MNIST_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal",
                          "Shirt", "Sneaker", "Bag", "Ankle boot"]
@@ -69,27 +74,36 @@ def _check_end(stream: BinaryIO, path: Path) -> None:
 
 
 class IdxSource(ImageSource):
-    """Training images and labels from a folder with train-images-idx3-ubyte[.gz] and
-    train-labels-idx1-ubyte[.gz], padded with zeros to `resolution` (28 -> 32: 2 px each side).
+    """Images and labels of one split from a folder with train-images-idx3-ubyte[.gz] and
+    train-labels-idx1-ubyte[.gz] (split "test": t10k-images/-labels), padded with zeros to `resolution` (28 -> 32: 2 px each side).
     A resolution below the file's side is reached by padding to a multiple of it and averaging
     factor x factor boxes (28 -> 16: padded to 32, then 2x2 means, rounded).
 
     :param expected_count: images the complete file must hold (Fashion-MNIST: 60,000).
     :param max_images: take only the first images (see `select_count`).
     :param label_names: names of the label values (Fashion-MNIST's classes by default).
+    :param split: "train" or "test" (which pair of files is read).
+    :param test_expected_count: images the complete test files must hold (Fashion-MNIST: 10,000);
+                                used by `test_split()`.
     """
 
     kind = "idx"
 
     def __init__(self, dataset: str, folder: Path, resolution: int, expected_count: int | None,
                  max_images: int | None = None,
-                 label_names: list[str] = FASHION_MNIST_CLASSES) -> None:
+                 label_names: list[str] = FASHION_MNIST_CLASSES, split: str = "train",
+                 test_expected_count: int | None = None) -> None:
         folder = Path(folder)
-        images_path = find_idx_file(folder, TRAIN_IMAGES)
-        labels_path = find_idx_file(folder, TRAIN_LABELS)
+        if split not in SPLIT_FILES:
+            raise PipelineError(f"unknown IDX split {split!r}; choose one of {', '.join(SPLIT_FILES)}.")
+        images_stem, labels_stem = SPLIT_FILES[split]
+        self.split, self.test_expected_count = split, test_expected_count
+        self.max_images = max_images
+        images_path = find_idx_file(folder, images_stem)
+        labels_path = find_idx_file(folder, labels_stem)
         if images_path is None or labels_path is None:
-            raise PipelineError(f"{folder} lacks {TRAIN_IMAGES}[.gz] or {TRAIN_LABELS}[.gz] (the "
-                                f"IDX files of the training split).")
+            raise PipelineError(f"{folder} lacks {images_stem}[.gz] or {labels_stem}[.gz] (the "
+                                f"IDX files of the {split} split).")
         self.images_path, self.labels_path = images_path, labels_path
 
         magic, available, rows, cols = struct.unpack(">4I", self._header(images_path, 16))
@@ -110,13 +124,25 @@ class IdxSource(ImageSource):
                                 f"evenly to {padded}x{padded} for {resolution}x{resolution}; use a "
                                 f"resolution such as {rows + rows % 2 + 4} or {(rows + 4) // 2}.")
         self.rows, self.available = rows, available
-        count = select_count(f"{images_path}", available, expected_count, max_images)
+        split_name = "training" if split == "train" else split
+        count = select_count(f"{images_path}", available, expected_count, max_images, split_name)
         pad = (padded - rows) // 2
-        preprocessing = (f"IDX uint8 {rows}x{cols} grayscale, first {count} training images in file "
+        preprocessing = (f"IDX uint8 {rows}x{cols} grayscale, first {count} {split_name} images in file "
                          f"order, zero-padded by {pad} px on each side to {padded}x{padded}")
         if self.factor > 1:
             preprocessing += f", then {self.factor}x{self.factor} box means (rounded) to {resolution}x{resolution}"
         super().__init__(dataset, folder, count, resolution, 1, list(label_names), preprocessing)
+
+    def test_split(self) -> IdxSource | None:
+        """The t10k files beside the training files, all of them, preprocessed alike; None when
+        the folder has none (then the calibration floor falls back to held-out training images)."""
+        if self.split != "train" or not all(find_idx_file(self.path, stem) for stem in SPLIT_FILES["test"]):
+            return None
+        # A deliberate training subset (max_images) is a test fixture or a demo: take whatever
+        # test images exist instead of demanding the official count.
+        expected = self.test_expected_count if self.max_images is None else None
+        return IdxSource(self.dataset, self.path, self.resolution, expected,
+                         label_names=self.label_names, split="test")
 
     @staticmethod
     def _header(path: Path, size: int) -> bytes:

@@ -14,7 +14,7 @@ from pipeline.data.base import ImageSource
 from pipeline.data.cifar import (CIFAR10_FOLDER, CIFAR10_TARBALL, CIFAR10_TARBALL_MD5,
                                  CIFAR10_URL, CifarSource)
 from pipeline.data.download import DownloadFailed, download
-from pipeline.data.idx import (OFFICIAL_MD5, TRAIN_IMAGES, TRAIN_LABELS,
+from pipeline.data.idx import (OFFICIAL_MD5, TEST_IMAGES, TEST_LABELS, TRAIN_IMAGES, TRAIN_LABELS,
                                IdxSource, find_idx_file)
 from pipeline.data.image_folder import ImageFolderSource
 from pipeline.data.lmdb_images import LmdbSource, is_lmdb
@@ -34,6 +34,7 @@ class DatasetSpec:
     expected_count: int | None
     accepted: str
     obtain: str
+    test_count: int | None = None  # size of the official test split, when there is one
 
 
 DATASETS: dict[str, DatasetSpec] = {
@@ -53,7 +54,7 @@ DATASETS: dict[str, DatasetSpec] = {
         obtain="download thumbnails128x128 or images1024x1024 as described at "
                "https://github.com/NVlabs/ffhq-dataset"),
     "fashion_mnist": DatasetSpec(
-        channels=1, expected_count=60_000,
+        channels=1, expected_count=60_000, test_count=10_000,
         accepted=f"a folder holding {TRAIN_IMAGES}[.gz] and {TRAIN_LABELS}[.gz]",
         obtain=f"`apt-get install {DEBIAN_FASHION_MNIST_PACKAGE}` (its files in "
                f"{DEBIAN_FASHION_MNIST} are found without further settings), or download "
@@ -93,7 +94,7 @@ def open_source(dataset: str, source: str | Path | None, *, download_allowed: bo
     if dataset == "fashion_mnist":
         if not path.is_dir():
             raise PipelineError(f"{dataset}: {where} is not a folder; expected {spec.accepted}.")
-        return IdxSource(dataset, path, **common)
+        return IdxSource(dataset, path, test_expected_count=spec.test_count, **common)
     if is_lmdb(path) and dataset == "lsun_tower":
         return LmdbSource(dataset, path, channels=spec.channels, workers=workers, **common)
     if not path.is_dir():
@@ -116,7 +117,8 @@ def _default_source(dataset: str, spec: DatasetSpec, download_allowed: bool, dow
             looked.append(f"{candidate}/ ({label}): no {TRAIN_IMAGES}[.gz] and {TRAIN_LABELS}[.gz]")
         if download_allowed:
             try:
-                for stem in (TRAIN_IMAGES, TRAIN_LABELS):
+                # The t10k files are the calibration floor's held-out images.
+                for stem in (TRAIN_IMAGES, TRAIN_LABELS, TEST_IMAGES, TEST_LABELS):
                     name = f"{stem}.gz"
                     download(FASHION_MNIST_URL + name, folder / name, md5=OFFICIAL_MD5[name])
                 return folder

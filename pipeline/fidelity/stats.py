@@ -95,6 +95,13 @@ def select_rows(n: int, max_rows: int | None, generator: torch.Generator) -> np.
     return np.sort(torch.randperm(n, generator=generator)[:max_rows].numpy()).astype(np.int64)
 
 
+def reference_rows(n: int, max_images: int | None, seed: int) -> np.ndarray:
+    """Sorted rows (at most max_images of n) whose features `feature_statistics(seed=seed,
+    max_images=max_images)` uses: its generator's first draw. The calibration floor of a
+    dataset without a test split avoids exactly these."""
+    return select_rows(n, max_images, torch.Generator().manual_seed(seed))
+
+
 def iter_image_chunks(source: ImageSource, rows: np.ndarray, chunk_rows: int
                       ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """Yield (row indices, uint8 images (b, H, W, C)) for the sorted `rows`, reading in chunks.

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -29,6 +30,7 @@ MAKER = {
     "metric": "rule metric (python -m pipeline {name})",
     "train": "rule train (python -m pipeline train)",
     "sample": "rule sample (python -m pipeline sample)",
+    "calibration": "rule fid_calibration (python -m pipeline fid, on rule calibration_samples' images)",
 }
 # Scalar attributes of the metric files that record a convention (SPEC section 12).
 CONVENTION_ATTRS = ("loss_terms", "noise", "gap_convention", "directions_kind", "std_convention",
@@ -67,6 +69,10 @@ def required_inputs(study: Study) -> list[Input]:
             for average in study.metric_averages(name):
                 inputs.append(Input(layout.metric(results, *run.values(), average, name), "metric",
                                     {**run, "average": average}, name))
+    for dataset in study.datasets:
+        for kind in layout.CALIBRATION_KINDS:
+            inputs.append(Input(layout.calibration_fid(results, dataset, kind, study.n_samples, study.extractor),
+                                "calibration", {"dataset": dataset, "kind": kind, "n": study.n_samples}))
     return inputs
 
 
@@ -104,6 +110,9 @@ class Collected:
     exposure: dataset, recipe, seed, average, steps, gap_l2_mean, gap_l2_mean_stderr, gap_l2_sum,
         gap_sq_mean, reference_l2.
     train: dataset, recipe, seed, steps (logged), swa_snapshots, lr_first, lr_last, settings (YAML).
+    calibration: dataset, kind ("floor": held-out real images, "static": noise), n (N asked for,
+        the models' N), value, kid_mean, kid_std, n_samples (images used: fewer than n when a
+        dataset holds fewer held-out images), source (where the images came from).
     conventions: {metric name: {"settings": [distinct settings blocks], attr: [distinct values]}}.
     """
 
@@ -116,6 +125,7 @@ class Collected:
     exposure: pd.DataFrame | None
     train: pd.DataFrame
     conventions: dict[str, dict[str, list[Any]]]
+    calibration: pd.DataFrame | None = None
 
 
 def collect(study: Study) -> Collected:
@@ -123,20 +133,23 @@ def collect(study: Study) -> Collected:
     inputs = required_inputs(study)
     check_inputs(inputs)
     rows: dict[str, list[dict[str, Any]]] = {"fid": [], "validation": [], "lpf": [], "hessian": [], "exposure": [],
-                                             "perturbation": [], "train": []}
+                                             "perturbation": [], "train": [], "calibration": []}
     conventions: dict[str, dict[str, list[Any]]] = {}
     names = set()
     for item in inputs:
         with _open(item.path, item.maker) as f:
-            if item.kind in ("fid", "validation"):
+            if item.kind in ("fid", "validation", "calibration"):
                 names.add(str(f.attrs["metric_name"]))
-                rows[item.kind].append({**item.key, "value": float(f.attrs["value"]),
-                                        "kid_mean": float(f.attrs["kid_mean"]), "kid_std": float(f.attrs["kid_std"]),
-                                        "kid_value": float(f.attrs["kid_value"]),
-                                        "fd_replicates": np.asarray(f["fd_replicates"][...], dtype=np.float64),
-                                        "kid_replicates": np.asarray(f["kid_replicates"][...], dtype=np.float64),
-                                        "bootstrap_seed": int(f.attrs["bootstrap_seed"]),
-                                        "n_samples": int(f.attrs["n_samples"])})
+                row = {**item.key, "value": float(f.attrs["value"]),
+                       "kid_mean": float(f.attrs["kid_mean"]), "kid_std": float(f.attrs["kid_std"]),
+                       "kid_value": float(f.attrs["kid_value"]),
+                       "fd_replicates": np.asarray(f["fd_replicates"][...], dtype=np.float64),
+                       "kid_replicates": np.asarray(f["kid_replicates"][...], dtype=np.float64),
+                       "bootstrap_seed": int(f.attrs["bootstrap_seed"]),
+                       "n_samples": int(f.attrs["n_samples"])}
+                if item.kind == "calibration":
+                    row["source"] = _calibration_source(f)
+                rows[item.kind].append(row)
             elif item.kind == "train":
                 rows["train"].append({**item.key, **_train_row(f)})
             else:
@@ -152,7 +165,15 @@ def collect(study: Study) -> Collected:
     frames = {kind: pd.DataFrame(values) if values else None for kind, values in rows.items()}
     return Collected(metric_name=names.pop(), fid=frames["fid"], validation=frames["validation"],
                      lpf=frames["lpf"], hessian=frames["hessian"], perturbation=frames["perturbation"],
-                     exposure=frames["exposure"], train=frames["train"], conventions=conventions)
+                     exposure=frames["exposure"], train=frames["train"], conventions=conventions,
+                     calibration=frames["calibration"])
+
+
+def _calibration_source(f: h5py.File) -> str:
+    """Where the calibration images came from, as the calibration stage recorded it in the samples'
+    attributes (which the fid stage copies as JSON)."""
+    samples = json.loads(f.attrs.get("samples_attrs_json", "{}") or "{}")
+    return str(samples.get("source", ""))
 
 
 @contextlib.contextmanager

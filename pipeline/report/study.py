@@ -125,6 +125,11 @@ class Study:
         return str(self.settings["extractor"])
 
     @property
+    def n_samples(self) -> int:
+        """N of every sample set, and so of the calibration floor and static sets."""
+        return int(self.settings["n_samples"])
+
+    @property
     def show_paper_numbers(self) -> bool:
         return bool(self.settings["report"]["show_paper_numbers"])
 

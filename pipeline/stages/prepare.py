@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from pipeline.config import load_config, section
-from pipeline.data.hdf5 import write_image_set
+from pipeline.data.hdf5 import read_info, write_image_set
 from pipeline.data.sources import DATASETS, open_source
 from pipeline.errors import PipelineError
 from pipeline.io.provenance import provenance
@@ -93,5 +93,6 @@ def run(args: argparse.Namespace) -> None:
     attrs = provenance("prepare", settings)
     write_image_set(out, source, attrs, progress=not args.no_progress)
     print(f"prepare: wrote {out} ({source.count:,} images of {source.resolution}x"
-          f"{source.resolution}x{source.channels}, {out.stat().st_size / 1e6:.1f} MB) in "
+          f"{source.resolution}x{source.channels}, {read_info(out)['test_count']:,} held-out test images, "
+          f"{out.stat().st_size / 1e6:.1f} MB) in "
           f"{time.perf_counter() - start:.1f} s")

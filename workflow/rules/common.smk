@@ -38,6 +38,8 @@ wildcard_constraints:
     steps=r"\d+",
     extractor="inception|effnet-lite0(-[0-9]+px)?",
     metric="lpf|perturbation|surface|hessian|exposure",
+    kind="|".join(layout.CALIBRATION_KINDS),
+    n=r"\d+",
 
 
 def code(*parts):
@@ -55,6 +57,9 @@ MODEL_CODE = ["nn", "diffusion"]
 CODE = {
     "prepare": code("data", "stages/prepare.py"),
     "fid_reference": code("fidelity", "stages/fid_reference.py"),
+    # The floor recomputes the reference subset and static reuses the sampler's uint8 mapping.
+    "calibration_samples": code("data/hdf5.py", "fidelity/stats.py", "stages/fid_reference.py",
+                                "diffusion/sampler.py", "seeding.py", "stages/calibration.py"),
     "train": code(*MODEL_CODE, "optim", "data/loader.py", "recipes.py", "seeding.py", "distributed.py",
                    "stages/train.py"),
     "quantize": code("quant.py", "precision.py", "stages/quantize.py"),
@@ -107,7 +112,11 @@ def report_inputs():
         for name in STUDY["metrics"]:
             for average in metric_averages(STUDY, name):
                 metrics.append(layout.metric(RESULTS, *run.values(), average, name))
-    return dict(fid=fids, validation=validation, metrics=metrics, logs=logs, samples=samples, code=CODE["report"])
+    # Floor and static FD of every dataset, with the models' N: the reading scale of the FID rows.
+    calibration = [layout.calibration_fid(RESULTS, dataset, kind, config["sampling"]["n_samples"], EXTRACTOR)
+                   for dataset in STUDY["datasets"] for kind in layout.CALIBRATION_KINDS]
+    return dict(fid=fids, validation=validation, metrics=metrics, logs=logs, samples=samples,
+                calibration=calibration, code=CODE["report"])
 
 
 def report_outputs():

@@ -1,4 +1,5 @@
-# Datasets: raw source -> results/{dataset}/data.h5 -> FID reference statistics.
+# Datasets: raw source -> results/{dataset}/data.h5 -> FID reference statistics, and the
+# calibration images (held-out real images, noise) whose FD frames the models' FD.
 
 
 rule prepare:
@@ -42,3 +43,26 @@ rule fid_reference:
     shell:
         "OMP_NUM_THREADS={threads} python -m pipeline fid-reference --data {input.data} --extractor {wildcards.extractor} "
         "--settings-json '{params.settings}' --out {output} --no-progress 2> {log}"
+
+
+rule calibration_samples:
+    input:
+        data=layout.data(RESULTS, "{dataset}"),
+        code=CODE["calibration_samples"],
+    output:
+        layout.calibration_samples(RESULTS, "{dataset}", "{kind}", "{n}"),
+    params:
+        settings=lambda w: as_json(stage_settings(config, f"calibration_{w.kind}", dataset=w.dataset)),
+        seed=config["sampling"]["seed"],
+    conda:
+        "../envs/pipeline.yaml"
+    threads: 1
+    resources:
+        mem_mb=8000,
+        runtime=60,
+        gpu=0,
+    log:
+        f"{RESULTS}/logs/calibration_samples/{{dataset}}_{{kind}}_n{{n}}.log",
+    shell:
+        "OMP_NUM_THREADS={threads} python -m pipeline calibration-samples --data {input.data} --kind {wildcards.kind} "
+        "--n {wildcards.n} --seed {params.seed} --settings-json '{params.settings}' --out {output} 2> {log}"

@@ -125,6 +125,29 @@ rule fid_validation:
         "--settings-json '{params.settings}' --out {output} --no-progress 2> {log}"
 
 
+rule fid_calibration:
+    input:
+        samples=rules.calibration_samples.output[0],
+        reference=layout.fid_reference(RESULTS, "{dataset}", "{extractor}"),
+        code=CODE["fid"],
+    output:
+        layout.calibration_fid(RESULTS, "{dataset}", "{kind}", "{n}", "{extractor}"),
+    params:
+        settings=lambda w: as_json(stage_settings(config, "fid", dataset=w.dataset)),
+    conda:
+        "../envs/pipeline.yaml"
+    threads: 1
+    resources:
+        mem_mb=8000,
+        runtime=120,
+        gpu=1,
+    log:
+        f"{RESULTS}/logs/fid_calibration/{{dataset}}_{{kind}}_n{{n}}_{{extractor}}.log",
+    shell:
+        "OMP_NUM_THREADS={threads} python -m pipeline fid --samples {input.samples} --reference {input.reference} "
+        "--settings-json '{params.settings}' --out {output} --no-progress 2> {log}"
+
+
 # Which metrics need a GPU on the cluster: all of them run the UNet many times.
 rule metric:
     input:
