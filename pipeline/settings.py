@@ -146,8 +146,6 @@ def config_problems(config: Mapping[str, Any]) -> list[str]:
             problems.append(f"study.extra_precisions names average '{average}', which is not in study.averages "
                             f"{study['averages']}.")
     for metric, averages in (study.get("metric_averages") or {}).items():
-        if metric not in study["metrics"]:
-            problems.append(f"study.metric_averages names '{metric}', which is not in study.metrics {study['metrics']}.")
         unknown = sorted(set(averages) - set(study["averages"]))
         if unknown:
             problems.append(f"study.metric_averages.{metric} names {unknown}, not in study.averages {study['averages']}.")

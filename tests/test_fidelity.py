@@ -184,10 +184,26 @@ def test_unsuitable_images_are_refused(tmp_path):
 def test_metric_names():
     assert metric_name("inception") == "FID"
     assert metric_name("effnet-lite0") == "FD-EffNetLite0"
+    # The proxy at another input size is a proxy of its own, and says so in its name.
+    assert metric_name("effnet-lite0-32px") == "FD-EffNetLite0-32px"
     assert metric_name(TINY) == f"FD-{TINY}"
     assert resolve_extractor("effnet-lite0").metric_name == "FD-EffNetLite0"
     with pytest.raises(PipelineError, match="unknown feature extractor"):
         resolve_extractor("no-such-extractor")
+    with pytest.raises(PipelineError, match="at least 32 px"):
+        resolve_extractor("effnet-lite0-16px")
+
+
+def test_effnet_input_size_is_what_the_network_sees() -> None:
+    """effnet-lite0-32px feeds the network 32 x 32 inputs: its features differ from the 224-px ones
+    for the same images, and it is registered with torch-fidelity under its own name."""
+    small, native = (resolve_extractor(name).build(cuda=False) for name in ("effnet-lite0-32px", "effnet-lite0"))
+    assert small.INPUT_IMAGE_SIZE == 32 and native.INPUT_IMAGE_SIZE == 224
+    images = torch.randint(0, 256, (2, 3, 16, 16), dtype=torch.uint8)
+    with torch.no_grad():
+        a, b = small(images)[0], native(images)[0]
+    assert a.shape == b.shape == (2, 1280)
+    assert not torch.allclose(a, b, atol=1e-3)
 
 
 # ------------------------------------------------------------------------------------------

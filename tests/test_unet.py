@@ -88,10 +88,23 @@ def test_presets_convert_attention_pixels_to_factors() -> None:
         # The counts documented in presets.py.
         assert sum(p.numel() for p in build_unet("demo", in_channels=1).parameters()) == 983_746
         assert sum(p.numel() for p in build_unet("tiny").parameters()) == 828_358
+        assert sum(p.numel() for p in build_unet("fmnist16", in_channels=1).parameters()) == 345_154
     with pytest.raises(KeyError):
         unet_kwargs("no-such-preset")
     with pytest.raises(TypeError):
         unet_kwargs("tiny", use_checkpoint=True)
+
+
+def test_norm_groups_reach_every_group_norm() -> None:
+    """fmnist16 runs 16-channel levels, which ADM's 32 groups cannot divide: every norm takes 8."""
+    model = build_unet("fmnist16", in_channels=1)
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.GroupNorm)]
+    assert norms and {m.num_groups for m in norms} == {8}
+    assert {m.num_groups for m in build_unet("tiny").modules() if isinstance(m, torch.nn.GroupNorm)} == {32}
+    out = model(torch.randn(2, 1, 16, 16), torch.tensor([3, 900]))
+    assert out.shape == (2, 2, 16, 16)
+    with pytest.raises(ValueError, match="divisible"):
+        build_unet("fmnist16", in_channels=1, norm_groups=32)
 
 
 def test_pixel_resolutions_given_as_factors_are_rejected() -> None:

@@ -91,8 +91,41 @@ def test_bad_config_gives_one_clear_message(tmp_path, overlay, message):
     assert "Traceback" not in result.stdout + result.stderr
 
 
+# Job counts of the overlays' plans, derived by hand from their study lists:
+# demo: 3 runs; 3 averages x (fp32 at T' 20, 100 + int8 at 20) = 9 scored variants per run; LPF and
+# exposure on 3 averages, perturbation, surface and Hessian on the raw weights = 9 metric jobs per run.
+DEMO_PLAN = {"prepare": 1, "calibration_samples": 2, "fid_calibration": 2, "fid_reference": 1, "train": 3,
+             "quantize": 9, "sample": 27, "fid": 27, "sample_validation": 1, "fid_validation": 1, "metric": 27,
+             "report": 1, "all": 1}
+# cpu-study: 7 recipes x 3 seeds = 21 runs; (3 averages x fp32, int8) + raw int6, int4 = 8 variants per run at
+# T'=20, 5 of them quantized; 9 metric jobs per run; selection samples for the 2 SAM recipes x 3 seeds.
+CPU_STUDY_PLAN = {"prepare": 1, "calibration_samples": 2, "fid_calibration": 2, "fid_reference": 1, "train": 21,
+                  "quantize": 105, "sample": 168, "fid": 168, "sample_validation": 6, "fid_validation": 6,
+                  "metric": 189, "report": 1, "all": 1}
+
+
+@pytest.mark.parametrize("overlay, plan, results", [("config/demo.yaml", DEMO_PLAN, "results/demo"),
+                                                    ("config/cpu-study.yaml", CPU_STUDY_PLAN, "results/cpu-study")])
+def test_overlays_validate_and_plan_the_expected_jobs(overlay, plan, results):
+    """The README's demo and the CPU study: schema-valid, and their plan is the study they describe."""
+    # --forceall: the whole plan, whatever results the checkout already holds.
+    result = subprocess.run([*SNAKEMAKE, "-n", "--forceall", "--quiet", "rules", "--configfile", overlay], cwd=REPO,
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+    counts = {}
+    for line in (result.stdout + result.stderr).splitlines():
+        match = re.match(r"^(\w+)\s+(\d+)$", line.strip())
+        if match and match.group(1) not in ("job", "total"):
+            counts[match.group(1)] = int(match.group(2))
+    assert counts == plan
+    # Each overlay writes to its own results folder, so one cannot overwrite the other's report.
+    dry = subprocess.run([*SNAKEMAKE, "-n", "--forceall", "--configfile", overlay], cwd=REPO, capture_output=True,
+                         text=True)
+    assert f"{results}/report/index.md" in dry.stdout + dry.stderr
+
+
 def test_micro_dag_produces_every_table_and_figure(workdir):
-    report = workdir / "results" / "report"
+    report = workdir / "results" / "micro" / "report"
     for name in ("table1_adm_vs_sam", "table2_fid", "table3_lpf", "table4_quantization", "rho_sweep", "claims"):
         for ext in ("csv", "md", "tex"):
             assert (report / f"{name}.{ext}").stat().st_size > 0

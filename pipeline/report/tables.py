@@ -237,28 +237,74 @@ def lpf_note(study: Study, data: Collected) -> str:
 # ------------------------------------------------------------------------------------------
 # Table 2: the metric of every algorithm x dataset x T'.
 
+def calibration_reading(data: Collected, dataset: str, kind: str, column: str):
+    """The floor's or static's FD ("value") or KID ("kid_value") as a Reading, None when absent."""
+    from pipeline.report.effects import BOOTSTRAP, NONE, Reading, _replicates
+    frame = data.calibration
+    if frame is None:
+        return None
+    rows = frame[(frame.dataset == dataset) & (frame.kind == kind)]
+    if rows.empty:
+        return None
+    row = rows.iloc[0]
+    replicates = _replicates(row["fd_replicates" if column == "value" else "kid_replicates"])
+    return Reading(float(row[column]), replicates, BOOTSTRAP if replicates is not None else NONE)
+
+
+CALIBRATION_ROWS = {"floor": "real test images (floor)", "static": "static noise (ceiling)"}
+
+
 def table2(study: Study, data: Collected, choices: Choices) -> Table:
     name, base = data.metric_name, _base_precision(study)
     show_paper = _fid_comparable_anywhere(study, name, paper.TABLE2_FID)
     rows = []
     for dataset in study.datasets:
         comparable = paper.fid_comparable(study.show_paper_numbers, dataset, name)
+        scale = {kind: calibration_reading(data, dataset, kind, "value") for kind in CALIBRATION_ROWS}
         for recipe in study.table_recipes(choices, dataset):
             for average in study.averages:
                 algorithm = algorithm_label(study.label(recipe), average)
                 row = {"dataset": dataset, "algorithm": algorithm, "recipe": recipe}
                 for steps in study.steps_for(base):
-                    row[f"{name} (T'={steps})"] = _value(study, fd_arm(data, dataset, recipe, average, base, steps))
+                    arm = fd_arm(data, dataset, recipe, average, base, steps)
+                    row[f"{name} (T'={steps})"] = _value(study, arm)
                     row[f"KID (T'={steps})"] = _value(study, kid_arm(data, dataset, recipe, average, base, steps))
+                    row[f"floor → static position (T'={steps})"] = _position(study, arm, scale)
                     if show_paper:
                         value = paper.paper_fid(dataset, algorithm, steps) if comparable else None
                         row[f"paper FID (T'={steps})"] = paper_number(value)
                 rows.append(row)
+        for kind, label in CALIBRATION_ROWS.items():
+            if scale[kind] is None:
+                continue
+            row = {"dataset": dataset, "algorithm": label, "recipe": ""}
+            for steps in study.steps_for(base):
+                for column, measure in (("value", name), ("kid_value", "KID")):
+                    reading = calibration_reading(data, dataset, kind, column)
+                    row[f"{measure} (T'={steps})"] = value_cell(
+                        effect([lambda seed, r=reading: r], identity, [0], study.confidence, between_runs=False))
+            rows.append(row)
     notes = [metric_note(name), KID_NOTE, interval_note(study),
-             f"Weights in {base}; DDPM ancestral sampling with T' respaced steps.", *choice_notes(choices)]
+             f"Weights in {base}; DDPM ancestral sampling with T' respaced steps.",
+             "Calibration rows, with the models' N: the floor is the dataset's held-out real images (its test "
+             "split) against the same reference, the ceiling is Gaussian noise mapped to pixels. The position "
+             "column is (value - floor) / (static - floor): 0 is as good as real images, 1 as bad as noise.",
+             *choice_notes(choices)]
     if show_paper:
         notes.append("Paper columns: Table 2 of the paper.")
-    return Table("table2_fid", f"Table 2: {name} and KID of every algorithm (dataset x T')", pd.DataFrame(rows), notes)
+    return Table("table2_fid", f"Table 2: {name} and KID of every algorithm (dataset x T'), with real-image and "
+                               f"noise calibration", pd.DataFrame(rows), notes)
+
+
+def _position(study: Study, arm, scale) -> str:
+    """Mean over seeds of (value - floor) / (static - floor), "" without both calibration rows."""
+    if scale["floor"] is None or scale["static"] is None:
+        return ""
+    values = [r.value for r in (arm(seed) for seed in study.seeds) if r is not None]
+    if not values:
+        return ""
+    floor, static = scale["floor"].value, scale["static"].value
+    return f"{(np.mean(values) - floor) / (static - floor):.2f}"
 
 
 KID_NOTE = ("KID: unbiased squared MMD with the cubic polynomial kernel in the same features (lower is better); "

@@ -25,7 +25,8 @@ from pathlib import Path
 from typing import Any
 
 # The rules that ask for a GPU (gpu: 1); every other rule must not.
-GPU_RULES = frozenset({"train", "sample", "fid_reference", "fid", "fid_calibration", "metric"})
+GPU_RULES = frozenset({"train", "sample", "sample_validation", "fid_reference", "fid", "fid_validation",
+                       "fid_calibration", "metric"})
 # Rules Snakemake never submits: they have no shell command.
 UNSUBMITTED_RULES = frozenset({"all"})
 

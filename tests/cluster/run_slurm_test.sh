@@ -6,7 +6,7 @@
 # 1. starts a single-node cluster (tests/cluster/slurm_single_node.sh; two fake GPUs),
 # 2. checks that a request larger than the node fails at once, through sbatch and through Snakemake,
 # 3. checks `snakemake --profile profiles/slurm -n` on the paper config: gpu=1 on exactly the
-#    train, sample, fid_reference, fid, fid_calibration and metric jobs,
+#    train, sample, sample_validation, fid_reference, fid, fid_validation, fid_calibration and metric jobs,
 # 4. runs the whole DAG of config/demo.yaml + config/micro.yaml with --profile profiles/slurm and
 #    checks that every job went through the scheduler (squeue, scontrol and the job completion
 #    log say COMPLETED, GPU jobs held one GPU, one SLURM log per job),
