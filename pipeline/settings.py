@@ -149,6 +149,14 @@ def config_problems(config: Mapping[str, Any]) -> list[str]:
         unknown = sorted(set(averages) - set(study["averages"]))
         if unknown:
             problems.append(f"study.metric_averages.{metric} names {unknown}, not in study.averages {study['averages']}.")
+    control = config["report"]["negative_control"]
+    if control["seeds"] and control["recipe"] not in study["recipes"]:
+        problems.append(f"report.negative_control.recipe = {control['recipe']} is not in study.recipes; name a "
+                        f"recipe of the study or set report.negative_control.seeds to [].")
+    overlap = sorted(set(control["seeds"]) & set(study["seeds"]))
+    if overlap:
+        problems.append(f"report.negative_control.seeds {overlap} are also study seeds; the control needs runs "
+                        f"the study does not have (e.g. 100, 101, ...).")
     stray = sorted(set(study.get("quantized_steps") or []) - set(study["sampling_steps"]))
     if stray:
         problems.append(f"study.quantized_steps {stray} are not in study.sampling_steps {study['sampling_steps']}; "

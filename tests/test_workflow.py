@@ -29,6 +29,8 @@ metrics:
   surface: {grid: 3, n_eval: 8, batch_size: 8}
   hessian: {batch: 8, max_iter: 2}
   exposure: {n_images: 4, steps: [20], batch_size: 4}
+report:
+  negative_control: {recipe: adm, seeds: [100]}
 """
 
 
@@ -94,14 +96,16 @@ def test_bad_config_gives_one_clear_message(tmp_path, overlay, message):
 # Job counts of the overlays' plans, derived by hand from their study lists:
 # demo: 3 runs; 3 averages x (fp32 at T' 20, 100 + int8 at 20) = 9 scored variants per run; LPF and
 # exposure on 3 averages, perturbation, surface and Hessian on the raw weights = 9 metric jobs per run.
-DEMO_PLAN = {"prepare": 1, "calibration_samples": 2, "fid_calibration": 2, "fid_reference": 1, "train": 3,
-             "quantize": 9, "sample": 27, "fid": 27, "sample_validation": 1, "fid_validation": 1, "metric": 27,
+# The negative control adds one ADM run (seed 100): its training, raw fp32 samples at T'=20, their FD, its LPF.
+DEMO_PLAN = {"prepare": 1, "calibration_samples": 2, "fid_calibration": 2, "fid_reference": 1, "train": 4,
+             "quantize": 9, "sample": 28, "fid": 28, "sample_validation": 1, "fid_validation": 1, "metric": 28,
              "report": 1, "all": 1}
 # cpu-study: 7 recipes x 3 seeds = 21 runs; (3 averages x fp32, int8) + raw int6, int4 = 8 variants per run at
-# T'=20, 5 of them quantized; 9 metric jobs per run; selection samples for the 2 SAM recipes x 3 seeds.
-CPU_STUDY_PLAN = {"prepare": 1, "calibration_samples": 2, "fid_calibration": 2, "fid_reference": 1, "train": 21,
-                  "quantize": 105, "sample": 168, "fid": 168, "sample_validation": 6, "fid_validation": 6,
-                  "metric": 189, "report": 1, "all": 1}
+# T'=20, 5 of them quantized; 9 metric jobs per run; selection samples for the 2 SAM recipes x 3 seeds; three
+# negative-control ADM runs.
+CPU_STUDY_PLAN = {"prepare": 1, "calibration_samples": 2, "fid_calibration": 2, "fid_reference": 1, "train": 24,
+                  "quantize": 105, "sample": 171, "fid": 171, "sample_validation": 6, "fid_validation": 6,
+                  "metric": 192, "report": 1, "all": 1}
 
 
 @pytest.mark.parametrize("overlay, plan, results", [("config/demo.yaml", DEMO_PLAN, "results/demo"),

@@ -278,32 +278,27 @@ def _positive_control(c: _Context) -> None:
               f"{measure}: rho {c.study.rho(strongest):g} - ADM", eff, eff and verdict(eff, "lower"))
 
 
-def negative_control_pairs(seeds: list[int]) -> list[tuple[int, int]]:
-    """Seed pairs of the negative control: the first half of the seeds against the second half
-    (one pair with two or three seeds, none with one)."""
-    half = len(seeds) // 2
-    return list(zip(seeds[:half], seeds[half:2 * half]))
-
-
 def _negative_control(c: _Context) -> None:
-    pairs = negative_control_pairs(c.seeds)
-    claim = "negative control: ADM differs from ADM trained with other seeds"
+    """The control recipe's study seeds against its runs with report.negative_control.seeds, paired in order,
+    on LPF and on the metric at the smallest T': the same rules as every between-run claim."""
+    recipe = c.study.negative_control_recipe
+    pairs = list(zip(c.seeds, c.study.negative_control_seeds))
+    claim = f"negative control: {c.label(recipe)} differs from {c.label(recipe)} trained with other seeds"
     if not pairs:
-        c.skip("NC", claim, "ADM", "one training seed: no second ADM run to compare with")
+        c.skip("NC", claim, c.label(recipe), "report.negative_control.seeds is empty: no control runs")
         return
 
-    def shifted(arm: Arm, side: int) -> Arm:
+    def paired(arm: Arm, side: int) -> Arm:
         return lambda index: arm(pairs[index][side])
 
-    measures = [(m, lambda side, arm=arm: shifted(arm(c.base, c.raw), side)) for m, arm in c.lpf_measures()]
-    for measure, arm in c.quality_measures():
-        for steps in c.fp32_steps()[:1]:
-            measures.append((f"{measure} (T'={steps}, fp32)",
-                             lambda side, arm=arm, steps=steps: shifted(arm(c.base, c.raw, "fp32", steps), side)))
-    seeds_a = ", ".join(str(a) for a, _ in pairs)
-    seeds_b = ", ".join(str(b) for _, b in pairs)
+    steps = min(c.study.steps)
+    measures = [(m, arm(recipe, "none")) for m, arm in c.lpf_measures()]
+    measures += [(f"{m} (T'={steps}, fp32)", arm(recipe, "none", "fp32", steps)) for m, arm in c.quality_measures()]
+    condition = (f"seeds {', '.join(str(a) for a, _ in pairs)} vs {', '.join(str(b) for _, b in pairs)}, "
+                 f"raw weights")
     for measure, arm in measures:
-        eff = effect([arm(0), arm(1)], difference, list(range(len(pairs))), c.level, between_runs=True)
+        eff = effect([paired(arm, 1), paired(arm, 0)], difference, list(range(len(pairs))), c.level,
+                     between_runs=True)
         if eff is None:
             continue
         outcome = verdict(eff, "lower")
@@ -311,7 +306,7 @@ def _negative_control(c: _Context) -> None:
             iv = eff.draw_interval
             alone = "excludes" if (iv.low > 0 or iv.high < 0) else "includes"
             outcome = (outcome[0], f"{outcome[1]} (the draw-level interval alone {alone} 0)")
-        c.add("NC", claim, "ADM", f"seeds {seeds_a} vs seeds {seeds_b}", f"{measure}: first - second", eff, outcome)
+        c.add("NC", claim, c.label(recipe), condition, f"{measure}: control runs - study runs", eff, outcome)
 
 
 CLAIMS = (_c1_flatter, _c2_averages, _c3_quantization, _c4_exposure, _c5_fewer_steps, _c6_ema_quality, _c7_ip,

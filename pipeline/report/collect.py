@@ -73,6 +73,17 @@ def required_inputs(study: Study) -> list[Input]:
         for kind in layout.CALIBRATION_KINDS:
             inputs.append(Input(layout.calibration_fid(results, dataset, kind, study.n_samples, study.extractor),
                                 "calibration", {"dataset": dataset, "kind": kind, "n": study.n_samples}))
+    # The negative control's runs: raw fp32 at the smallest T', and LPF (rows with seeds outside study.seeds).
+    recipe, steps = study.negative_control_recipe, min(study.steps)
+    for dataset in study.datasets:
+        for seed in study.negative_control_seeds:
+            run = {"dataset": dataset, "recipe": recipe, "seed": seed}
+            inputs.append(Input(layout.fid(results, dataset, recipe, seed, "none", "fp32", steps, study.extractor),
+                                "fid", {**run, "average": "none", "precision": "fp32", "steps": steps}))
+            inputs.append(Input(layout.train_log(results, dataset, recipe, seed), "train", dict(run)))
+            if "lpf" in study.metrics:
+                inputs.append(Input(layout.metric(results, dataset, recipe, seed, "none", "lpf"), "metric",
+                                    {**run, "average": "none"}, "lpf"))
     return inputs
 
 

@@ -144,6 +144,15 @@ class Study:
         return int(rule.removeprefix("best_fid_")) if rule.startswith("best_fid_") else None
 
     @property
+    def negative_control_recipe(self) -> str:
+        return str(self.settings["report"]["negative_control"]["recipe"])
+
+    @property
+    def negative_control_seeds(self) -> list[int]:
+        """Seeds of the control's runs, paired in order with study.seeds."""
+        return [int(s) for s in self.settings["report"]["negative_control"]["seeds"]]
+
+    @property
     def confidence(self) -> float:
         return float(self.settings["report"]["confidence"])
 

@@ -107,6 +107,15 @@ def report_inputs():
     for v, steps in all_scored():
         fids.append(layout.fid(RESULTS, *v.values(), steps, EXTRACTOR))
         samples.append(layout.samples(RESULTS, *v.values(), steps))
+    # The negative control: the same recipe with other seeds, raw fp32 at the smallest T', and LPF.
+    control = config["report"]["negative_control"]
+    for dataset in STUDY["datasets"]:
+        for seed in control["seeds"]:
+            run = dict(dataset=dataset, recipe=control["recipe"], seed=seed)
+            fids.append(layout.fid(RESULTS, *run.values(), "none", "fp32", min(STUDY["sampling_steps"]), EXTRACTOR))
+            logs.append(layout.train_log(RESULTS, *run.values()))
+            if "lpf" in STUDY["metrics"]:
+                metrics.append(layout.metric(RESULTS, *run.values(), "none", "lpf"))
     for run in all_runs():
         logs.append(layout.train_log(RESULTS, *run.values()))
         for name in STUDY["metrics"]:
