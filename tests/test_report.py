@@ -28,7 +28,7 @@ from pipeline.flatness.exposure import GAP_CONVENTION
 from pipeline.flatness.model_setup import ModelSettings
 from pipeline.io import provenance, write_attrs
 from pipeline.report import build_report
-from pipeline.report.claims import claims_frame, control_failures
+from pipeline.report.claims import claims_frame, claims_table, control_failures
 from pipeline.report.collect import METRIC_ROWS, collect, read_exposure_curves, read_perturbation
 from pipeline.report.render import Table, latex_escape, to_latex, to_markdown
 from pipeline.report.study import Study, algorithm_label, select_sam
@@ -608,6 +608,9 @@ def test_three_seed_cells_are_t_intervals_over_seeds(tmp_path) -> None:
     assert cell(t3, "LPF absolute σ=0.01", algorithm="+SAM+EMA") == value_text(*t_bounds(seed_values))
     assert "mean over training seeds 0, 1, 2 [95% t interval of the mean over seeds]" in " ".join(
         table2(study, data, choices).notes)
+    notes = " ".join(claims_table(study, data, choices).notes)
+    assert "Training seeds 0, 1, 2: each effect is the mean of its per-seed values" in notes
+    assert "±" not in notes  # no cell is "mean ± std" any more
 
 
 def test_equivalence_claim_uses_the_lpf_margin(tmp_path) -> None:
