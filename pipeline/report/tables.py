@@ -2,8 +2,9 @@
 
 Each function returns a render.Table whose cells are strings "value [low, high]" (effects.value_cell,
 4 significant digits): the interval is Student-t over seeds when the study has several, else
-draw-level (bootstrap, Monte-Carlo draws, standard error); changes are signed (Effect.cell). Rows are per dataset: ADM, +IP, the chosen +SAM, then the
-fSGLD recipes (this project's extension), each with its averages where the table has them.
+draw-level (bootstrap, Monte-Carlo draws, standard error); changes are signed (Effect.cell).
+Rows are per dataset: ADM, +IP, the chosen +SAM, then the fSGLD recipes (this project's
+extension), each with its averages where the table has them.
 Columns of a metric the study does not measure are left out; the paper's own numbers get
 "paper ..." columns only where `paper.py` allows the comparison.
 """
