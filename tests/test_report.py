@@ -370,6 +370,8 @@ def test_every_listed_output_exists_and_is_of_its_kind(one_seed) -> None:
             assert data.startswith(b"%PDF")
         if path.endswith(".tex"):
             assert "\\begin{tabular}" in data.decode() and "\\caption{" in data.decode()
+            # Every non-ASCII character of the cells (σ, §, †, ±, →) is spelled as a LaTeX command.
+            assert data.decode().isascii(), (path, sorted({ch for ch in data.decode() if not ch.isascii()}))
     index = (out / "index.md").read_text()
     for name in layout.REPORT_TABLES + layout.REPORT_FIGURES:
         assert name in index
@@ -765,6 +767,7 @@ def test_markdown_and_latex_rendering() -> None:
     assert r"\begin{tabular}{lr}" in tex and r"+SAM & 1.50 $\pm$ 0.71 \\" in tex
     assert r"x\_1 (T'=20)" in tex and r"50\% of rho\_1 \& more." in tex
     assert latex_escape("a→b ε") == r"a$\rightarrow$b $\epsilon$"
+    assert latex_escape("LPF σ=0.01 §, 30 †") == r"LPF $\sigma$=0.01 \S{}, 30 \dag{}"
 
 
 def test_readers_match_the_real_metric_stages(tmp_path) -> None:

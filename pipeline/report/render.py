@@ -72,7 +72,10 @@ LATEX_SPECIALS = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$",
                   "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}",
                   "<": r"$<$", ">": r"$>$", "|": r"$|$",  # OT1 text fonts print these as other glyphs
                   "±": r"$\pm$", "→": r"$\rightarrow$", "ε": r"$\epsilon$", "ρ": r"$\rho$",
-                  "é": r"\'{e}"}
+                  "é": r"\'{e}",
+                  # Table 3's sigma columns and its marks (fSGLD's own objective, unconverged Hessian):
+                  # pdflatex's utf8 input does not know σ or †.
+                  "σ": r"$\sigma$", "§": r"\S{}", "†": r"\dag{}"}
 
 
 def latex_escape(text: object) -> str:
