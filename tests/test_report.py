@@ -1,11 +1,14 @@
-"""The report built from a small fixture of input files, checked cell by cell.
+"""The report built from a small fixture of input files, checked cell by cell and verdict by verdict.
 
 The fixture is a micro study (one dataset; recipes adm, sam_rho0.1, sam_rho0.01, fsgld_adam;
 averages none/ema/swa; fp32/int8; T' 20/100). Its files are written with the real writers where
 they can run without a model (metric_common.write_results, train.write_train_log, provenance) and
 with the fid and sample stages' exact keys and attributes otherwise; every number is a known
-function of (recipe, average, precision, T', seed), so each cell has an expected text. A last test
-runs the real metric stages on a tiny UNet and reads their files with the report's readers.
+function of (recipe, average, precision, T', seed): values, bootstrap replicates (a shared offset
+pattern scaled per model), LPF draws, and the selection samples that choose SAM's rho. Expected
+cells and intervals are computed here with the percentile and Student-t formulas, never with
+pipeline.stats. A last test runs the real metric stages on a tiny UNet and reads their files with
+the report's readers.
 """
 
 from __future__ import annotations

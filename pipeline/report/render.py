@@ -1,6 +1,6 @@
 """A report table and its three renderings: CSV, Markdown and a LaTeX tabular.
 
-Cells are already formatted strings (tables.py decides digits and mean ± std), so the three
+Cells are already formatted strings (tables.py decides digits and intervals), so the three
 files show the same text. Markdown and LaTeX are written here rather than through pandas, whose
 writers need optional packages (tabulate, jinja2) that the project does not declare.
 """
