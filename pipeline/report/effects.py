@@ -69,13 +69,15 @@ class Effect:
         return not (self.between_runs and self.basis != "seeds")
 
     def cell(self, digits: int = 4) -> str:
-        """"-0.0123 [-0.02, -0.004]" (an unbounded side prints as -inf / inf)."""
+        """"-0.0123 [-0.0201, -0.004513]" (an unbounded side prints as -inf / inf)."""
         iv = self.interval
         return f"{iv.estimate:+.{digits}g} [{_bound(iv.low, digits)}, {_bound(iv.high, digits)}]"
 
 
 def _bound(value: float, digits: int) -> str:
-    return f"{value:+.{digits - 1}g}" if math.isfinite(value) else ("-inf" if value < 0 else "inf")
+    # As many significant digits as the estimate: with one fewer, a bound of 1002 around 1000
+    # printed as "1e+03", and bounds could read coarser than the value they bracket.
+    return f"{value:+.{digits}g}" if math.isfinite(value) else ("-inf" if value < 0 else "inf")
 
 
 def identity(x):
@@ -115,10 +117,11 @@ def effect(arms: Sequence[Arm], combine: Callable, seeds: Sequence[int], level: 
         first = first or readings
     if not per_seed:
         return None
-    draw = draw_level_interval(first, combine, per_seed[0], level)
     if len(per_seed) >= 2:
+        # The seeds decide; the first seed's draw-level interval is not needed (nor computed).
         return Effect(t_interval(np.asarray(per_seed), level, unit="paired seeds"), np.asarray(per_seed), "seeds",
-                      between_runs, draw)
+                      between_runs, None)
+    draw = draw_level_interval(first, combine, per_seed[0], level)
     return Effect(draw, np.asarray(per_seed), "draws", between_runs, draw)
 
 
@@ -140,7 +143,7 @@ def draw_level_interval(readings: Sequence[Reading], combine: Callable, estimate
 
 
 def value_cell(effect_: Effect | None, digits: int = 4) -> str:
-    """A table cell for one model's value: "0.1234 [0.12, 0.127]", "" when not measured."""
+    """A table cell for one model's value: "0.1234 [0.1203, 0.1271]", "" when not measured."""
     if effect_ is None:
         return ""
     iv = effect_.interval

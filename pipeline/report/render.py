@@ -1,6 +1,6 @@
 """A report table and its three renderings: CSV, Markdown and a LaTeX tabular.
 
-Cells are already formatted strings (tables.py decides digits and mean ± std), so the three
+Cells are already formatted strings (tables.py decides digits and intervals), so the three
 files show the same text. Markdown and LaTeX are written here rather than through pandas, whose
 writers need optional packages (tabulate, jinja2) that the project does not declare.
 """
@@ -72,7 +72,10 @@ LATEX_SPECIALS = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$",
                   "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}",
                   "<": r"$<$", ">": r"$>$", "|": r"$|$",  # OT1 text fonts print these as other glyphs
                   "±": r"$\pm$", "→": r"$\rightarrow$", "ε": r"$\epsilon$", "ρ": r"$\rho$",
-                  "é": r"\'{e}"}
+                  "é": r"\'{e}",
+                  # Table 3's sigma columns and its marks (fSGLD's own objective, unconverged Hessian):
+                  # pdflatex's utf8 input does not know σ or †.
+                  "σ": r"$\sigma$", "§": r"\S{}", "†": r"\dag{}"}
 
 
 def latex_escape(text: object) -> str:

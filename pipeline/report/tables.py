@@ -1,9 +1,10 @@
 """The paper's tables (1-5) from the collected scalars, one function per table, plus the rho sweep.
 
-Each function returns a render.Table whose cells are strings: FID-like values with 2 decimals,
-LPF and Hessian values with 4 significant digits, and "mean ± std" (sample std over seeds)
-whenever the study has several seeds. Rows are per dataset: ADM, +IP, the chosen +SAM, then the
-fSGLD recipes (this project's extension), each with its averages where the table has them.
+Each function returns a render.Table whose cells are strings "value [low, high]" (effects.value_cell,
+4 significant digits): the interval is Student-t over seeds when the study has several, else
+draw-level (bootstrap, Monte-Carlo draws, standard error); changes are signed (Effect.cell).
+Rows are per dataset: ADM, +IP, the chosen +SAM, then the fSGLD recipes (this project's
+extension), each with its averages where the table has them.
 Columns of a metric the study does not measure are left out; the paper's own numbers get
 "paper ..." columns only where `paper.py` allows the comparison.
 """
@@ -66,7 +67,9 @@ def seeds_note(study: Study) -> str:
     seeds = study.seeds
     if len(seeds) == 1:
         return f"One training seed ({seeds[0]})."
-    return f"Cells are mean ± sample std (ddof 1) over training seeds {', '.join(map(str, seeds))}."
+    # Cells are no longer mean ± std: each effect is the mean of its per-seed values with a t interval.
+    return (f"Training seeds {', '.join(map(str, seeds))}: each effect is the mean of its per-seed values, "
+            f"its interval Student-t over them.")
 
 
 def metric_note(metric_name: str) -> str:
