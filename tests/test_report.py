@@ -543,7 +543,7 @@ def test_one_seed_between_run_claims_are_inconclusive(one_seed) -> None:
     difference = AVERAGE_OFFSET["ema"] + (fd_noise("adm", "ema") - fd_noise("adm", "none")) * OFFSETS
     assert c6 == effect_text(AVERAGE_OFFSET["ema"], *percentile_bounds(difference))
     assert cell(claims, "interval", id="C6", condition="same training run, T'=20, fp32",
-                measure="FID: +EMA - ADM") == "percentile bootstrap, 40 replicates"
+                measure="FID: +EMA - ADM") == "paired bootstrap, centred on the estimate, 40 replicates"
 
 
 def test_positive_control_is_no_failure_with_one_seed(one_seed) -> None:
@@ -863,3 +863,18 @@ def test_readers_match_the_real_metric_stages(tmp_path) -> None:
             rows[name] = METRIC_ROWS[name](f)
     assert rows["lpf"][0]["draw_losses"].shape == (2,) and rows["lpf"][0]["sigma"] == 0.01
     assert rows["exposure"][0]["steps"] == 2 and np.isfinite(rows["exposure"][0]["gap_l2_mean"])
+
+
+def test_bootstrap_intervals_are_centred_on_the_estimate() -> None:
+    """FD replicates sit above the estimate (a resample repeats images, which adds small-sample bias):
+    the interval takes their spread, not their location, so it always holds the estimate."""
+    from pipeline.report.effects import BOOTSTRAP, Reading, difference, draw_level_interval, identity
+
+    replicates = 7.0 + np.linspace(-1.0, 1.0, 41)  # centred on 7 while the estimate is 5
+    one = draw_level_interval([Reading(5.0, replicates, BOOTSTRAP)], identity, 5.0, 0.95)
+    low, high = percentile_bounds(replicates - 7.0 + 5.0)
+    assert (one.low, one.high) == pytest.approx((low, high)) and one.low < 5.0 < one.high
+    # A paired difference: the shared bias cancels, the centring changes nothing.
+    other = Reading(4.0, replicates - 1.0, BOOTSTRAP)
+    diff = draw_level_interval([Reading(5.0, replicates, BOOTSTRAP), other], difference, 1.0, 0.95)
+    assert (diff.low, diff.high) == pytest.approx((1.0, 1.0))

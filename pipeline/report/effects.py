@@ -29,8 +29,7 @@ from pipeline.stats.verdicts import (HELD, INCONCLUSIVE, NOT_HELD, directional_v
                                      equivalence_verdict)
 
 BOOTSTRAP, DRAWS, NONE = "bootstrap", "draws", "none"
-ONE_SEED_RULE = ("one training seed: the seed-to-seed variance is unknown, so a difference between "
-                 "training runs is never decided on draw-level noise")
+ONE_SEED_RULE = "one training seed: a difference between training runs is not decided on draw-level noise"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -130,14 +129,19 @@ def draw_level_interval(readings: Sequence[Reading], combine: Callable, estimate
     kinds = {r.kind for r in readings}
     lengths = {len(r.replicates) for r in readings if r.replicates is not None}
     if kinds == {BOOTSTRAP} and len(lengths) == 1:
-        replicates = combine(*[r.replicates for r in readings])
-        return bootstrap_interval(estimate, np.asarray(replicates, dtype=np.float64), level)
+        replicates = np.asarray(combine(*[r.replicates for r in readings]), dtype=np.float64)
+        # Centred on the estimate: a resample repeats images, which raises FD's small-sample bias in
+        # every replicate, so the replicates give the spread of the estimate, not its location.
+        finite = replicates[np.isfinite(replicates)]
+        centred = replicates - (finite.mean() if finite.size else 0.0) + estimate
+        return bootstrap_interval(estimate, centred, level, description="paired bootstrap, centred on the estimate")
     if kinds == {DRAWS} and len(lengths) == 1:
         # The value is the mean of the draws, and combine is linear for every draw-based effect.
         return t_interval(np.asarray(combine(*[r.replicates for r in readings]), dtype=np.float64), level,
                           unit="paired draws")
     errors = [r.stderr for r in readings]
-    if combine in (identity, difference) and all(e is not None for e in errors):
+    # |a| - |b| moves like sign(a) a - sign(b) b for values well away from 0 (delta method).
+    if combine in (identity, difference, abs_difference) and all(e is not None for e in errors):
         return normal_interval(estimate, math.sqrt(sum(e * e for e in errors)), level)
     return Interval(estimate, -math.inf, math.inf, level, "no draw-level uncertainty for this measure", 1)
 

@@ -147,9 +147,8 @@ def fig2_samples(study: Study, data: Collected, choices: Choices) -> Figure:
         return _message_figure("Figs. 2 and 4", "the study has neither ADM, SAM nor fSGLD recipes to show.")
     columns = sample_columns(study)
     fig = Figure(figsize=(max(2.6 * len(columns), 6.5), 2.9 * len(rows)), layout="constrained")
-    fig.suptitle(f"Figs. 2 and 4: the first {GRID_IMAGES} samples of each variant (training seed {seed}; "
-                 f"image i starts from the same noise in every panel)\npanel titles give each variant's {name} "
-                 f"on all its samples")
+    fig.suptitle(f"Figs. 2 and 4: first {GRID_IMAGES} samples per variant (training seed {seed})\n"
+                 f"sample i starts from the same noise in every panel; titles: {name} on all samples")
     axes = fig.subplots(len(rows), len(columns), squeeze=False)
     for r, (dataset, recipe, average) in enumerate(rows):
         for c, (precision, steps) in enumerate(columns):

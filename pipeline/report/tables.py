@@ -136,9 +136,9 @@ def interval_note(study: Study) -> str:
     if len(study.seeds) > 1:
         return (f"Cells: mean over training seeds {', '.join(map(str, study.seeds))} [{level} t interval of the mean "
                 f"over seeds]; changes are paired per seed.")
-    return (f"Cells: value [{level} draw-level interval: paired bootstrap over sample indices for FD and KID, t over "
-            f"Monte-Carlo draws for LPF, over images for the eps-norm gap]. One training seed: these intervals leave "
-            f"out the seed-to-seed variation, which is larger.")
+    return (f"Cells: value [{level} draw-level interval: bootstrap over sample indices for FD and KID, centred on the "
+            f"value, t over Monte-Carlo draws for LPF, over images for the eps-norm gap]. One training seed: these "
+            f"intervals leave out the seed-to-seed variation, which is larger.")
 
 
 def _hessian_cell(study: Study, data: Collected, dataset: str, recipe: str, average: str, column: str) -> str:
@@ -286,6 +286,7 @@ def table2(study: Study, data: Collected, choices: Choices) -> Table:
                     reading = calibration_reading(data, dataset, kind, column)
                     row[f"{measure} (T'={steps})"] = value_cell(
                         effect([lambda seed, r=reading: r], identity, [0], study.confidence, between_runs=False))
+                row[f"floor → static position (T'={steps})"] = "0.00" if kind == "floor" else "1.00"
             rows.append(row)
     notes = [metric_note(name), KID_NOTE, interval_note(study),
              f"Weights in {base}; DDPM ancestral sampling with T' respaced steps.",
