@@ -144,8 +144,11 @@ def test_rho_edit_reruns_exactly_that_recipe(workdir, tmp_path):
     edit = tmp_path / "rho.yaml"
     edit.write_text("recipes:\n  sam_rho0.1:\n    sam: {rho: 0.2}\n")
     jobs = planned_jobs(workdir, str(edit))
-    # One run: 2 averages x 2 precisions x 1 T' variants, 2 int8 copies, 2 x 5 metrics.
-    assert jobs == {"train": 1, "quantize": 2, "sample": 4, "fid": 4, "metric": 10, "report": 1, "all": 1}
+    # One run: 2 averages x 2 precisions x 1 T' variants, 2 int8 copies, LPF and exposure on both averages
+    # and perturbation, surface, Hessian on the raw weights (the demo's metric_averages): 7 metric jobs;
+    # and its selection samples, which choose the +SAM rho.
+    assert jobs == {"train": 1, "quantize": 2, "sample": 4, "fid": 4, "metric": 7, "sample_validation": 1,
+                    "fid_validation": 1, "report": 1, "all": 1}
     result = run_snakemake(workdir, "-n", *OVERLAYS, str(edit))
     assert "recipe=sam_rho0.1" in result.stdout + result.stderr
     assert "recipe=adm" not in result.stdout + result.stderr
@@ -174,7 +177,8 @@ def test_training_code_edit_reruns_training_and_what_follows(workdir):
     optim = workdir / "pipeline" / "optim" / "sam.py"
     optim.write_text(optim.read_text() + "\n# edited\n")
     jobs = planned_jobs(workdir)
-    assert jobs.get("train") == 2 and "prepare" not in jobs and "fid_reference" not in jobs
+    # adm and sam_rho0.1, and the negative control's ADM run (seed 100).
+    assert jobs.get("train") == 3 and "prepare" not in jobs and "fid_reference" not in jobs
     assert jobs.get("report") == 1
 
 

@@ -240,7 +240,7 @@ def fig6_eps_norm(study: Study, data: Collected, choices: Choices) -> Figure:
         for col, steps in enumerate(steps_list):
             ax = axes[row, col]
             ax.set_title(f"{dataset}, T'={steps}")
-            ax.set_xlabel("timestep t (sampling runs right to left)")
+            ax.set_xlabel("timestep t (axis reversed: sampling runs left to right, from t = 1000 to 0)")
             ax.set_ylabel("mean ||eps_theta(x_t, t)||_2")
             ax.invert_xaxis()
             ax.grid(alpha=0.3)
