@@ -198,28 +198,38 @@ def _replicates(values) -> np.ndarray | None:
     return array if array.size else None
 
 
-def fd_arm(data, dataset: str, recipe: str, average: str, precision: str, steps: int) -> Arm:
-    """FD of one variant, with its paired bootstrap replicates (sample indices resampled)."""
+def _fid_file_arm(data, key: dict, value_column: str, replicates_column: str) -> Arm:
+    """One number of a fid file (FD or KID) with its paired bootstrap replicates."""
     def arm(seed: int) -> Reading | None:
-        row = _row(data.fid, dataset=dataset, recipe=recipe, seed=seed, average=average, precision=precision,
-                   steps=steps)
+        row = _row(data.fid, **key, seed=seed)
         if row is None:
             return None
-        replicates = _replicates(row["fd_replicates"])
-        return Reading(float(row["value"]), replicates, BOOTSTRAP if replicates is not None else NONE)
+        replicates = _replicates(row[replicates_column])
+        return Reading(float(row[value_column]), replicates, BOOTSTRAP if replicates is not None else NONE)
     return arm
+
+
+def fd_arm(data, dataset: str, recipe: str, average: str, precision: str, steps: int) -> Arm:
+    """FD of one variant, with its paired bootstrap replicates (sample indices resampled)."""
+    key = dict(dataset=dataset, recipe=recipe, average=average, precision=precision, steps=steps)
+    return _fid_file_arm(data, key, "value", "fd_replicates")
 
 
 def kid_arm(data, dataset: str, recipe: str, average: str, precision: str, steps: int) -> Arm:
     """Unbiased KID of one variant, with paired bootstrap replicates (samples and reference resampled)."""
-    def arm(seed: int) -> Reading | None:
-        row = _row(data.fid, dataset=dataset, recipe=recipe, seed=seed, average=average, precision=precision,
-                   steps=steps)
-        if row is None:
-            return None
-        replicates = _replicates(row["kid_replicates"])
-        return Reading(float(row["kid_value"]), replicates, BOOTSTRAP if replicates is not None else NONE)
-    return arm
+    key = dict(dataset=dataset, recipe=recipe, average=average, precision=precision, steps=steps)
+    return _fid_file_arm(data, key, "kid_value", "kid_replicates")
+
+
+def calibration_reading(data, dataset: str, kind: str, column: str) -> Reading | None:
+    """The floor's or static's FD ("value") or KID ("kid_value") with its replicates, None when absent."""
+    frame = data.calibration
+    rows = None if frame is None else frame[(frame.dataset == dataset) & (frame.kind == kind)]
+    if rows is None or rows.empty:
+        return None
+    row = rows.iloc[0]
+    replicates = _replicates(row["fd_replicates" if column == "value" else "kid_replicates"])
+    return Reading(float(row[column]), replicates, BOOTSTRAP if replicates is not None else NONE)
 
 
 def lpf_arm(data, dataset: str, recipe: str, average: str, scaling: str, sigma: float | None = None) -> Arm:

@@ -19,8 +19,8 @@ import pandas as pd
 from pipeline.report import paper
 from pipeline.report.collect import Collected
 from pipeline.precision import parse_precision
-from pipeline.report.effects import (difference, effect, exposure_arm, fd_arm, hessian_arm, identity, kid_arm,
-                                     lpf_arm, value_cell)
+from pipeline.report.effects import (calibration_reading, difference, effect, exposure_arm, fd_arm, hessian_arm,
+                                     identity, kid_arm, lpf_arm, value_cell)
 from pipeline.report.render import Table
 from pipeline.report.study import AVERAGE_HEADING, SamChoice, Study, algorithm_label
 
@@ -239,20 +239,6 @@ def lpf_note(study: Study, data: Collected) -> str:
 
 # ------------------------------------------------------------------------------------------
 # Table 2: the metric of every algorithm x dataset x T'.
-
-def calibration_reading(data: Collected, dataset: str, kind: str, column: str):
-    """The floor's or static's FD ("value") or KID ("kid_value") as a Reading, None when absent."""
-    from pipeline.report.effects import BOOTSTRAP, NONE, Reading, _replicates
-    frame = data.calibration
-    if frame is None:
-        return None
-    rows = frame[(frame.dataset == dataset) & (frame.kind == kind)]
-    if rows.empty:
-        return None
-    row = rows.iloc[0]
-    replicates = _replicates(row["fd_replicates" if column == "value" else "kid_replicates"])
-    return Reading(float(row[column]), replicates, BOOTSTRAP if replicates is not None else NONE)
-
 
 CALIBRATION_ROWS = {"floor": "real test images (floor)", "static": "static noise (ceiling)"}
 
