@@ -6,7 +6,10 @@
 #   snakemake --cores all                                  # the paper, on a GPU machine
 #   snakemake --profile profiles/slurm                     # the paper, on a SLURM cluster
 
-from snakemake.utils import min_version, validate
+from snakemake.exceptions import WorkflowError
+from snakemake.utils import min_version
+
+from pipeline.settings import planning_problems
 
 min_version("9.0")
 
@@ -18,7 +21,11 @@ envvars:
     "PATH",
 
 
-validate(config, "workflow/schemas/config.schema.yaml")
+# Duplicate keys in the loaded files, NaN/infinities, workflow/schemas/config.schema.yaml and the
+# cross-checks, each problem one line (snakemake's validate() would dump the whole schema).
+_problems = planning_problems(config, workflow.configfiles)
+if _problems:
+    raise WorkflowError("invalid config:\n  - " + "\n  - ".join(_problems))
 
 
 include: "workflow/rules/common.smk"

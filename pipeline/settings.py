@@ -8,9 +8,12 @@ Snakefile stays quick to parse.
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from pathlib import Path
+from typing import Any, Mapping, Sequence
 
-from pipeline.config import section
+from pipeline.config import read_yaml, section, validation_problems
+from pipeline.errors import PipelineError
+from pipeline.nn.preset_table import PRESET_TABLE
 from pipeline.precision import CLIP, parse_precision, precision_scheme
 from pipeline.recipes import resolve_recipe
 
@@ -120,12 +123,25 @@ def stage_settings(config: Mapping[str, Any], stage: str, dataset: str | None = 
     raise ValueError(f"no settings for stage {stage!r}")
 
 
+def planning_problems(config: Mapping[str, Any], configfiles: Sequence[str | Path]) -> list[str]:
+    """Everything checked before Snakemake plans a job, one line per problem.
+
+    `configfiles`: the files Snakemake merged (workflow.configfiles), re-read with the loader
+    that refuses duplicate keys. Cross-checks run only on a schema-valid config (they rely on
+    its shape).
+    """
+    problems = []
+    for path in configfiles:
+        try:
+            read_yaml(path)
+        except PipelineError as err:
+            problems.append(str(err))
+    problems += validation_problems(config, complete=True)
+    return problems or config_problems(config)
+
+
 def config_problems(config: Mapping[str, Any]) -> list[str]:
     """What a JSON schema cannot check: cross references, paths on disk, step counts."""
-    from pathlib import Path
-
-    from pipeline.errors import PipelineError
-
     problems = []
     study = config["study"]
     for name in study["datasets"]:
@@ -136,6 +152,18 @@ def config_problems(config: Mapping[str, Any]) -> list[str]:
         if source is not None and not Path(source).exists():
             problems.append(f"datasets.{name}.source = {source} does not exist; point it at the "
                             f"raw data or set it to null for the default location.")
+        preset, resolution = config["datasets"][name]["preset"], config["datasets"][name]["resolution"]
+        if PRESET_TABLE[preset]["image_size"] != resolution:
+            problems.append(f"datasets.{name}: preset {preset} is built for {PRESET_TABLE[preset]['image_size']}px "
+                            f"images but resolution is {resolution}; pick a preset of that size or change it.")
+        processes = config["training"].get("processes", 1)
+        if config["datasets"][name]["batch_size"] % processes:
+            problems.append(f"datasets.{name}.batch_size = {config['datasets'][name]['batch_size']} is not a "
+                            f"multiple of training.processes = {processes}; each process takes an equal share.")
+    training = config["training"]
+    if round(training["swa"]["start_fraction"] * training["steps"]) < 1:
+        problems.append(f"training.swa.start_fraction = {training['swa']['start_fraction']} of {training['steps']} "
+                        f"steps starts SWA at step 0, averaging in the untrained weights; raise either.")
     for name in study["recipes"]:
         try:
             resolve_recipe(config, name)

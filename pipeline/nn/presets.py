@@ -24,35 +24,10 @@ from __future__ import annotations
 import inspect
 from typing import Any
 
+# The table lives in a torch-free module so planning can check presets against resolutions.
+from .preset_table import PRESET_TABLE as _PRESET_TABLE
 from .unet import UNetModel
 
-# Attention is in pixels here; everything else is a UNetModel keyword.
-_PRESET_TABLE: dict[str, dict[str, Any]] = {
-    "cifar10": dict(
-        image_size=32, model_channels=128, channel_mult=(1, 2, 2, 2), num_res_blocks=3,
-        attention_pixels=(16, 8), num_head_channels=32, dropout=0.3,
-    ),
-    "adm64": dict(
-        image_size=64, model_channels=192, channel_mult=(1, 2, 3, 4), num_res_blocks=3,
-        attention_pixels=(32, 16, 8), num_head_channels=64, dropout=0.1,
-    ),
-    # A few minutes for ~1000 steps at batch 32 on 2 CPU cores. Doubling the width at 16x16 too,
-    # mult (1, 2, 2), costs 57 instead of 34 GFLOP per training step.
-    "demo": dict(
-        image_size=32, model_channels=32, channel_mult=(1, 1, 2), num_res_blocks=1,
-        attention_pixels=(8,), num_head_channels=32, dropout=0.1,
-    ),
-    # The CPU demo and study: Fashion-MNIST box-filtered to 16x16 (see the docstring above).
-    "fmnist16": dict(
-        image_size=16, model_channels=16, channel_mult=(1, 2, 2), num_res_blocks=1,
-        attention_pixels=(4,), num_head_channels=16, dropout=0.1, norm_groups=8,
-    ),
-    # Unit tests only: the smallest network that still has every block type.
-    "tiny": dict(
-        image_size=16, model_channels=32, channel_mult=(1, 2), num_res_blocks=1,
-        attention_pixels=(8,), num_head_channels=32, dropout=0.0,
-    ),
-}
 _COMMON_FLAGS: dict[str, Any] = dict(
     use_scale_shift_norm=True, resblock_updown=True, use_new_attention_order=True,
 )

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from pipeline import layout
 from pipeline.precision import PRECISION_REGEX, QUANTIZED_REGEX
-from pipeline.settings import config_problems, metric_averages, stage_settings, study_variants, train_settings
+from pipeline.settings import metric_averages, stage_settings, study_variants, train_settings
 
 # Jobs run `python -m pipeline ...`: put the interpreter that runs Snakemake (the venv's) first
 # on PATH, here and in every job Snakemake spawns, locally or on a cluster node.
@@ -21,12 +21,6 @@ EXTRACTOR = config["fid"]["extractor"]
 TRAIN_PROCESSES = config["training"].get("processes", 1)
 # CPU threads per training process: the train rule's threads are this times the processes.
 TRAIN_THREADS = config["training"].get("threads_per_process", 2)
-
-from snakemake.exceptions import WorkflowError
-
-_problems = config_problems(config)
-if _problems:
-    raise WorkflowError("invalid config:\n  - " + "\n  - ".join(_problems))
 
 
 wildcard_constraints:
