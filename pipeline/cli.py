@@ -48,9 +48,26 @@ def _summary(name: str) -> str:
     return doc.strip().splitlines()[0] if doc.strip() else ""
 
 
+class OneLineErrorParser(argparse.ArgumentParser):
+    """Bad arguments end in one line naming the flag and the problem (no usage dump), exit 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+class DefaultsOnceFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Appends "(default: ...)" unless the help text already states the default or it is None."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if action.default is None or "default" in text:
+            return text
+        return super()._get_help_string(action)
+
+
 def build_parser(stage: str | None = None) -> argparse.ArgumentParser:
     """The parser; only the chosen stage's module is imported (every job pays for its imports)."""
-    parser = argparse.ArgumentParser(
+    parser = OneLineErrorParser(
         prog="python -m pipeline",
         description="Stages of the flatness-in-diffusion-models pipeline. "
                     "Run `python -m pipeline <stage> --help` for a stage's options.",
@@ -66,7 +83,7 @@ def build_parser(stage: str | None = None) -> argparse.ArgumentParser:
         doc = (module.__doc__ or "").strip()
         stage_parser = sub.add_parser(
             name, help=_summary(name), description=doc,
-            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+            formatter_class=DefaultsOnceFormatter)
         module.add_arguments(stage_parser)
         stage_parser.set_defaults(_run=module.run)
     return parser

@@ -29,6 +29,7 @@ import h5py
 import numpy as np
 import torch
 
+from pipeline.arguments import int_at_least, nonnegative_int, positive_int, settings_json
 from pipeline import seeding
 from pipeline.config import load_config
 from pipeline.data.hdf5 import TEST_IMAGES, open_image_set, read_rows
@@ -131,17 +132,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", required=True, help="data.h5 written by prepare")
     parser.add_argument("--kind", required=True, choices=KINDS,
                         help="floor: held-out real images; static: Gaussian noise mapped to pixels")
-    parser.add_argument("--n", type=int, required=True, help="images (as many as the models' samples: "
+    parser.add_argument("--n", type=positive_int, required=True, help="images (as many as the models' samples: "
                                                              "sampling.n_samples)")
-    parser.add_argument("--seed", type=int, required=True, help="seed of the image subset or the noise "
+    parser.add_argument("--seed", type=nonnegative_int, required=True, help="seed of the image subset or the noise "
                                                                 "(sampling.seed)")
     parser.add_argument("--out", required=True, help="samples.h5 to write")
-    parser.add_argument("--reference-images", type=int, default=None,
+    parser.add_argument("--reference-images", type=int_at_least(2), default=None,
                         help="floor without a test split: the reference's subset size (default: "
                              "fid.reference_images of --settings-json or --config)")
     parser.add_argument("--config", action="append", default=None, metavar="YAML",
                         help="config file(s), merged in order (default: config.yaml)")
-    parser.add_argument("--settings-json", default=None,
+    parser.add_argument("--settings-json", type=settings_json, default=None,
                         help="resolved settings as JSON (what the Snakemake rule passes): n, seed and, "
                              "for floor, reference_images")
 

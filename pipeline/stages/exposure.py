@@ -20,6 +20,7 @@ import argparse
 
 import numpy as np
 
+from pipeline.arguments import positive_int
 from pipeline.data.hdf5 import read_images
 from pipeline.errors import PipelineError
 from pipeline.flatness.evalset import image_subset
@@ -34,9 +35,9 @@ DEFAULTS = {"n_images": 10000, "steps": [20, 100], "batch_size": 256, "clip_deno
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_common_arguments(parser, NAME, loss_based=False)
-    parser.add_argument("--n-images", dest="n_images", type=int, default=SUPPRESS,
+    parser.add_argument("--n-images", dest="n_images", type=positive_int, default=SUPPRESS,
                         help="images per curve (built-in 10000)")
-    parser.add_argument("--steps", type=int, nargs="+", default=SUPPRESS,
+    parser.add_argument("--steps", type=positive_int, nargs="+", default=SUPPRESS,
                         help="respaced step counts T' (built-in 20 100)")
 
 

@@ -32,6 +32,7 @@ import h5py
 import numpy as np
 import torch_fidelity
 
+from pipeline.arguments import int_at_least, nonnegative_int, positive_int, settings_json
 from pipeline.config import load_config
 from pipeline.errors import PipelineError
 from pipeline.fidelity.bootstrap import fd_replicates, kid_replicates
@@ -156,30 +157,30 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default=None, help="output (default: fid_{extractor}.h5 beside --samples)")
     parser.add_argument("--config", action="append", default=None, metavar="YAML",
                         help="config file(s), merged in order (default: config.yaml)")
-    parser.add_argument("--settings-json", default=None,
+    parser.add_argument("--settings-json", type=settings_json, default=None,
                         help="the config's fid: slice as JSON (what the Snakemake rule passes); "
                              "replaces --config for the fid settings")
     parser.add_argument("--inception-weights", default=None, metavar="PATH",
                         help="Inception weights file (default: fid.inception_weights, then the torch "
                              "hub cache, then a download); must match the reference's")
-    parser.add_argument("--max-samples", type=int, default=None,
+    parser.add_argument("--max-samples", type=positive_int, default=None,
                         help="use a seeded random subset of at most this many samples (default: all)")
-    parser.add_argument("--kid-rows", type=int, default=None,
+    parser.add_argument("--kid-rows", type=int_at_least(2), default=None,
                         help=f"features of at most this many samples are kept for KID "
                              f"(default: fid.kid_rows, else {DEFAULT_KID_ROWS})")
-    parser.add_argument("--kid-subsets", type=int, default=100, help="KID: number of random subsets")
-    parser.add_argument("--kid-subset-size", type=int, default=1000,
+    parser.add_argument("--kid-subsets", type=positive_int, default=100, help="KID: number of random subsets")
+    parser.add_argument("--kid-subset-size", type=int_at_least(2), default=1000,
                         help="KID: rows per subset (capped at the smaller side)")
-    parser.add_argument("--batch-size", type=int, default=None,
+    parser.add_argument("--batch-size", type=positive_int, default=None,
                         help="images per extractor forward (default: fid.batch_size, else 64)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the subsets (samples and KID)")
-    parser.add_argument("--fd-replicates", type=int, default=None,
+    parser.add_argument("--seed", type=nonnegative_int, default=0, help="seed of the subsets (samples and KID)")
+    parser.add_argument("--fd-replicates", type=nonnegative_int, default=None,
                         help="paired bootstrap replicates of FD (default: fid.bootstrap.fd_replicates, "
                              "else 0 = none)")
-    parser.add_argument("--kid-replicates", type=int, default=None,
+    parser.add_argument("--kid-replicates", type=nonnegative_int, default=None,
                         help="paired bootstrap replicates of KID (default: fid.bootstrap.kid_replicates, "
                              "else 0 = none)")
-    parser.add_argument("--bootstrap-seed", type=int, default=None,
+    parser.add_argument("--bootstrap-seed", type=nonnegative_int, default=None,
                         help="seed of the bootstrap draws (default: fid.bootstrap.seed, else 0)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 

@@ -22,6 +22,7 @@ from typing import Any, Mapping
 
 import torch_fidelity
 
+from pipeline.arguments import int_at_least, nonnegative_int, path_name, positive_int, settings_json
 from pipeline.config import load_config
 from pipeline.errors import PipelineError
 from pipeline.fidelity.extractors import (BUILTIN_EXTRACTORS, INCEPTION, Extractor, file_sha256,
@@ -87,10 +88,10 @@ def fid_settings(args: argparse.Namespace) -> dict[str, Any]:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", default=None, help="data.h5 (default: {results}/{dataset}/data.h5)")
-    parser.add_argument("--dataset", default=None, help="dataset name, for the default --data")
+    parser.add_argument("--dataset", type=path_name, default=None, help="dataset name, for the default --data")
     parser.add_argument("--config", action="append", default=None, metavar="YAML",
                         help="config file(s), merged in order (default: config.yaml)")
-    parser.add_argument("--settings-json", default=None,
+    parser.add_argument("--settings-json", type=settings_json, default=None,
                         help="the config's fid: slice as JSON (what the Snakemake rule passes); "
                              "replaces --config for the fid settings")
     parser.add_argument("--extractor", default=None,
@@ -99,15 +100,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--inception-weights", default=None, metavar="PATH",
                         help="Inception weights file (default: fid.inception_weights, then the "
                              "torch hub cache, then a download)")
-    parser.add_argument("--max-images", type=int, default=None,
+    parser.add_argument("--max-images", type=int_at_least(2), default=None,
                         help="use a seeded random subset of at most this many images "
                              "(default: fid.reference_images; null = all)")
-    parser.add_argument("--kid-rows", type=int, default=None,
+    parser.add_argument("--kid-rows", type=int_at_least(2), default=None,
                         help=f"features of at most this many images are stored for KID and its "
                              f"bootstrap (default: fid.kid_rows, else {DEFAULT_KID_ROWS})")
-    parser.add_argument("--batch-size", type=int, default=None,
+    parser.add_argument("--batch-size", type=positive_int, default=None,
                         help="images per extractor forward (default: fid.batch_size, else 64)")
-    parser.add_argument("--seed", type=int, default=REFERENCE_SEED, help="seed of the image subsets")
+    parser.add_argument("--seed", type=nonnegative_int, default=REFERENCE_SEED, help="seed of the image subsets")
     parser.add_argument("--out", default=None, help="output (default: fid_ref_{extractor}.h5 beside --data)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 
+from pipeline.arguments import positive_float, positive_int
 from pipeline.errors import PipelineError
 from pipeline.flatness.evalset import effective_terms, evaluation_loss, load_evaluation_set, loss_chunks
 from pipeline.flatness.hessian import HessianOperator, hutchinson_trace, top_eigenvalue, twice_differentiable
@@ -32,12 +33,12 @@ DEFAULTS = {"batch": 256, "max_iter": 100, "tol": 1e-3, "seed": 0, "batch_size":
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_common_arguments(parser, NAME)
-    parser.add_argument("--batch", type=int, default=SUPPRESS,
+    parser.add_argument("--batch", type=positive_int, default=SUPPRESS,
                         help="fixed (x0, t, eps) triples the Hessian is taken over (built-in 256); "
                              "--batch-size splits them into chunks for memory")
-    parser.add_argument("--max-iter", dest="max_iter", type=int, default=SUPPRESS,
+    parser.add_argument("--max-iter", dest="max_iter", type=positive_int, default=SUPPRESS,
                         help="most products for each estimate (built-in 100)")
-    parser.add_argument("--tol", type=float, default=SUPPRESS,
+    parser.add_argument("--tol", type=positive_float, default=SUPPRESS,
                         help="relative change that ends either estimate (built-in 1e-3)")
 
 

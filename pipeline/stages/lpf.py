@@ -30,6 +30,7 @@ import argparse
 
 import numpy as np
 
+from pipeline.arguments import positive_float, positive_int
 from pipeline.diffusion.gaussian import GaussianDiffusion
 from pipeline.errors import PipelineError
 from pipeline.flatness.evalset import effective_terms, evaluation_loss, load_evaluation_set
@@ -52,12 +53,12 @@ NOISE = {
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_common_arguments(parser, NAME)
-    parser.add_argument("--sigma", type=float, default=SUPPRESS,
+    parser.add_argument("--sigma", type=positive_float, default=SUPPRESS,
                         help="noise std: per parameter (absolute scaling), per unit filter norm (filter) (built-in 0.01)")
-    parser.add_argument("--draws", type=int, default=SUPPRESS, help="Monte-Carlo draws M (built-in 100)")
-    parser.add_argument("--n-eval", dest="n_eval", type=int, default=SUPPRESS,
+    parser.add_argument("--draws", type=positive_int, default=SUPPRESS, help="Monte-Carlo draws M (built-in 100)")
+    parser.add_argument("--n-eval", dest="n_eval", type=positive_int, default=SUPPRESS,
                         help="evaluation triples (built-in 10000)")
-    parser.add_argument("--sigma-sweep", dest="sigma_sweep", type=float, nargs="*", default=SUPPRESS,
+    parser.add_argument("--sigma-sweep", dest="sigma_sweep", type=positive_float, nargs="*", default=SUPPRESS,
                         help="further sigmas on the same draws; give the flag alone for none "
                              "(built-in 0.001 0.005 0.01)")
     parser.add_argument("--scalings", nargs="+", choices=SCALINGS, default=SUPPRESS,

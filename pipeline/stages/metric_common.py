@@ -21,6 +21,7 @@ import torch
 import yaml
 from tqdm import tqdm
 
+from pipeline.arguments import nonnegative_int, path_name, positive_int, settings_json
 from pipeline.config import load_config, section
 from pipeline.data.hdf5 import read_info
 from pipeline.errors import PipelineError
@@ -40,19 +41,19 @@ def add_common_arguments(parser: argparse.ArgumentParser, name: str, loss_based:
     parser.add_argument("--out", required=True, default=SUPPRESS, help="output HDF5 file")
     parser.add_argument("--data", default=SUPPRESS,
                         help="prepared data.h5 (default: {results}/{dataset}/data.h5)")
-    parser.add_argument("--dataset", default=SUPPRESS,
+    parser.add_argument("--dataset", type=path_name, default=SUPPRESS,
                         help="dataset name: the config entry that names the UNet preset")
     parser.add_argument("--config", action="append", default=SUPPRESS, metavar="YAML",
                         help=f"config file(s), merged in order (default: config.yaml); "
                              f"settings are read from metrics.{name}")
-    parser.add_argument("--settings-json", default=SUPPRESS, metavar="JSON",
+    parser.add_argument("--settings-json", type=settings_json, default=SUPPRESS, metavar="JSON",
                         help="a config slice as JSON (what the Snakemake rule passes); replaces --config")
     parser.add_argument("--preset", default=SUPPRESS,
                         help="UNet preset, overriding train.h5 beside the weights and the dataset's entry")
     parser.add_argument("--device", default=SUPPRESS, help="auto | cpu | cuda (default: config 'device')")
-    parser.add_argument("--seed", type=int, default=SUPPRESS,
+    parser.add_argument("--seed", type=nonnegative_int, default=SUPPRESS,
                         help="seed of the evaluation set and the random directions/probes (built-in 0)")
-    parser.add_argument("--batch-size", dest="batch_size", type=int, default=SUPPRESS,
+    parser.add_argument("--batch-size", dest="batch_size", type=positive_int, default=SUPPRESS,
                         help="images per forward pass; every random draw is independent of it (built-in 256)")
     if loss_based:
         parser.add_argument("--terms", choices=("mse+vb", "mse"), default=SUPPRESS,

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 
+from pipeline.arguments import nonnegative_float, positive_int
 from pipeline.errors import PipelineError
 from pipeline.flatness.evalset import effective_terms, evaluation_loss, load_evaluation_set
 from pipeline.flatness.model_setup import build_diffusion
@@ -29,10 +30,10 @@ DEFAULTS = {"radii": [float(r) for r in range(0, 101, 10)], "directions": 20, "n
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_common_arguments(parser, NAME)
-    parser.add_argument("--radii", type=float, nargs="+", default=SUPPRESS,
+    parser.add_argument("--radii", type=nonnegative_float, nargs="+", default=SUPPRESS,
                         help="perturbation norms gamma (built-in 0, 10, ..., 100)")
-    parser.add_argument("--directions", type=int, default=SUPPRESS, help="random directions K (built-in 20)")
-    parser.add_argument("--n-eval", dest="n_eval", type=int, default=SUPPRESS,
+    parser.add_argument("--directions", type=positive_int, default=SUPPRESS, help="random directions K (built-in 20)")
+    parser.add_argument("--n-eval", dest="n_eval", type=positive_int, default=SUPPRESS,
                         help="evaluation triples (built-in 2000)")
 
 

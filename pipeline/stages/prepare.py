@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 from typing import Any, Mapping
 
+from pipeline.arguments import positive_int, settings_json
 from pipeline.config import load_config, section
 from pipeline.data.hdf5 import read_info, write_image_set
 from pipeline.data.sources import DATASETS, open_source
@@ -27,7 +28,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dataset", required=True, choices=sorted(DATASETS), help="dataset to prepare")
     parser.add_argument("--config", action="append", default=None, metavar="YAML",
                         help="config file(s), merged in order; none given = the repository's config.yaml")
-    parser.add_argument("--settings-json", default=None, metavar="JSON",
+    parser.add_argument("--settings-json", type=settings_json, default=None, metavar="JSON",
                         help="the datasets.<dataset> config entry as JSON (what the Snakemake rule "
                              "passes); replaces --config")
     parser.add_argument("--source", default=None, metavar="PATH",
@@ -35,11 +36,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--download", action=argparse.BooleanOptionalAction, default=None,
                         help="download the official files when no source is found; unset = config "
                              "datasets.<dataset>.download")
-    parser.add_argument("--max-images", type=int, default=None, metavar="N",
+    parser.add_argument("--max-images", type=positive_int, default=None, metavar="N",
                         help="keep only the first N images; unset = config datasets.<dataset>.max_images")
     parser.add_argument("--out", default=None, metavar="H5",
                         help="output file; unset = {results}/{dataset}/data.h5")
-    parser.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
+    parser.add_argument("--workers", type=positive_int, default=min(8, os.cpu_count() or 1),
                         help="processes decoding image files (folder and LMDB sources)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 

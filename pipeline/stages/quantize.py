@@ -36,6 +36,7 @@ import h5py
 import numpy as np
 import torch
 
+from pipeline.arguments import positive_float, settings_json
 from pipeline.config import load_config
 from pipeline.errors import PipelineError
 from pipeline.io.hashing import file_sha256
@@ -140,10 +141,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--include-1d", action="store_true",
                         help="min-max: also quantize 1-D tensors (biases, GroupNorm parameters); "
                              "clip-and-round always does")
-    parser.add_argument("--clip", type=float, default=None,
+    parser.add_argument("--clip", type=positive_float, default=None,
                         help="range c of intBclip: weights are clipped to [-c, c] (default: the config's "
                              f"quantization.clip, else {DEFAULT_CLIP})")
-    parser.add_argument("--settings-json", default=None, metavar="JSON",
+    parser.add_argument("--settings-json", type=settings_json, default=None, metavar="JSON",
                         help="a config slice as JSON (what the Snakemake rule passes); replaces --config")
     parser.add_argument("--config", action="append", default=None, metavar="YAML",
                         help="config file(s), merged in order (default: config.yaml); quantization.clip "

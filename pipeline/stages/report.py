@@ -17,6 +17,7 @@ import json
 import sys
 from pathlib import Path
 
+from pipeline.arguments import settings_json
 from pipeline import layout
 from pipeline.config import load_config
 from pipeline.report import build_report
@@ -24,7 +25,7 @@ from pipeline.settings import stage_settings
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--settings-json", default=None,
+    parser.add_argument("--settings-json", type=settings_json, default=None,
                         help="stage_settings(config, 'report') as JSON (what the Snakemake rule passes); "
                              "replaces --config")
     parser.add_argument("--config", action="append", default=None, metavar="YAML",

@@ -37,6 +37,7 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
+from pipeline.arguments import nonnegative_int, path_name, positive_int, settings_json
 from pipeline import seeding
 from pipeline.config import load_config, section
 from pipeline.device import resolve_device
@@ -282,19 +283,20 @@ def save_grid(images: np.ndarray, path: str | Path, columns: int = GRID_COLUMNS,
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--weights", required=True, help="state_dict (.pt) of the variant to sample "
                                                          "(trained fp32 weights or a quantize output)")
-    parser.add_argument("--dataset", required=True, help="dataset name (sets preset, resolution, diffusion)")
-    parser.add_argument("--steps", type=int, required=True, help="respaced sampling steps T' (e.g. 20, 100)")
+    parser.add_argument("--dataset", type=path_name, required=True,
+                        help="dataset name (sets preset, resolution, diffusion)")
+    parser.add_argument("--steps", type=positive_int, required=True, help="respaced sampling steps T' (e.g. 20, 100)")
     parser.add_argument("--config", action="append", default=None, metavar="YAML",
                         help="config file(s), merged in order; None = config.yaml")
-    parser.add_argument("--settings-json", default=None,
+    parser.add_argument("--settings-json", type=settings_json, default=None,
                         help="resolved settings as JSON (what the Snakemake rule passes); replaces "
                              "--config resolution")
-    parser.add_argument("--n", type=int, default=None, help="number of images; None = config sampling.n_samples")
-    parser.add_argument("--batch-size", type=int, default=None, help="images per model call; None = config "
+    parser.add_argument("--n", type=positive_int, default=None, help="number of images; None = config sampling.n_samples")
+    parser.add_argument("--batch-size", type=positive_int, default=None, help="images per model call; None = config "
                                                                      "sampling.batch_size")
-    parser.add_argument("--chunk-size", type=int, default=None,
+    parser.add_argument("--chunk-size", type=positive_int, default=None,
                         help="images per resumable chunk; None = config sampling.chunk_size")
-    parser.add_argument("--seed", type=int, default=None, help="base seed of the per-image noise; None = "
+    parser.add_argument("--seed", type=nonnegative_int, default=None, help="base seed of the per-image noise; None = "
                                                                "config sampling.seed")
     parser.add_argument("--device", default=None, help="auto, cpu or cuda; None = config device")
     parser.add_argument("--out", required=True, help="samples.h5 to write")

@@ -17,6 +17,7 @@ import argparse
 
 import numpy as np
 
+from pipeline.arguments import int_at_least, positive_float, positive_int
 from pipeline.errors import PipelineError
 from pipeline.flatness.evalset import effective_terms, evaluation_loss, load_evaluation_set
 from pipeline.flatness.model_setup import build_diffusion
@@ -31,10 +32,10 @@ DEFAULTS = {"grid": 21, "span": 1.0, "n_eval": 1000, "ignore": "biasbn",
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_common_arguments(parser, NAME)
-    parser.add_argument("--grid", type=int, default=SUPPRESS, help="points per axis (built-in 21)")
-    parser.add_argument("--span", type=float, default=SUPPRESS,
+    parser.add_argument("--grid", type=int_at_least(3), default=SUPPRESS, help="points per axis (built-in 21)")
+    parser.add_argument("--span", type=positive_float, default=SUPPRESS,
                         help="the grid covers [-span, span] on both axes (built-in 1.0)")
-    parser.add_argument("--n-eval", dest="n_eval", type=int, default=SUPPRESS,
+    parser.add_argument("--n-eval", dest="n_eval", type=positive_int, default=SUPPRESS,
                         help="evaluation triples (built-in 1000)")
     parser.add_argument("--ignore", choices=IGNORE_CHOICES, default=SUPPRESS,
                         help="biasbn: zero direction on tensors with <= 1 dim; none: their own values "

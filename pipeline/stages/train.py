@@ -30,6 +30,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from pipeline.arguments import nonnegative_int, path_name, positive_int, settings_json
 from pipeline import distributed, seeding
 from pipeline.config import load_config
 from pipeline.data.loader import TrainingBatches
@@ -352,23 +353,24 @@ def write_train_log(path: Path, settings: Mapping[str, Any], log: Mapping[str, l
 # Command line.
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--dataset", required=True, help="dataset name (a key of config 'datasets')")
-    parser.add_argument("--recipe", required=True, help="recipe name (a key of config 'recipes')")
-    parser.add_argument("--seed", type=int, default=0, help="training seed")
+    parser.add_argument("--dataset", type=path_name, required=True,
+                        help="dataset name (a key of config 'datasets')")
+    parser.add_argument("--recipe", type=path_name, required=True, help="recipe name (a key of config 'recipes')")
+    parser.add_argument("--seed", type=nonnegative_int, default=0, help="training seed")
     parser.add_argument("--config", action="append", default=None, metavar="YAML",
                         help="config file(s), merged in order (default: config.yaml)")
-    parser.add_argument("--settings-json", default=None,
+    parser.add_argument("--settings-json", type=settings_json, default=None,
                         help="resolved run settings as JSON (what the Snakemake rule passes); "
                              "replaces --config resolution")
     parser.add_argument("--data", default=None, help="data.h5 (default: {results}/{dataset}/data.h5)")
     parser.add_argument("--out-dir", default=None,
                         help="run folder (default: {results}/{dataset}/{recipe}/seed{seed})")
-    parser.add_argument("--steps", type=int, default=None, help="override training.steps")
-    parser.add_argument("--processes", type=int, default=1, metavar="N",
+    parser.add_argument("--steps", type=positive_int, default=None, help="override training.steps")
+    parser.add_argument("--processes", type=positive_int, default=1, metavar="N",
                         help="data-parallel processes, one per GPU (default 1); N > 1 relaunches "
                              "this command under torchrun on this node (gloo on a CPU-only machine)")
-    parser.add_argument("--stop-after", type=int, default=None, metavar="K",
-                        help="checkpoint and exit after K steps of this invocation; rerun to go on "
+    parser.add_argument("--stop-after", type=positive_int, default=None, metavar="K",
+                        help="checkpoint and exit after K >= 1 steps of this invocation; rerun to go on "
                              "(fits a long run into scheduler time limits)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
