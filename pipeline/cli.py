@@ -56,11 +56,11 @@ class OneLineErrorParser(argparse.ArgumentParser):
 
 
 class DefaultsOnceFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Appends "(default: ...)" unless the help text already states the default or it is None."""
+    """Appends "(default: ...)" unless the help text already states it, or it is None or an off switch."""
 
     def _get_help_string(self, action: argparse.Action) -> str:
         text = action.help or ""
-        if action.default is None or "default" in text:
+        if action.default is None or action.default is False or "default" in text:
             return text
         return super()._get_help_string(action)
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import functools
 import math
+import re
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -156,26 +157,16 @@ def _describe(error) -> str:
         path = f"{path}[{part}]" if isinstance(part, int) else _join(path, part)
     where = path or "(top level)"
     if error.validator == "additionalProperties":
-        allowed = sorted((error.schema.get("properties") or {}))
-        unexpected = sorted(set(error.instance) - set(allowed))
-        hint = f"; allowed: {', '.join(allowed)}" if allowed else ""
-        return f"{where}: unknown key(s) {', '.join(map(str, unexpected))}{hint}"
-    if error.validator == "required":
-        return f"{where}: {error.message}"
-    if error.validator == "propertyNames":
-        return f"{where}: key {_short(error.instance)} is not allowed (must match {error.validator_value})"
-    if error.validator == "not":
-        return f"{where}: must not satisfy {_short(error.validator_value)}"
-    rule = _RULES.get(error.validator, f"must satisfy {error.validator}: {{}}").format(
-        " or ".join(error.validator_value) if error.validator == "type" and isinstance(error.validator_value, list)
-        else error.validator_value)
-    return f"{where} = {_short(error.instance)}: {rule}"
-
-
-_RULES = {"type": "must be of type {}", "minimum": "must be >= {}", "exclusiveMinimum": "must be > {}",
-          "maximum": "must be <= {}", "exclusiveMaximum": "must be < {}", "enum": "must be one of {}",
-          "pattern": "must match {}", "minItems": "needs at least {} item(s)", "maxItems": "takes at most {} item(s)",
-          "uniqueItems": "must not repeat an item", "const": "must be {}", "minProperties": "needs at least {} entry"}
+        named = error.schema.get("properties") or {}
+        patterns = error.schema.get("patternProperties") or {}
+        unexpected = [str(key) for key in error.instance
+                      if key not in named and not any(re.search(p, str(key)) for p in patterns)]
+        allowed = ", ".join(sorted(named)) or " or ".join(patterns)
+        return f"{where}: unknown key(s) {', '.join(unexpected)}; allowed: {allowed}"
+    if error.validator == "not" and set(error.validator_value) == {"required"}:
+        return f"{where}: may not hold {' and '.join(error.validator_value['required'])} together"
+    # jsonschema's own wording names the value and the rule ("'mnist' is not one of [...]").
+    return f"{where}: {_short(error.message, limit=200)}"
 
 
 def _join(path: str, key: Any) -> str:
@@ -183,7 +174,7 @@ def _join(path: str, key: Any) -> str:
 
 
 def _short(value: Any, limit: int = 80) -> str:
-    text = repr(value)
+    text = value if isinstance(value, str) else repr(value)
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 

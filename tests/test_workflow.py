@@ -74,7 +74,7 @@ def test_lint_is_clean():
 
 
 @pytest.mark.parametrize("overlay, message", [
-    ("trainig:\n  steps: 5\n", "Additional properties are not allowed ('trainig' was unexpected)"),
+    ("trainig:\n  steps: 5\n", "(top level): unknown key(s) trainig; allowed: datasets, device"),
     ("training:\n  steps: many\n", "'many' is not of type 'integer'"),
     ("recipes:\n  sam_rho0.1:\n    sam: {rho: -0.1}\n", "-0.1 is less than the minimum of 0"),
     ("study:\n  sampling_steps: [20, 2000]\n", "study.sampling_steps [2000] exceed the 1000 diffusion steps"),
