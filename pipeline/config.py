@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import json
 import math
 import re
 from pathlib import Path
@@ -99,6 +100,22 @@ def load_config(paths: Sequence[str | Path] | None = None) -> dict[str, Any]:
         files = ", ".join(map(str, paths))
         raise PipelineError(f"invalid config ({files}): " + "; ".join(problems))
     return config
+
+
+def config_slice_from_json(text: str, *keys: str) -> dict[str, Any]:
+    """A config slice passed as --settings-json, validated like a config file.
+
+    `keys`: where the slice sits in a whole config (("fid",) for the fid: slice; none when the
+    slice is itself config-shaped).
+    """
+    value = json.loads(text)
+    whole: Any = value
+    for key in reversed(keys):
+        whole = {key: whole}
+    problems = validation_problems(whole, complete=False)
+    if problems:
+        raise PipelineError("invalid --settings-json: " + "; ".join(problems))
+    return value
 
 
 def section(config: Mapping[str, Any], *keys: str) -> Any:

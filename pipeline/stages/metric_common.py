@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import time
 from pathlib import Path
 from typing import Any, Callable, Mapping
@@ -22,7 +21,7 @@ import yaml
 from tqdm import tqdm
 
 from pipeline.arguments import nonnegative_int, path_name, positive_int, settings_json
-from pipeline.config import load_config, section
+from pipeline.config import config_slice_from_json, load_config, section
 from pipeline.data.hdf5 import read_info
 from pipeline.errors import PipelineError
 from pipeline.device import resolve_device
@@ -135,7 +134,7 @@ def prepare(args: argparse.Namespace, name: str, defaults: Mapping[str, Any]) ->
     for optional in OPTIONAL_FLAGS:
         if not hasattr(args, optional):
             setattr(args, optional, None)
-    config = json.loads(args.settings_json) if args.settings_json else load_config(args.config)
+    config = config_slice_from_json(args.settings_json) if args.settings_json else load_config(args.config)
     settings = resolve_settings(args, name, defaults, config)
     if "batch_size" in settings and int(settings["batch_size"]) < 1:
         raise PipelineError(f"batch_size must be >= 1, got {settings['batch_size']}.")
