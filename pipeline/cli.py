@@ -92,7 +92,10 @@ def build_parser(stage: str | None = None) -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     stage = next((a for a in argv if not a.startswith("-")), None)
-    args = build_parser(stage if stage in STAGES else None).parse_args(argv)
+    try:
+        args = build_parser(stage if stage in STAGES else None).parse_args(argv)
+    except SystemExit as exit_:  # --help (0) or a refused argument (2): a status like any other
+        return exit_.code
     try:
         args._run(args)
     except PipelineError as err:

@@ -28,10 +28,7 @@ SNAKEMAKE = [sys.executable, "-m", "snakemake"]
 
 def run_stage(capsys, *argv: str) -> tuple[int, str]:
     """Exit status and stderr of `python -m pipeline <argv>`, run in this process."""
-    try:
-        status = main(list(argv))
-    except SystemExit as exit_:  # argparse ends bad arguments with SystemExit(2)
-        status = exit_.code
+    status = main(list(argv))
     return status, capsys.readouterr().err
 
 
@@ -260,6 +257,11 @@ def test_help_states_each_default_once(stage):
     for chunk in re.split(r" (?=-{1,2}[a-z])", text.split("options:", 1)[1]):
         assert chunk.count("(default") <= 1, chunk
         assert "(default: None)" not in chunk and "(default: False)" not in chunk, chunk
+
+
+def test_help_exits_0_through_main(capsys):
+    assert main(["train", "--help"]) == 0
+    assert "--stop-after K" in capsys.readouterr().out
 
 
 def test_help_shows_defaults_the_text_does_not_state():

@@ -33,7 +33,7 @@ import numpy as np
 import torch_fidelity
 
 from pipeline.arguments import int_at_least, nonnegative_int, positive_int, settings_json
-from pipeline.config import config_slice_from_json, load_config
+from pipeline.config import load_config
 from pipeline.errors import PipelineError
 from pipeline.fidelity.bootstrap import fd_replicates, kid_replicates
 from pipeline.fidelity.extractors import resolve_extractor
@@ -147,7 +147,7 @@ def evaluate(samples: str | Path, reference: str | Path, out: str | Path | None 
 def fid_settings(args: argparse.Namespace) -> dict[str, Any]:
     """The config's `fid:` slice: --settings-json (what the Snakemake rule passes) or --config."""
     if args.settings_json:
-        return config_slice_from_json(args.settings_json, "fid")
+        return json.loads(args.settings_json)
     return dict(load_config(args.config).get("fid") or {})
 
 

@@ -23,7 +23,7 @@ from typing import Any, Mapping
 import torch_fidelity
 
 from pipeline.arguments import int_at_least, nonnegative_int, path_name, positive_int, settings_json
-from pipeline.config import config_slice_from_json, load_config
+from pipeline.config import load_config
 from pipeline.errors import PipelineError
 from pipeline.fidelity.extractors import (BUILTIN_EXTRACTORS, INCEPTION, Extractor, file_sha256,
                                          resolve_extractor)
@@ -82,7 +82,7 @@ def build_reference(data: str | Path, extractor: Extractor, out: str | Path, *,
 def fid_settings(args: argparse.Namespace) -> dict[str, Any]:
     """The config's `fid:` slice: --settings-json (what the Snakemake rule passes) or --config."""
     if args.settings_json:
-        return config_slice_from_json(args.settings_json, "fid")
+        return json.loads(args.settings_json)
     return dict(load_config(args.config).get("fid") or {})
 
 

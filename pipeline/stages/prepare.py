@@ -36,7 +36,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--download", action=argparse.BooleanOptionalAction, default=None,
                         help="download the official files when no source is found; unset = config "
                              "datasets.<dataset>.download")
-    parser.add_argument("--max-images", type=positive_int, default=None, metavar="N",
+    parser.add_argument("--max-images", type=int, default=None, metavar="N",
                         help="keep only the first N images; unset = config datasets.<dataset>.max_images")
     parser.add_argument("--out", default=None, metavar="H5",
                         help="output file; unset = {results}/{dataset}/data.h5")

@@ -366,7 +366,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out-dir", default=None,
                         help="run folder (default: {results}/{dataset}/{recipe}/seed{seed})")
     parser.add_argument("--steps", type=positive_int, default=None, help="override training.steps")
-    parser.add_argument("--processes", type=positive_int, default=1, metavar="N",
+    parser.add_argument("--processes", type=int, default=1, metavar="N",
                         help="data-parallel processes, one per GPU (default 1); N > 1 relaunches "
                              "this command under torchrun on this node (gloo on a CPU-only machine)")
     parser.add_argument("--stop-after", type=positive_int, default=None, metavar="K",
