@@ -15,7 +15,7 @@ import json
 import math
 import re
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Hashable, Mapping, Sequence
 
 import yaml
 
@@ -30,7 +30,7 @@ class _UniqueKeyLoader(yaml.SafeLoader):
     """safe_load that refuses a key given twice in one mapping (PyYAML lets the last one win)."""
 
 
-class DuplicateKeyError(yaml.YAMLError):
+class _DuplicateKeyError(yaml.YAMLError):
     def __init__(self, key: Any, line: int, first_line: int):
         super().__init__(f"duplicate key '{key}' at line {line} (first at line {first_line})")
         self.key, self.line, self.first_line = key, line, first_line
@@ -42,9 +42,11 @@ def _construct_unique_mapping(loader: yaml.SafeLoader, node: yaml.MappingNode, d
         if key_node.tag == "tag:yaml.org,2002:merge":
             continue  # `<<:` merge keys may legitimately override
         key = loader.construct_object(key_node, deep=True)
+        if not isinstance(key, Hashable):
+            continue  # construct_mapping below reports an unhashable key in its own words
         line = key_node.start_mark.line + 1
         if key in first_lines:
-            raise DuplicateKeyError(key, line, first_lines[key])
+            raise _DuplicateKeyError(key, line, first_lines[key])
         first_lines[key] = line
     return loader.construct_mapping(node, deep=deep)
 
@@ -60,7 +62,7 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
                             f"(the repository's defaults are in {DEFAULT_CONFIG}).")
     try:
         layer = yaml.load(path.read_text(), Loader=_UniqueKeyLoader) or {}
-    except DuplicateKeyError as err:
+    except _DuplicateKeyError as err:
         raise PipelineError(f"config file {path}: key '{err.key}' appears twice (lines {err.first_line} and "
                             f"{err.line}); keep one of them.") from None
     except yaml.YAMLError as err:
@@ -145,7 +147,7 @@ def nonfinite_problems(value: Any, path: str = "") -> list[str]:
 
 @functools.lru_cache(maxsize=1)
 def _schema_validator():
-    import jsonschema
+    import jsonschema  # 0.15 s to import: paid only by runs that validate a config
 
     schema = yaml.safe_load(SCHEMA.read_text())
     return jsonschema.validators.validator_for(schema)(schema)
@@ -156,7 +158,7 @@ def schema_problems(config: Mapping[str, Any], complete: bool = True) -> list[st
 
     `complete=False` skips missing required keys (a stage's partial config), nothing else.
     """
-    from jsonschema.exceptions import best_match
+    from jsonschema.exceptions import best_match  # see _schema_validator
 
     problems = []
     for error in sorted(_schema_validator().iter_errors(config), key=lambda e: list(map(str, e.absolute_path))):

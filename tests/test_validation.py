@@ -274,3 +274,14 @@ def test_help_shows_defaults_the_text_does_not_state():
 def test_settings_json_returns_the_text_unchanged():
     text = json.dumps({"a": 1, "b": [0.5]})
     assert arguments.settings_json(text) == text
+
+
+@pytest.mark.parametrize("text, problem", [
+    ("a: [1, 2\nb: 3\n", "is not valid YAML: expected ',' or ']', but got ':' at line 2, column 2."),
+    ("[1, 2]\n", "must hold a mapping at its top level."),
+])
+def test_unreadable_config_file_is_one_line(tmp_path, text, problem):
+    path = write(tmp_path, text)
+    with pytest.raises(PipelineError) as caught:
+        read_yaml(path)
+    assert str(caught.value) == f"config file {path} {problem}"
