@@ -192,7 +192,8 @@ LPF = ("lpf", "--weights", "w.pt", "--out", "o.h5")
 
 
 @pytest.mark.parametrize("argv, message", [
-    ((*TRAIN, "--steps", "-5"), "python -m pipeline train: error: argument --steps: must be a positive integer, got -5"),
+    ((*TRAIN, "--steps", "-5"),
+     "python -m pipeline train: error: argument --steps: must be a positive integer, got -5"),
     ((*TRAIN, "--steps", "0"), "python -m pipeline train: error: argument --steps: must be a positive integer, got 0"),
     ((*TRAIN, "--seed", "-1"), "python -m pipeline train: error: argument --seed: must be an integer >= 0, got -1"),
     ((*TRAIN, "--stop-after", "0"),

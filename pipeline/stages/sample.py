@@ -291,7 +291,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--settings-json", type=settings_json, default=None,
                         help="resolved settings as JSON (what the Snakemake rule passes); replaces "
                              "--config resolution")
-    parser.add_argument("--n", type=positive_int, default=None, help="number of images; None = config sampling.n_samples")
+    parser.add_argument("--n", type=positive_int, default=None,
+                        help="number of images; None = config sampling.n_samples")
     parser.add_argument("--batch-size", type=positive_int, default=None, help="images per model call; None = config "
                                                                      "sampling.batch_size")
     parser.add_argument("--chunk-size", type=positive_int, default=None,
