@@ -25,7 +25,7 @@ FIGURE_CAPTIONS = {
     "fig2_samples_fp32_int8": "Figs. 2 and 4: samples of ADM, +SAM, +EMA, +SAM+EMA (and fSGLD) in fp32 and "
                               "quantized, at the smallest T'.",
     "fig5_loss_vs_perturbation": "Figs. 5, 7, 8: loss and loss increase against the norm of a random weight "
-                                 "perturbation, every algorithm.",
+                                 "perturbation, every algorithm; shaded bands: ±1 std.",
     "fig6_eps_norm": "Figs. 6, 7, 8: mean L2 norm of the predicted noise eps_theta per timestep, training inputs "
                      "vs the sampling chain.",
 }
@@ -74,7 +74,8 @@ def open_choices(study: Study, data: Collected, choices: Choices) -> list[str]:
     ema = _distinct([(s.get("ema") or {}).get("decay") for s in train["settings"]])
     constant = bool((train["lr_first"] == train["lr_last"]).all())
     items.append(f"SWA and EMA (the paper does not say whether the learning rate was cycled within SWA's "
-                 f"cycles, nor fix the snapshot schedule): {_distinct(train['steps'].tolist())} training steps per run; SWA settings {swa} "
+                 f"cycles, nor fix the snapshot schedule): {_distinct(train['steps'].tolist())} training steps "
+                 f"per run; SWA settings {swa} "
                  f"(snapshots per run: {_distinct(train['swa_snapshots'].tolist())}); "
                  f"EMA decay {ema}; the learning rate is "
                  + ("constant over each run (not cycled within SWA cycles)" if constant
@@ -82,7 +83,8 @@ def open_choices(study: Study, data: Collected, choices: Choices) -> list[str]:
 
     if "lpf" in study.metrics:
         items.append(f"LPF (the paper states neither the noise std sigma, the number of weight-noise draws, the "
-                     f"data behind the loss nor its terms): sigma {_setting(data, 'lpf', 'sigma')}, draws {_setting(data, 'lpf', 'draws')}, "
+                     f"data behind the loss nor its terms): sigma {_setting(data, 'lpf', 'sigma')}, "
+                     f"draws {_setting(data, 'lpf', 'draws')}, "
                      f"{_setting(data, 'lpf', 'n_eval')} fixed (x0, t, eps) evaluation triples, loss terms "
                      f"{_recorded(data, 'lpf', 'loss_terms')}; noise: {_recorded(data, 'lpf', 'noise')}; "
                      f"sigma sweep {_setting(data, 'lpf', 'sigma_sweep')}.")
@@ -101,7 +103,8 @@ def open_choices(study: Study, data: Collected, choices: Choices) -> list[str]:
 
     if "exposure" in study.metrics and data.exposure is not None:
         items.append(f"Exposure gap (the paper uses both the squared and the plain norm, and does not say how "
-                     f"the per-timestep gap becomes one number): {_recorded(data, 'exposure', 'gap_convention')}. Table 1 shows the mean "
+                     f"the per-timestep gap becomes one number): {_recorded(data, 'exposure', 'gap_convention')}. "
+                     f"Table 1 shows the mean "
                      f"L2 (not squared) gap at T'={exposure_steps(data)}; "
                      f"{_setting(data, 'exposure', 'n_images')} images per curve. The paper's aggregation is "
                      f"not stated.")
@@ -143,11 +146,13 @@ def open_choices(study: Study, data: Collected, choices: Choices) -> list[str]:
     if "hessian" in study.metrics and data.hessian is not None:
         unconverged = int((~data.hessian["converged"]).sum())
         items.append(f"Hessian (the paper does not name its Hessian tool; here power iteration for the top "
-                     f"eigenvalue and Hutchinson's estimator for the trace, on one fixed batch): batch {_setting(data, 'hessian', 'batch')}, max_iter "
+                     f"eigenvalue and Hutchinson's estimator for the trace, on one fixed batch): "
+                     f"batch {_setting(data, 'hessian', 'batch')}, max_iter "
                      f"{_setting(data, 'hessian', 'max_iter')}, tol {_setting(data, 'hessian', 'tol')}; "
                      f"{unconverged} of {len(data.hessian)} estimates stopped at max_iter before converging.")
     if "surface" in study.metrics:
-        items.append(f"Loss surface (grid and span are this run's; directions as Li et al. 2018): grid {_setting(data, 'surface', 'grid')} x {_setting(data, 'surface', 'grid')} "
+        items.append(f"Loss surface (grid and span are this run's; directions as Li et al. 2018): "
+                     f"grid {_setting(data, 'surface', 'grid')} x {_setting(data, 'surface', 'grid')} "
                      f"over [-{_setting(data, 'surface', 'span')}, {_setting(data, 'surface', 'span')}]^2; "
                      f"{_recorded(data, 'surface', 'normalisation')}.")
     return [f"{i}. {item}" for i, item in enumerate(items, 1)]

@@ -1,13 +1,25 @@
 # The paper's tables and figures (+ fSGLD rows) from every FID, metric and training log.
 
 
+def html_report_item(path, category):
+    """`path` marked for `snakemake --report` with its caption (report/<name>.rst) if the HTML
+    report can show it inline (.html, .png), else left unmarked."""
+    name, ext = os.path.splitext(os.path.basename(path))
+    if ext not in (".html", ".png"):
+        return path
+    return report(path, caption=f"../report/{name}.rst", category=category)
+
+
 rule report:
     input:
         **report_inputs(),
     output:
-        tables=[report(path, category="Tables") for path in layout.report_tables(RESULTS)],
-        figures=[report(path, category="Figures") for path in layout.report_figures(RESULTS)],
-        index=report(layout.report_index(RESULTS), category="Index"),
+        # The HTML report shows the .html tables and .png figures inline, each with its caption;
+        # the CSV, Markdown, LaTeX and PDF copies stay in the report folder only.
+        tables=[html_report_item(path, "Tables") for path in layout.report_tables(RESULTS)],
+        figures=[html_report_item(path, "Figures") for path in layout.report_figures(RESULTS)],
+        index=layout.report_index(RESULTS),
+        index_html=report(layout.report_index_html(RESULTS), caption="../report/index.rst", category="Index"),
     params:
         settings=as_json(stage_settings(config, "report")),
         out_dir=lambda w, output: os.path.dirname(output.index),
