@@ -94,7 +94,7 @@ def latex_escape(text: object) -> str:
 
 
 def latex_layout(frame: pd.DataFrame) -> tuple[tuple[str, ...], str]:
-    """The font-size commands and the column spec: the largest LATEX_SIZES entry that fits \linewidth.
+    r"""The font-size commands and the column spec: the largest LATEX_SIZES entry that fits \linewidth.
 
     Columns with cells longer than WRAP_CHARACTERS become p{width}: at least their longest word, at
     most their longest cell, and in between a share of what the unwrapped columns and the gaps

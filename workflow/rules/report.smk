@@ -1,15 +1,6 @@
 # The paper's tables and figures (+ fSGLD rows) from every FID, metric and training log.
 
 
-def html_report_item(path, category):
-    """`path` marked for `snakemake --report` with its caption (report/<name>.rst) if the HTML
-    report can show it inline (.html, .png), else left unmarked."""
-    name, ext = os.path.splitext(os.path.basename(path))
-    if ext not in (".html", ".png"):
-        return path
-    return report(path, caption=f"../report/{name}.rst", category=category)
-
-
 rule report:
     input:
         **report_inputs(),
