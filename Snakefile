@@ -17,6 +17,10 @@ min_version("9.0")
 configfile: "config.yaml"
 
 
+# `snakemake --report report.html`: this text opens the report, the captions are beside it.
+report: "workflow/report/workflow.rst"
+
+
 envvars:
     "PATH",
 

@@ -116,8 +116,8 @@ REPORT_FIGURES = ("fig1_loss_surface", "fig2_samples_fp32_int8", "fig5_loss_vs_p
 
 
 def report_tables(results: str) -> list[str]:
-    """Every table of the report, each as CSV, Markdown and LaTeX."""
-    return [f"{report_dir(results)}/{name}.{ext}" for name in REPORT_TABLES for ext in ("csv", "md", "tex")]
+    """Every table of the report, each as CSV, Markdown, LaTeX and HTML (the one the HTML report shows)."""
+    return [f"{report_dir(results)}/{name}.{ext}" for name in REPORT_TABLES for ext in ("csv", "md", "tex", "html")]
 
 
 def report_figures(results: str) -> list[str]:
@@ -128,3 +128,8 @@ def report_figures(results: str) -> list[str]:
 def report_index(results: str) -> str:
     """The report's index: what each table and figure is, and the open choices of the study."""
     return f"{report_dir(results)}/index.md"
+
+
+def report_index_html(results: str) -> str:
+    """index.md's content as HTML, for the Snakemake HTML report."""
+    return f"{report_dir(results)}/index.html"

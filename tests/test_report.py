@@ -386,7 +386,8 @@ def test_every_listed_output_exists_and_is_of_its_kind(one_seed) -> None:
     settings, out, written = one_seed
     results = settings["results"]
     expected = layout.report_tables(results) + layout.report_figures(results)
-    assert sorted(map(str, written)) == sorted(expected + [f"{results}/report/index.md"])
+    assert sorted(map(str, written)) == sorted(expected + [f"{results}/report/index.md",
+                                                           f"{results}/report/index.html"])
     for path in expected:
         data = Path(path).read_bytes()
         assert len(data) > 100, path
@@ -394,6 +395,8 @@ def test_every_listed_output_exists_and_is_of_its_kind(one_seed) -> None:
             assert data.startswith(b"\x89PNG")
         if path.endswith(".pdf"):
             assert data.startswith(b"%PDF")
+        if path.endswith(".html"):
+            assert data.decode().startswith("<!doctype html>") and "<table>" in data.decode(), path
         if path.endswith(".tex"):
             assert "\\begin{tabular}" in data.decode() and "\\caption{" in data.decode()
             # Every non-ASCII character of the cells (σ, §, †, ±, →) is spelled as a LaTeX command.

@@ -1,4 +1,4 @@
-"""Assemble the report: collect inputs, pick the SAM rho, write tables, figures and index.md."""
+"""Assemble the report: collect inputs, pick the SAM rho, write tables, figures and index.md/.html."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from pipeline.io.atomic import atomic_path
 from pipeline.report.claims import claims_table
 from pipeline.report.collect import MAKER, collect
 from pipeline.report.figures import FIGURE_BUILDERS, save_figure, samples_needed
-from pipeline.report.index import FIGURE_CAPTIONS, index_markdown
+from pipeline.report.index import FIGURE_CAPTIONS, index_html, index_markdown
 from pipeline.report.render import write_table
 from pipeline.report.study import Study, select_sam
 from pipeline.report.tables import TABLE_BUILDERS
@@ -42,10 +42,10 @@ def build_report(settings: Mapping[str, Any], out_dir: str | Path) -> list[Path]
     for name in layout.REPORT_FIGURES:
         written += save_figure(FIGURE_BUILDERS[name](study, data, choices), out_dir, name)
 
-    index = out_dir / "index.md"
-    text = index_markdown(study, data, choices, [by_name[n] for n in layout.REPORT_TABLES],
-                          {name: FIGURE_CAPTIONS[name] for name in layout.REPORT_FIGURES})
-    with atomic_path(index) as tmp:
-        tmp.write_text(text, encoding="utf-8")
-    written.append(index)
+    ordered = [by_name[n] for n in layout.REPORT_TABLES]
+    captions = {name: FIGURE_CAPTIONS[name] for name in layout.REPORT_FIGURES}
+    for index, render in ((out_dir / "index.md", index_markdown), (out_dir / "index.html", index_html)):
+        with atomic_path(index) as tmp:
+            tmp.write_text(render(study, data, choices, ordered, captions), encoding="utf-8")
+        written.append(index)
     return written

@@ -11,7 +11,9 @@ fig6_eps_norm             Figs. 6, 7, 8 (left): mean ||eps_theta||_2 per timeste
 
 Figures are built on matplotlib.figure.Figure directly (Agg canvas, no pyplot state). With
 several seeds, curves and surfaces are means over seeds and bands are the std over seeds; with
-one seed, the perturbation band is the std over random directions.
+one seed, the perturbation band is the std over random directions. Every line style, band and
+thin line has a legend entry or is named in the figure's title; legends sit below the panels,
+outside the data. Axis labels use matplotlib mathtext.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import numpy as np
 from matplotlib import colormaps
 from matplotlib.colors import LogNorm, Normalize
 from matplotlib.figure import Figure
+from matplotlib.patches import Patch
 
 from pipeline import layout
 from pipeline.io.atomic import atomic_path
@@ -75,7 +78,8 @@ def _mean_over_seeds(study: Study, read: Callable[[int], np.ndarray]) -> tuple[n
 # Fig. 1: loss surfaces.
 
 def fig1_loss_surface(study: Study, data: Collected, choices: Choices) -> Figure:
-    title = "Fig. 1: loss surface along two filter-normalised random directions"
+    title = (r"Fig. 1: training loss along two filter-normalised random directions $\delta, \eta$ "
+             "(white lines: contours of equal loss)")
     if "surface" not in study.metrics:
         return _message_figure(title, "surface is not in study.metrics, so no surface was measured.")
     raw = raw_average(study)
@@ -108,12 +112,13 @@ def fig1_loss_surface(study: Study, data: Collected, choices: Choices) -> Figure
                 ax.contour(x, y, z, levels=np.geomspace(low, high, 12) if isinstance(norm, LogNorm) else 12,
                            colors="white", linewidths=0.5, norm=norm)
             ax.set_title(f"{algorithm_label(study.label(recipe), raw)} ({dataset})")
-            ax.set_xlabel("direction 1 coefficient")
-            ax.set_ylabel("direction 2 coefficient")
+            ax.set_xlabel(r"coefficient $a$ of direction $\delta$")
+            ax.set_ylabel(r"coefficient $b$ of direction $\eta$")
             ax.set_aspect("equal")
         for col in range(len(panels[dataset]), columns):
             axes[row, col].set_axis_off()
-        fig.colorbar(mesh, ax=list(axes[row, :len(panels[dataset])]), label=f"training loss ({terms})")
+        fig.colorbar(mesh, ax=list(axes[row, :len(panels[dataset])]),
+                     label=rf"loss $L(\theta + a\delta + b\eta)$ ({terms})")
     return fig
 
 
@@ -148,7 +153,7 @@ def fig2_samples(study: Study, data: Collected, choices: Choices) -> Figure:
     columns = sample_columns(study)
     fig = Figure(figsize=(max(2.6 * len(columns), 6.5), 2.9 * len(rows)), layout="constrained")
     fig.suptitle(f"Figs. 2 and 4: first {GRID_IMAGES} samples per variant (training seed {seed})\n"
-                 f"sample i starts from the same noise in every panel; titles: {name} on all samples")
+                 f"sample i starts from the same noise in every panel;\npanel titles: {name} on all samples")
     axes = fig.subplots(len(rows), len(columns), squeeze=False)
     for r, (dataset, recipe, average) in enumerate(rows):
         for c, (precision, steps) in enumerate(columns):
@@ -176,9 +181,12 @@ def fig5_loss_vs_perturbation(study: Study, data: Collected, choices: Choices) -
     if "perturbation" not in study.metrics:
         return _message_figure(title, "perturbation is not in study.metrics, so it was not measured.")
     colours = _colours(study)
-    fig = Figure(figsize=(5.0 * len(study.datasets), 7.5), layout="constrained")
+    fig = Figure(figsize=(5.0 * len(study.datasets) + 1.0, 8.5), layout="constrained")
     fig.suptitle(title)
     axes = fig.subplots(2, len(study.datasets), squeeze=False)
+    # What the shaded bands are, as the legend's last entry.
+    band = "±1 std over training seeds" if len(study.seeds) > 1 else "±1 std over random directions"
+    labelled: dict[str, object] = {}
     for col, dataset in enumerate(study.datasets):
         for recipe in study.table_recipes(choices, dataset):
             for average in study.metric_averages("perturbation"):
@@ -191,16 +199,19 @@ def fig5_loss_vs_perturbation(study: Study, data: Collected, choices: Choices) -
                     if spread is None:
                         spread = curves[study.seeds[0]][f"{key}_std"]
                     ax = axes[row, col]
-                    ax.plot(radii, mean, color=colours[recipe], linestyle=LINESTYLES[average], label=label)
+                    (line,) = ax.plot(radii, mean, color=colours[recipe], linestyle=LINESTYLES[average])
+                    labelled.setdefault(label, line)
                     ax.fill_between(radii, mean - spread, mean + spread, color=colours[recipe], alpha=0.12,
                                     linewidth=0)
         axes[0, col].set_title(dataset)
-        axes[0, col].set_ylabel("loss L(theta + gamma u)")
-        axes[1, col].set_ylabel("loss increase L(theta + gamma u) - L(theta)")
+        axes[0, col].set_ylabel(r"loss $L(\theta + \gamma u)$")
+        axes[1, col].set_ylabel(r"loss increase $L(\theta + \gamma u) - L(\theta)$")
         for row in range(2):
-            axes[row, col].set_xlabel("perturbation norm gamma = ||Delta theta||_2")
+            axes[row, col].set_xlabel(r"perturbation norm $\gamma = \|\Delta\theta\|_2$ ($u$: random unit direction)")
             axes[row, col].grid(alpha=0.3)
-        axes[0, col].legend(fontsize=7, ncol=2)
+    handles = [*labelled.values(), Patch(color="0.6", alpha=0.35, linewidth=0)]
+    fig.legend(handles, [*labelled, f"shaded band: {band}"], loc="outside lower center", fontsize=8,
+               ncol=min(3, len(handles)))
     return fig
 
 
@@ -208,14 +219,15 @@ def fig5_loss_vs_perturbation(study: Study, data: Collected, choices: Choices) -
 # Figs. 6, 7, 8: eps-norm on training inputs vs along the sampling chain.
 
 def fig6_eps_norm(study: Study, data: Collected, choices: Choices) -> Figure:
-    title = "Figs. 6, 7, 8: ||eps_theta||_2 on training inputs vs along the sampling chain"
+    title = r"Figs. 6, 7, 8: $\|\epsilon_\theta(x_t, t)\|_2$ on training inputs vs along the sampling chain"
     if "exposure" not in study.metrics:
         return _message_figure(title, "exposure is not in study.metrics, so it was not measured.")
     colours = _colours(study)
     steps_list = sorted(set(data.exposure["steps"].tolist()))
-    fig = Figure(figsize=(5.0 * len(steps_list), 4.0 * len(study.datasets)), layout="constrained")
+    fig = Figure(figsize=(5.0 * len(steps_list) + 1.0, 4.0 * len(study.datasets) + 1.4), layout="constrained")
     fig.suptitle(title)
     axes = fig.subplots(len(study.datasets), len(steps_list), squeeze=False)
+    labelled: dict[str, object] = {}
     for row, dataset in enumerate(study.datasets):
         for recipe in study.table_recipes(choices, dataset):
             for average in study.metric_averages("exposure"):
@@ -230,21 +242,27 @@ def fig6_eps_norm(study: Study, data: Collected, choices: Choices) -> Figure:
                     sampling = _mean_over_seeds(study, lambda s: curves[s][steps]["sampling"])[0]
                     # One "Training" reference as in the paper (ADM's); the others' training curves faint.
                     if recipe == study.baseline and average == raw_average(study):
-                        ax.plot(t, training, color="black", linewidth=2.0, label="Training (ADM)")
-                        ax.axhline(first["reference_l2"], color="grey", linestyle=":", linewidth=1,
-                                   label="sqrt(C H W)")
+                        labelled.setdefault("training inputs, ADM", ax.plot(t, training, color="black",
+                                                                            linewidth=2.0)[0])
+                        labelled.setdefault(r"$\sqrt{CHW}$: norm of pure noise $\epsilon$",
+                                            ax.axhline(first["reference_l2"], color="grey", linestyle=":",
+                                                       linewidth=1))
                     else:
-                        ax.plot(t, training, color="0.75", linewidth=0.6)
-                    ax.plot(t, sampling, color=colours[recipe], linestyle=LINESTYLES[average],
-                            label=f"{label} (sampling)")
+                        labelled.setdefault("training inputs, other algorithms",
+                                            ax.plot(t, training, color="0.75", linewidth=0.6)[0])
+                    labelled.setdefault(f"{label}, sampling chain",
+                                        ax.plot(t, sampling, color=colours[recipe],
+                                                linestyle=LINESTYLES[average])[0])
         for col, steps in enumerate(steps_list):
             ax = axes[row, col]
             ax.set_title(f"{dataset}, T'={steps}")
-            ax.set_xlabel("timestep t (axis reversed: sampling runs left to right, from t = 1000 to 0)")
-            ax.set_ylabel("mean ||eps_theta(x_t, t)||_2")
+            # Inverted so that time runs the way the sampler does: t = 1000 on the left, t = 0 on the right.
             ax.invert_xaxis()
+            ax.set_xlabel(r"timestep $t$ (decreasing: sampling runs left to right)")
+            ax.set_ylabel(r"mean $\|\epsilon_\theta(x_t, t)\|_2$")
             ax.grid(alpha=0.3)
-            ax.legend(fontsize=6, ncol=2)
+    fig.legend(list(labelled.values()), list(labelled), loc="outside lower center", fontsize=8,
+               ncol=min(3, len(labelled)))
     return fig
 
 

@@ -3,9 +3,9 @@
 Reads every FID file, metric file and training log of the study (the report rule's inputs) and,
 for Fig. 2, the samples.h5 of ADM, the chosen +SAM and fSGLD (raw and EMA weights, every
 precision, first seed, smallest T'). Writes into --out-dir (default {results}/report): each
-table of pipeline.layout.REPORT_TABLES as .csv, .md and .tex, each figure of REPORT_FIGURES as
-.png and .pdf, and index.md (contents, the claims, and the choices of SPEC-methods section 12
-as the inputs record them). report.sam_selection picks the rho behind the +SAM rows
+table of pipeline.layout.REPORT_TABLES as .csv, .md, .tex and .html, each figure of
+REPORT_FIGURES as .png and .pdf, and index.md and index.html (contents, the claims, and the
+choices the paper leaves open, as the inputs record them). report.sam_selection picks the rho behind the +SAM rows
 (best_fid_<T'> or rho=<value>); the tables say which. A missing input is an error that names
 the file and the rule that makes it; nothing is written then.
 """

@@ -124,3 +124,12 @@ def report_inputs():
 
 def report_outputs():
     return layout.report_tables(RESULTS) + layout.report_figures(RESULTS) + [layout.report_index(RESULTS)]
+
+
+def html_report_item(path, category):
+    """`path` marked for `snakemake --report` with its caption (workflow/report/<name>.rst) if the HTML
+    report can show it inline (.html, .png), else left unmarked."""
+    name, ext = os.path.splitext(os.path.basename(path))
+    if ext not in (".html", ".png"):
+        return path
+    return report(path, caption=f"../report/{name}.rst", category=category)

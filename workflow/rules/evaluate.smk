@@ -34,7 +34,14 @@ rule sample:
         code=CODE["sample"],
     output:
         samples=layout.samples(RESULTS, "{dataset}", "{recipe}", "{seed}", "{average}", "{precision}", "{steps}"),
-        grid=layout.sample_grid(RESULTS, "{dataset}", "{recipe}", "{seed}", "{average}", "{precision}", "{steps}"),
+        grid=report(
+            layout.sample_grid(RESULTS, "{dataset}", "{recipe}", "{seed}", "{average}", "{precision}", "{steps}"),
+            caption="../report/sample_grid.rst",
+            category="Samples",
+            subcategory="{dataset}",
+            labels={"recipe": "{recipe}", "seed": "{seed}", "averaging": "{average}", "precision": "{precision}",
+                    "T'": "{steps}"},
+        ),
     params:
         settings=lambda w: as_json(stage_settings(config, "sample", dataset=w.dataset)),
     conda:

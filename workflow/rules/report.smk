@@ -5,9 +5,12 @@ rule report:
     input:
         **report_inputs(),
     output:
-        tables=[report(path, category="Tables") for path in layout.report_tables(RESULTS)],
-        figures=[report(path, category="Figures") for path in layout.report_figures(RESULTS)],
-        index=report(layout.report_index(RESULTS), category="Index"),
+        # The HTML report shows the .html tables and .png figures inline, each with its caption;
+        # the CSV, Markdown, LaTeX and PDF copies stay in the report folder only.
+        tables=[html_report_item(path, "Tables") for path in layout.report_tables(RESULTS)],
+        figures=[html_report_item(path, "Figures") for path in layout.report_figures(RESULTS)],
+        index=layout.report_index(RESULTS),
+        index_html=report(layout.report_index_html(RESULTS), caption="../report/index.rst", category="Index"),
     params:
         settings=as_json(stage_settings(config, "report")),
         out_dir=lambda w, output: os.path.dirname(output.index),
