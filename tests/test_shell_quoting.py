@@ -86,3 +86,14 @@ def test_jobs_write_only_into_the_hostile_results_folder(hostile_workdir):
     assert set(os.listdir(workdir)) - before <= {"results", ".snakemake"}
     assert os.listdir(workdir / "results") == [HOSTILE]
     assert not list(workdir.parent.rglob("INJECTED"))
+
+
+def test_braces_in_results_get_one_clear_message(tmp_path):
+    """Braces are the one thing quoting cannot help: Snakemake reads them as wildcards."""
+    overlay = tmp_path / "braces.yaml"
+    overlay.write_text('results: "results/run{1}"\n')
+    result = subprocess.run([sys.executable, "-m", "snakemake", "-n", "--configfile", "config/demo.yaml", str(overlay)],
+                            cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0
+    assert "results = 'results/run{1}': Snakemake reads braces in a path as wildcards" in result.stdout + result.stderr
+    assert "Traceback" not in result.stdout + result.stderr

@@ -25,6 +25,9 @@ TRAIN_THREADS = config["training"].get("threads_per_process", 2)
 from snakemake.exceptions import WorkflowError
 
 _problems = config_problems(config)
+# Any other character is safe: shell commands quote every path.
+if "{" in RESULTS or "}" in RESULTS:
+    _problems.append(f"results = {RESULTS!r}: Snakemake reads braces in a path as wildcards; name a folder without {{ }}")
 if _problems:
     raise WorkflowError("invalid config:\n  - " + "\n  - ".join(_problems))
 
