@@ -143,6 +143,10 @@ def planning_problems(config: Mapping[str, Any], configfiles: Sequence[str | Pat
 def config_problems(config: Mapping[str, Any]) -> list[str]:
     """What a JSON schema cannot check: cross references, paths on disk, step counts."""
     problems = []
+    # Any other character is safe: the rules quote every path in their shell commands.
+    if "{" in config["results"] or "}" in config["results"]:
+        problems.append(f"results = {config['results']!r}: Snakemake reads braces in a path as wildcards; "
+                        f"name a folder without {{ }}")
     study = config["study"]
     for name in study["datasets"]:
         if name not in config["datasets"]:

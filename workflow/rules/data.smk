@@ -19,8 +19,8 @@ rule prepare:
     log:
         f"{RESULTS}/logs/prepare/{{dataset}}.log",
     shell:
-        "OMP_NUM_THREADS={threads} python -m pipeline prepare --dataset {wildcards.dataset} --settings-json '{params.settings}' "
-        "--out {output} --no-progress 2> {log}"
+        "OMP_NUM_THREADS={threads} python -m pipeline prepare --dataset {wildcards.dataset:q} --settings-json {params.settings:q} "
+        "--out {output:q} --no-progress 2> {log:q}"
 
 
 rule fid_reference:
@@ -41,8 +41,8 @@ rule fid_reference:
     log:
         f"{RESULTS}/logs/fid_reference/{{dataset}}_{{extractor}}.log",
     shell:
-        "OMP_NUM_THREADS={threads} python -m pipeline fid-reference --data {input.data} --extractor {wildcards.extractor} "
-        "--settings-json '{params.settings}' --out {output} --no-progress 2> {log}"
+        "OMP_NUM_THREADS={threads} python -m pipeline fid-reference --data {input.data:q} --extractor {wildcards.extractor:q} "
+        "--settings-json {params.settings:q} --out {output:q} --no-progress 2> {log:q}"
 
 
 rule calibration_samples:
@@ -64,5 +64,5 @@ rule calibration_samples:
     log:
         f"{RESULTS}/logs/calibration_samples/{{dataset}}_{{kind}}_n{{n}}.log",
     shell:
-        "OMP_NUM_THREADS={threads} python -m pipeline calibration-samples --data {input.data} --kind {wildcards.kind} "
-        "--n {wildcards.n} --seed {params.seed} --settings-json '{params.settings}' --out {output} 2> {log}"
+        "OMP_NUM_THREADS={threads} python -m pipeline calibration-samples --data {input.data:q} --kind {wildcards.kind:q} "
+        "--n {wildcards.n:q} --seed {params.seed} --settings-json {params.settings:q} --out {output:q} 2> {log:q}"

@@ -24,8 +24,8 @@ rule quantize:
     log:
         f"{RESULTS}/logs/quantize/{{dataset}}_{{recipe}}_seed{{seed}}_{{average}}_{{precision}}.log",
     shell:
-        "OMP_NUM_THREADS={threads} python -m pipeline quantize --weights {input.weights} --precision {wildcards.precision} "
-        "--out {output.weights} --codes {output.codes} --settings-json '{params.settings}' 2> {log}"
+        "OMP_NUM_THREADS={threads} python -m pipeline quantize --weights {input.weights:q} --precision {wildcards.precision:q} "
+        "--out {output.weights:q} --codes {output.codes:q} --settings-json {params.settings:q} 2> {log:q}"
 
 
 rule sample:
@@ -54,9 +54,9 @@ rule sample:
     log:
         f"{RESULTS}/logs/sample/{{dataset}}_{{recipe}}_seed{{seed}}_{{average}}_{{precision}}_T{{steps}}.log",
     shell:
-        "OMP_NUM_THREADS={threads} python -m pipeline sample --weights {input.weights} --dataset {wildcards.dataset} "
-        "--steps {wildcards.steps} --settings-json '{params.settings}' --out {output.samples} "
-        "--grid {output.grid} --no-progress 2> {log}"
+        "OMP_NUM_THREADS={threads} python -m pipeline sample --weights {input.weights:q} --dataset {wildcards.dataset:q} "
+        "--steps {wildcards.steps:q} --settings-json {params.settings:q} --out {output.samples:q} "
+        "--grid {output.grid:q} --no-progress 2> {log:q}"
 
 
 rule fid:
@@ -78,8 +78,8 @@ rule fid:
     log:
         f"{RESULTS}/logs/fid/{{dataset}}_{{recipe}}_seed{{seed}}_{{average}}_{{precision}}_T{{steps}}_{{extractor}}.log",
     shell:
-        "OMP_NUM_THREADS={threads} python -m pipeline fid --samples {input.samples} --reference {input.reference} "
-        "--settings-json '{params.settings}' --out {output} --no-progress 2> {log}"
+        "OMP_NUM_THREADS={threads} python -m pipeline fid --samples {input.samples:q} --reference {input.reference:q} "
+        "--settings-json {params.settings:q} --out {output:q} --no-progress 2> {log:q}"
 
 
 # The rho behind the +SAM rows is chosen on samples drawn with another seed (report.selection).
@@ -104,9 +104,9 @@ rule sample_validation:
     log:
         f"{RESULTS}/logs/sample_validation/{{dataset}}_{{recipe}}_seed{{seed}}_T{{steps}}.log",
     shell:
-        "OMP_NUM_THREADS={threads} python -m pipeline sample --weights {input.weights} --dataset {wildcards.dataset} "
-        "--steps {wildcards.steps} --settings-json '{params.settings}' --seed {params.seed} --n {params.n} "
-        "--out {output.samples} --grid {output.grid} --no-progress 2> {log}"
+        "OMP_NUM_THREADS={threads} python -m pipeline sample --weights {input.weights:q} --dataset {wildcards.dataset:q} "
+        "--steps {wildcards.steps:q} --settings-json {params.settings:q} --seed {params.seed} --n {params.n} "
+        "--out {output.samples:q} --grid {output.grid:q} --no-progress 2> {log:q}"
 
 
 rule fid_validation:
@@ -128,8 +128,8 @@ rule fid_validation:
     log:
         f"{RESULTS}/logs/fid_validation/{{dataset}}_{{recipe}}_seed{{seed}}_T{{steps}}_{{extractor}}.log",
     shell:
-        "OMP_NUM_THREADS={threads} python -m pipeline fid --samples {input.samples} --reference {input.reference} "
-        "--settings-json '{params.settings}' --out {output} --no-progress 2> {log}"
+        "OMP_NUM_THREADS={threads} python -m pipeline fid --samples {input.samples:q} --reference {input.reference:q} "
+        "--settings-json {params.settings:q} --out {output:q} --no-progress 2> {log:q}"
 
 
 rule fid_calibration:
@@ -151,8 +151,8 @@ rule fid_calibration:
     log:
         f"{RESULTS}/logs/fid_calibration/{{dataset}}_{{kind}}_n{{n}}_{{extractor}}.log",
     shell:
-        "OMP_NUM_THREADS={threads} python -m pipeline fid --samples {input.samples} --reference {input.reference} "
-        "--settings-json '{params.settings}' --out {output} --no-progress 2> {log}"
+        "OMP_NUM_THREADS={threads} python -m pipeline fid --samples {input.samples:q} --reference {input.reference:q} "
+        "--settings-json {params.settings:q} --out {output:q} --no-progress 2> {log:q}"
 
 
 # Which metrics need a GPU on the cluster: all of them run the UNet many times.
@@ -175,5 +175,5 @@ rule metric:
     log:
         f"{RESULTS}/logs/metric/{{dataset}}_{{recipe}}_seed{{seed}}_{{average}}_{{metric}}.log",
     shell:
-        "OMP_NUM_THREADS={threads} python -m pipeline {wildcards.metric} --weights {input.weights} --data {input.data} "
-        "--dataset {wildcards.dataset} --settings-json '{params.settings}' --out {output} --no-progress 2> {log}"
+        "OMP_NUM_THREADS={threads} python -m pipeline {wildcards.metric:q} --weights {input.weights:q} --data {input.data:q} "
+        "--dataset {wildcards.dataset:q} --settings-json {params.settings:q} --out {output:q} --no-progress 2> {log:q}"

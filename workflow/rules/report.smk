@@ -24,5 +24,5 @@ rule report:
     log:
         f"{RESULTS}/logs/report.log",
     shell:
-        "OMP_NUM_THREADS={threads} python -m pipeline report --settings-json '{params.settings}' "
-        "--out-dir {params.out_dir} 2> {log}"
+        "OMP_NUM_THREADS={threads} python -m pipeline report --settings-json {params.settings:q} "
+        "--out-dir {params.out_dir:q} 2> {log:q}"

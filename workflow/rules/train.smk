@@ -25,6 +25,6 @@ rule train:
     log:
         f"{RESULTS}/logs/train/{{dataset}}_{{recipe}}_seed{{seed}}.log",
     shell:
-        "OMP_NUM_THREADS={threads} python -m pipeline train --dataset {wildcards.dataset} --recipe {wildcards.recipe} "
-        "--seed {wildcards.seed} --settings-json '{params.settings}' --data {input.data} "
-        "--out-dir {params.out_dir} --processes {resources.gpu} --no-progress 2> {log}"
+        "OMP_NUM_THREADS={threads} python -m pipeline train --dataset {wildcards.dataset:q} --recipe {wildcards.recipe:q} "
+        "--seed {wildcards.seed:q} --settings-json {params.settings:q} --data {input.data:q} "
+        "--out-dir {params.out_dir:q} --processes {resources.gpu} --no-progress 2> {log:q}"
