@@ -11,10 +11,13 @@ import argparse
 import ast
 import importlib
 import importlib.util
+import logging
 import sys
+import time
 from pathlib import Path
 from typing import Sequence
 
+from pipeline import progress
 from pipeline.errors import PipelineError
 
 # Order = order of the study: data, training, evaluation, metrics, report.
@@ -68,6 +71,10 @@ def build_parser(stage: str | None = None) -> argparse.ArgumentParser:
             name, help=_summary(name), description=doc,
             formatter_class=argparse.ArgumentDefaultsHelpFormatter)
         module.add_arguments(stage_parser)
+        stage_parser.add_argument(
+            "--progress-every", type=float, default=None, metavar="SECONDS",
+            help=f"seconds between plain progress lines in logs (without a terminal or with "
+                 f"--no-progress); default ${progress.INTERVAL_VARIABLE}, else {progress.DEFAULT_INTERVAL:g}")
         stage_parser.set_defaults(_run=module.run)
     return parser
 
@@ -76,9 +83,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     stage = next((a for a in argv if not a.startswith("-")), None)
     args = build_parser(stage if stage in STAGES else None).parse_args(argv)
+    log = logging.getLogger(__name__)
+    started = time.perf_counter()
     try:
+        every = args.progress_every
+        progress.configure(progress.interval_from_environment() if every is None else every)
         args._run(args)
     except PipelineError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    # The stage's own summary says what it wrote; this line closes every log with the wall time.
+    log.info("%s: finished in %s", args.stage, progress.duration(time.perf_counter() - started))
     return 0

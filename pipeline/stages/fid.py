@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
+import logging
 import time
 from pathlib import Path
 from typing import Any, Mapping
@@ -42,6 +42,8 @@ from pipeline.fidelity.stats import (DEFAULT_KID_ROWS, H5Images, feature_statist
                                      read_reference)
 from pipeline.io.atomic import atomic_path
 from pipeline.io.provenance import provenance, write_attrs
+
+logger = logging.getLogger(__name__)
 
 
 def evaluate(samples: str | Path, reference: str | Path, out: str | Path | None = None, *,
@@ -181,7 +183,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "else 0 = none)")
     parser.add_argument("--bootstrap-seed", type=int, default=None,
                         help="seed of the bootstrap draws (default: fid.bootstrap.seed, else 0)")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--no-progress", action="store_true", help="plain progress lines, no bar")
 
 
 def run(args: argparse.Namespace) -> None:
@@ -212,6 +214,6 @@ def run(args: argparse.Namespace) -> None:
                      kid_subsets=args.kid_subsets, kid_subset_size=args.kid_subset_size,
                      batch_size=batch_size, seed=args.seed, progress=not args.no_progress,
                      settings=settings)
-    print(f"wrote {attrs['out']}: {attrs['metric_name']} = {attrs['value']:.4f}, KID = "
-          f"{attrs['kid_mean']:.5f} +- {attrs['kid_std']:.5f} (N = {attrs['n_samples']}, "
-          f"{attrs['extractor']})", file=sys.stderr)
+    logger.info(f"fid: wrote {attrs['out']}: {attrs['metric_name']} = {attrs['value']:.4f}, KID = "
+                f"{attrs['kid_mean']:.5f} +- {attrs['kid_std']:.5f} (N = {attrs['n_samples']}, "
+                f"{attrs['extractor']})")
