@@ -12,6 +12,7 @@ import ast
 import importlib
 import importlib.util
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -92,6 +93,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except PipelineError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    # The stage's own summary says what it wrote; this line closes every log with the wall time.
-    log.info("%s: finished in %s", args.stage, progress.duration(time.perf_counter() - started))
+    # The stage's own summary says what it wrote; this line closes every log with the wall time
+    # (once: under torchrun every process shares the log, and RANK 0 speaks for them).
+    if os.environ.get("RANK", "0") == "0":
+        log.info("%s: finished in %s", args.stage, progress.duration(time.perf_counter() - started))
     return 0
