@@ -23,6 +23,7 @@ from pipeline.cli import main as cli_main
 from pipeline.errors import PipelineError
 from pipeline.nn.presets import build_unet
 from pipeline.stages.train import STATUS_FILE, WEIGHTS, train
+from test_fidelity import TINY, blobs, isolated_torch_home, run_cli, write_prepared  # noqa: F401 (a fixture)
 from test_train import data_h5, tiny_settings  # noqa: F401 (data_h5 is a fixture)
 
 REPO = Path(__file__).resolve().parents[1]
@@ -202,3 +203,39 @@ def test_lpf_logs_loss_evaluations_and_its_results(tiny_model, tmp_path):
     (summary,) = lines_matching(done.stderr, rf"{STAMP} lpf: wrote {re.escape(str(out))} in {DUR}: .*")
     with h5py.File(out) as f:
         assert f"lpf {float(f['lpf'][()]):.5g}" in summary and f"sigma {float(f['sigma'][()]):.5g}" in summary
+
+
+def test_fd_stages_log_images_replicates_and_summaries(tmp_path, monkeypatch, capsys):
+    """fid-reference, calibration-samples and fid in-process, stderr captured (not a terminal)."""
+    data = write_prepared(tmp_path / "data.h5", blobs(40, seed=0))
+    reference = tmp_path / "fid_ref_tiny.h5"
+    every = ["--no-progress", "--progress-every", "0"]
+    assert run_cli(["fid-reference", "--data", str(data), "--extractor", TINY, "--batch-size", "10",
+                    "--kid-rows", "20", "--out", str(reference), *every], monkeypatch) == 0
+    err = capsys.readouterr().err
+    assert len(lines_matching(err, rf"{STAMP} FD-{TINY} features: images 40/40 \(100%\), .* images/s, .*")) == 1
+    assert lines_matching(err, rf"{STAMP} fid-reference: wrote {re.escape(str(reference))}: .* in [\d.]+ s")
+
+    samples = tmp_path / "static" / "samples.h5"
+    assert run_cli(["calibration-samples", "--data", str(data), "--kind", "static", "--n", "30", "--seed", "3",
+                    "--out", str(samples), "--progress-every", "0"], monkeypatch) == 0  # no bar to turn off
+    err = capsys.readouterr().err
+    assert len(lines_matching(err, rf"{STAMP} calibration-samples static: images \d+/30 \(\d+%\), .*")) == 30
+    assert lines_matching(err, rf"{STAMP} calibration-samples: 30 static images \(.*\) -> {re.escape(str(samples))}")
+
+    out = tmp_path / "fid.h5"
+    settings = json.dumps({"extractor": TINY, "inception_weights": None, "reference_images": None,
+                           "batch_size": 10, "kid_rows": 20,
+                           "bootstrap": {"fd_replicates": 4, "kid_replicates": 0, "seed": 0}})
+    assert run_cli(["fid", "--samples", str(samples), "--reference", str(reference), "--out", str(out),
+                    "--settings-json", settings, "--kid-subsets", "2", *every], monkeypatch) == 0
+    err = capsys.readouterr().err
+    # One chunk of rows (pipeline.fidelity.stats.CHUNK_ROWS) holds all 30 images.
+    assert len(lines_matching(err, rf"{STAMP} FD-{TINY} features: images 30/30 \(100%\), .*")) == 1
+    replicates = lines_matching(err, rf"{STAMP} fid FD-{TINY} bootstrap: replicates (\d)/4 .*ETA {DUR}")
+    assert [re.search(r"replicates (\d)/4", line).group(1) for line in replicates] == ["1", "2", "3", "4"]
+    with h5py.File(out) as f:
+        value = float(f.attrs["value"])
+    assert lines_matching(err, rf"{STAMP} fid: wrote {re.escape(str(out))}: FD-{TINY} = {value:.4f}, KID = .*")
+    assert lines_matching(err, rf"{STAMP} fid: finished in {DUR}")
+    progress.configure(progress.DEFAULT_INTERVAL)

@@ -42,6 +42,7 @@ from pipeline.fidelity.stats import (DEFAULT_KID_ROWS, H5Images, feature_statist
                                      read_reference)
 from pipeline.io.atomic import atomic_path
 from pipeline.io.provenance import provenance, write_attrs
+from pipeline.progress import Progress
 
 logger = logging.getLogger(__name__)
 
@@ -90,8 +91,12 @@ def evaluate(samples: str | Path, reference: str | Path, out: str | Path | None 
     kid_mean, kid_std, subset_size = kernel_distance(stats.kid_features, ref.stats.kid_features,
                                                      subsets=kid_subsets, subset_size=kid_subset_size,
                                                      seed=seed)
-    fd_reps = (fd_replicates(stats.features, ref.stats.mu, ref.stats.sigma, ref.sigma_sqrt,
-                             fd_bootstrap, bootstrap_seed) if fd_bootstrap else np.empty(0))
+    fd_reps = np.empty(0)
+    if fd_bootstrap:
+        with Progress(logger, f"fid {extractor.metric_name} bootstrap", fd_bootstrap, "replicates",
+                      bar=progress) as bar:
+            fd_reps = fd_replicates(stats.features, ref.stats.mu, ref.stats.sigma, ref.sigma_sqrt,
+                                    fd_bootstrap, bootstrap_seed, on_replicate=bar.update)
     kid_value, kid_reps = kid_replicates(stats.kid_features, ref.stats.kid_features, kid_bootstrap,
                                          bootstrap_seed)
 
