@@ -222,7 +222,7 @@ def _train(settings, data_path, out_dir, procs, device, stop_after, progress) ->
             bar.close()
             if main:
                 logger.info("train %s: stopped after %d steps of this call (--stop-after) at step %d/%d; "
-                         "checkpoint %s", recipe.name, steps_this_call, step, total_steps, ckpt_path)
+                            "checkpoint %s", recipe.name, steps_this_call, step, total_steps, ckpt_path)
             return
     bar.close()
     if not main:
@@ -236,9 +236,9 @@ def _train(settings, data_path, out_dir, procs, device, stop_after, progress) ->
     ckpt_path.unlink()  # the run is complete; its checkpoint is several times the model's size
     write_status(out_dir / STATUS_FILE, bar, "finished")
     logger.info("train %s: %d steps done (%d in this call, %s), final loss %.4g (mean of the last %d "
-             "steps); wrote %s, %s, %s and train.h5 in %s", recipe.name, total_steps, steps_this_call,
-             f"{bar.rate():.3g} steps/s", bar.fields.get("loss", math.nan),
-             min(settings["log_every"], total_steps), *WEIGHTS.values(), out_dir)
+                "steps); wrote %s, %s, %s and train.h5 in %s", recipe.name, total_steps, steps_this_call,
+                f"{bar.rate():.3g} steps/s", bar.fields.get("loss", math.nan),
+                min(settings["log_every"], total_steps), *WEIGHTS.values(), out_dir)
 
 
 def write_status(path: Path, bar: Progress, state: str) -> None:
