@@ -73,7 +73,7 @@ def build_parser(stage: str | None = None) -> argparse.ArgumentParser:
             formatter_class=argparse.ArgumentDefaultsHelpFormatter)
         module.add_arguments(stage_parser)
         stage_parser.add_argument(
-            "--progress-every", type=float, default=None, metavar="SECONDS",
+            "--progress-every", type=float, default=argparse.SUPPRESS, metavar="SECONDS",
             help=f"seconds between plain progress lines in logs (without a terminal or with "
                  f"--no-progress); default ${progress.INTERVAL_VARIABLE}, else {progress.DEFAULT_INTERVAL:g}")
         stage_parser.set_defaults(_run=module.run)
@@ -87,7 +87,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     log = logging.getLogger(__name__)
     started = time.perf_counter()
     try:
-        every = args.progress_every
+        every = getattr(args, "progress_every", None)
         progress.configure(progress.interval_from_environment() if every is None else every)
         args._run(args)
     except PipelineError as err:
