@@ -11,10 +11,14 @@ import argparse
 import ast
 import importlib
 import importlib.util
+import logging
+import os
 import sys
+import time
 from pathlib import Path
 from typing import Sequence
 
+from pipeline import progress
 from pipeline.errors import PipelineError
 
 # Order = order of the study: data, training, evaluation, metrics, report.
@@ -85,6 +89,10 @@ def build_parser(stage: str | None = None) -> argparse.ArgumentParser:
             name, help=_summary(name), description=doc,
             formatter_class=DefaultsOnceFormatter)
         module.add_arguments(stage_parser)
+        stage_parser.add_argument(
+            "--progress-every", type=float, default=argparse.SUPPRESS, metavar="SECONDS",
+            help=f"seconds between plain progress lines in logs (without a terminal or with "
+                 f"--no-progress); default ${progress.INTERVAL_VARIABLE}, else {progress.DEFAULT_INTERVAL:g}")
         stage_parser.set_defaults(_run=module.run)
     return parser
 
@@ -96,9 +104,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = build_parser(stage if stage in STAGES else None).parse_args(argv)
     except SystemExit as exit_:  # --help (0) or a refused argument (2): a status like any other
         return exit_.code
+    log = logging.getLogger(__name__)
+    started = time.perf_counter()
     try:
+        every = getattr(args, "progress_every", None)
+        progress.configure(progress.interval_from_environment() if every is None else every)
         args._run(args)
     except PipelineError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    # The stage's own summary says what it wrote; this line closes every log with the wall time
+    # (once: under torchrun every process shares the log, and RANK 0 speaks for them).
+    if os.environ.get("RANK", "0") == "0":
+        log.info("%s: finished in %s", args.stage, progress.duration(time.perf_counter() - started))
     return 0

@@ -19,18 +19,19 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import time
 from pathlib import Path
 from typing import Any, Mapping
 
 import h5py
 import numpy as np
-from tqdm import tqdm
 
 from pipeline.data.base import ImageSource
 from pipeline.errors import PipelineError
 from pipeline.io.atomic import atomic_path
 from pipeline.io.provenance import write_attrs
+from pipeline.progress import Progress
 
 CHUNK_BYTES = 64 * 1024
 MAX_CHUNK_IMAGES = 64
@@ -38,6 +39,8 @@ MAX_CHUNK_IMAGES = 64
 SPARSE_FRACTION = 64
 SLAB_BYTES = 32 << 20
 TEST_IMAGES, TEST_LABELS = "test_images", "test_labels"
+
+logger = logging.getLogger(__name__)
 
 
 def chunk_images(image_shape: tuple[int, int, int]) -> int:
@@ -97,8 +100,8 @@ def _write_split(f: h5py.File, source: ImageSource, images_name: str, labels_nam
               if source.label_names is not None else None)
 
     written = 0
-    bar = tqdm(total=source.count, unit="img", desc=f"prepare {source.dataset} {images_name}",
-               disable=not progress, mininterval=1.0)
+    bar = Progress(logger, f"prepare {source.dataset} {images_name}", source.count, "images",
+                   bar=progress)
     with bar, contextlib.closing(source.blocks()) as blocks:
         for block in blocks:
             n = len(block.images)

@@ -67,14 +67,15 @@ def trace_sqrt_product(z: np.ndarray) -> float:
 
 
 def fd_replicates(features: np.ndarray, ref_mu: np.ndarray, ref_sigma: np.ndarray,
-                  ref_sigma_sqrt: np.ndarray, replicates: int, seed: int) -> np.ndarray:
+                  ref_sigma_sqrt: np.ndarray, replicates: int, seed: int,
+                  on_replicate: Callable[[int], None] | None = None) -> np.ndarray:
     """FD of `replicates` resamples of the sample rows against fixed reference moments.
 
     features: (n, D) sample features in sample order; ref_mu (D,), ref_sigma (D, D) and
     ref_sigma_sqrt = psd_sqrt(ref_sigma) (D, D). Returns float64 (replicates,):
     FD_b = |mu_b - mu_r|^2 + tr S_b + tr Sigma_r - 2 tr (S_b Sigma_r)^1/2 on rows
     resample_positions(n, seed, b, "samples"). Cost per replicate: one eigvalsh of size
-    min(n, D) plus an (n, D) copy.
+    min(n, D) plus an (n, D) copy. `on_replicate(1)` is called after each (progress).
     """
     x = np.asarray(features, dtype=np.float64)
     n, dim = x.shape
@@ -97,6 +98,8 @@ def fd_replicates(features: np.ndarray, ref_mu: np.ndarray, ref_sigma: np.ndarra
         trace_b = float(((xb - mean_b) ** 2).sum()) / (n - 1)
         out[b] = (float(((mean_b + shift) ** 2).sum()) + trace_b + trace_ref
                   - 2.0 * trace_sqrt_product(z[rows]))
+        if on_replicate is not None:
+            on_replicate(1)
     return out
 
 

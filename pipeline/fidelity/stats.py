@@ -27,6 +27,7 @@ Reference file (results/{dataset}/fid_ref_{extractor}.h5):
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Mapping
@@ -35,7 +36,6 @@ import h5py
 import numpy as np
 import torch
 from torch.utils.data import Dataset
-from tqdm import tqdm
 from torch_fidelity.metric_fid import KEY_METRIC_FID, fid_statistics_to_metric
 from torch_fidelity.metric_kid import KEY_METRIC_KID_MEAN, KEY_METRIC_KID_STD, kid_features_to_metric
 from torch_fidelity.utils import get_featuresdict_from_dataset
@@ -46,6 +46,9 @@ from pipeline.fidelity.bootstrap import psd_sqrt
 from pipeline.fidelity.extractors import Extractor
 from pipeline.io.atomic import atomic_path
 from pipeline.io.provenance import write_attrs
+from pipeline.progress import Progress
+
+logger = logging.getLogger(__name__)
 
 # Rows read from HDF5 per chunk: about CHUNK_BYTES of images, and at most CHUNK_ROWS so that a
 # chunk's float64 features (CHUNK_ROWS x 2048 x 8 bytes = 64 MiB for Inception) stay small too.
@@ -231,7 +234,7 @@ def feature_statistics(source: ImageSource, extractor: Extractor, *, max_images:
     kept: list[np.ndarray] = []
     every: list[np.ndarray] = []
     chunk_rows = max(batch_size, min(CHUNK_ROWS, CHUNK_BYTES // (height * width * channels)))
-    with tqdm(total=int(rows.size), unit="img", desc=extractor.metric_name, disable=not progress) as bar:
+    with Progress(logger, f"{extractor.metric_name} features", int(rows.size), "images", bar=progress) as bar:
         for chunk_indices, images in iter_image_chunks(source, rows, chunk_rows):
             batch = _TensorImages(to_fidelity_images(images))
             features = get_featuresdict_from_dataset(batch, network, batch_size, cuda,

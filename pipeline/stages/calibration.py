@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
+import logging
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -38,7 +38,10 @@ from pipeline.errors import PipelineError
 from pipeline.fidelity.stats import reference_rows, select_rows
 from pipeline.io import atomic_path, provenance, write_attrs
 from pipeline.io.hashing import file_sha256
+from pipeline.progress import Progress
 from pipeline.stages.fid_reference import REFERENCE_SEED
+
+logger = logging.getLogger(__name__)
 
 KINDS = ("floor", "static")
 
@@ -82,10 +85,12 @@ def static_images(n: int, seed: int, shape: tuple[int, int, int]) -> tuple[np.nd
     height, width, channels = shape
     seeds = np.asarray([seeding.derive_seed(seed, i, stream="calibration") for i in range(n)], dtype=np.int64)
     images = np.empty((n, height, width, channels), dtype=np.uint8)
-    for i, image_seed in enumerate(seeds.tolist()):
-        x = torch.randn((1, channels, height, width), generator=torch.Generator().manual_seed(image_seed))
-        # The same [-1, 1] range and uint8 conversion as a model's clipped samples.
-        images[i] = to_uint8(x.clamp(-1, 1)).permute(0, 2, 3, 1)[0].numpy()
+    with Progress(logger, "calibration-samples static", n, "images") as bar:
+        for i, image_seed in enumerate(seeds.tolist()):
+            x = torch.randn((1, channels, height, width), generator=torch.Generator().manual_seed(image_seed))
+            # The same [-1, 1] range and uint8 conversion as a model's clipped samples.
+            images[i] = to_uint8(x.clamp(-1, 1)).permute(0, 2, 3, 1)[0].numpy()
+            bar.update(1)
     return images, seeds
 
 
@@ -161,5 +166,5 @@ def run(args: argparse.Namespace) -> None:
         settings.pop("reference_images", None)  # noise does not depend on the reference
     attrs = write_calibration_samples(args.data, args.kind, args.n, args.seed, args.out,
                                       reference_images=reference_images, settings=settings)
-    print(f"calibration-samples: {attrs['n']} {args.kind} images ({attrs['source']}) -> {args.out}",
-          file=sys.stderr)
+    logger.info("calibration-samples: %d %s images (%s) -> %s", attrs["n"], args.kind, attrs["source"],
+                args.out)

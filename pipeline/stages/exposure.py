@@ -56,9 +56,9 @@ def run(args: argparse.Namespace) -> None:
                                  "steps": np.array(steps_list)}
     for steps in steps_list:
         diffusion = build_diffusion(ctx.model_settings, timestep_respacing=str(steps))
-        with ctx.bar(count, f"T'={steps} training") as bar:
+        with ctx.bar(count, f"T'={steps} training", unit="images") as bar:
             training = training_curve(ctx.model, diffusion, images, seed, batch_size, on_batch=bar.update)
-        with ctx.bar(count, f"T'={steps} sampling") as bar:
+        with ctx.bar(count, f"T'={steps} sampling", unit="images") as bar:
             sampling = sampling_curve(ctx.model, diffusion, count, image_shape, seed, batch_size,
                                       clip_denoised=bool(s["clip_denoised"]), on_batch=bar.update)
         group = f"steps{steps}"

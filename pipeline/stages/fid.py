@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
+import logging
 import time
 from pathlib import Path
 from typing import Any, Mapping
@@ -43,6 +43,9 @@ from pipeline.fidelity.stats import (DEFAULT_KID_ROWS, H5Images, feature_statist
                                      read_reference)
 from pipeline.io.atomic import atomic_path
 from pipeline.io.provenance import provenance, write_attrs
+from pipeline.progress import Progress
+
+logger = logging.getLogger(__name__)
 
 
 def evaluate(samples: str | Path, reference: str | Path, out: str | Path | None = None, *,
@@ -89,8 +92,12 @@ def evaluate(samples: str | Path, reference: str | Path, out: str | Path | None 
     kid_mean, kid_std, subset_size = kernel_distance(stats.kid_features, ref.stats.kid_features,
                                                      subsets=kid_subsets, subset_size=kid_subset_size,
                                                      seed=seed)
-    fd_reps = (fd_replicates(stats.features, ref.stats.mu, ref.stats.sigma, ref.sigma_sqrt,
-                             fd_bootstrap, bootstrap_seed) if fd_bootstrap else np.empty(0))
+    fd_reps = np.empty(0)
+    if fd_bootstrap:
+        with Progress(logger, f"fid {extractor.metric_name} bootstrap", fd_bootstrap, "replicates",
+                      bar=progress) as bar:
+            fd_reps = fd_replicates(stats.features, ref.stats.mu, ref.stats.sigma, ref.sigma_sqrt,
+                                    fd_bootstrap, bootstrap_seed, on_replicate=bar.update)
     kid_value, kid_reps = kid_replicates(stats.kid_features, ref.stats.kid_features, kid_bootstrap,
                                          bootstrap_seed)
 
@@ -182,7 +189,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "else 0 = none)")
     parser.add_argument("--bootstrap-seed", type=nonnegative_int, default=None,
                         help="seed of the bootstrap draws (default: fid.bootstrap.seed, else 0)")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--no-progress", action="store_true", help="plain progress lines, no bar")
 
 
 def run(args: argparse.Namespace) -> None:
@@ -213,6 +220,6 @@ def run(args: argparse.Namespace) -> None:
                      kid_subsets=args.kid_subsets, kid_subset_size=args.kid_subset_size,
                      batch_size=batch_size, seed=args.seed, progress=not args.no_progress,
                      settings=settings)
-    print(f"wrote {attrs['out']}: {attrs['metric_name']} = {attrs['value']:.4f}, KID = "
-          f"{attrs['kid_mean']:.5f} +- {attrs['kid_std']:.5f} (N = {attrs['n_samples']}, "
-          f"{attrs['extractor']})", file=sys.stderr)
+    logger.info(f"fid: wrote {attrs['out']}: {attrs['metric_name']} = {attrs['value']:.4f}, KID = "
+                f"{attrs['kid_mean']:.5f} +- {attrs['kid_std']:.5f} (N = {attrs['n_samples']}, "
+                f"{attrs['extractor']})")

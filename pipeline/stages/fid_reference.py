@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
+import logging
 import time
 from pathlib import Path
 from typing import Any, Mapping
@@ -30,6 +30,8 @@ from pipeline.fidelity.extractors import (BUILTIN_EXTRACTORS, INCEPTION, Extract
 from pipeline.fidelity.stats import (DEFAULT_KID_ROWS, H5Images, feature_statistics, h5_attrs,
                                      image_shape, write_reference)
 from pipeline.io.provenance import provenance
+
+logger = logging.getLogger(__name__)
 
 # The rule never passes --seed, so the reference subset is always drawn with this seed; the
 # calibration floor recomputes that subset to hold its images out.
@@ -110,7 +112,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="images per extractor forward (default: fid.batch_size, else 64)")
     parser.add_argument("--seed", type=nonnegative_int, default=REFERENCE_SEED, help="seed of the image subsets")
     parser.add_argument("--out", default=None, help="output (default: fid_ref_{extractor}.h5 beside --data)")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--no-progress", action="store_true", help="plain progress lines, no bar")
 
 
 def run(args: argparse.Namespace) -> None:
@@ -142,5 +144,5 @@ def run(args: argparse.Namespace) -> None:
     build_reference(data, extractor, out, max_images=max_images, kid_rows=kid_rows,
                     batch_size=batch_size, seed=args.seed, progress=not args.no_progress,
                     settings=settings)
-    print(f"wrote {out}: {extractor.metric_name} reference statistics ({extractor.name}, weights "
-          f"sha256 {extractor.weights_sha256[:12]}) in {time.time() - start:.1f} s", file=sys.stderr)
+    logger.info(f"fid-reference: wrote {out}: {extractor.metric_name} reference statistics ({extractor.name}, "
+                f"weights sha256 {extractor.weights_sha256[:12]}) in {time.time() - start:.1f} s")

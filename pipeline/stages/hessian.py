@@ -57,9 +57,9 @@ def run(args: argparse.Namespace) -> None:
     with twice_differentiable(ctx.model):
         chunks = loss_chunks(ctx.model, diffusion, batch, min(int(s["batch_size"]), len(batch)), terms)
         hvp = HessianOperator(params, chunks)
-        with ctx.bar(int(s["max_iter"]), "power iteration") as bar:
+        with ctx.bar(int(s["max_iter"]), "power iteration", unit="iterations") as bar:
             eigen = top_eigenvalue(_counting(hvp, bar), params, int(s["seed"]), int(s["max_iter"]), float(s["tol"]))
-        with ctx.bar(int(s["max_iter"]), "Hutchinson probes") as bar:
+        with ctx.bar(int(s["max_iter"]), "Hutchinson probes", unit="iterations") as bar:
             trace = hutchinson_trace(_counting(hvp, bar), params, int(s["seed"]), int(s["max_iter"]), float(s["tol"]))
         products = hvp.products
         del hvp

@@ -80,7 +80,8 @@ def run(args: argparse.Namespace) -> None:
     def loss_fn() -> float:
         return evaluation_loss(ctx.model, diffusion, evalset, int(s["batch_size"]), terms)
 
-    with ctx.bar(1 + len(scalings) * len(sigmas) * int(s["draws"]), "loss evaluations") as bar:
+    with ctx.bar(1 + len(scalings) * len(sigmas) * int(s["draws"]),
+                 f"{int(s['draws'])} draws x {len(sigmas)} sigmas x {len(scalings)} scalings") as bar:
         results = low_pass_loss(trainable_parameters(ctx.model), loss_fn, sigmas, int(s["draws"]),
                                 int(s["seed"]), on_evaluation=ticker(bar), scalings=scalings)
     by_scaling = {scaling: [r for r in results if r.scaling == scaling] for scaling in scalings}

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import logging
 import time
 from pathlib import Path
 from typing import Any, Callable, Mapping
@@ -18,7 +19,6 @@ import h5py
 import numpy as np
 import torch
 import yaml
-from tqdm import tqdm
 
 from pipeline.arguments import nonnegative_int, path_name, positive_int, settings_json
 from pipeline.config import config_slice_from_json, load_config, section
@@ -28,9 +28,13 @@ from pipeline.device import resolve_device
 from pipeline.flatness.model_setup import ModelSettings, load_model
 from pipeline.flatness.weights import num_elements, parameter_norm, trainable_parameters
 from pipeline.io import atomic_path, provenance, write_attrs
+from pipeline.progress import Progress, duration
 
 SUPPRESS = argparse.SUPPRESS
 OPTIONAL_FLAGS = ("data", "dataset", "config", "settings_json", "preset", "device")
+SUMMARY_SCALARS = 8  # the closing log line quotes at most this many scalar results
+
+logger = logging.getLogger(__name__)
 
 
 def add_common_arguments(parser: argparse.ArgumentParser, name: str, loss_based: bool = True) -> None:
@@ -58,7 +62,7 @@ def add_common_arguments(parser: argparse.ArgumentParser, name: str, loss_based:
         parser.add_argument("--terms", choices=("mse+vb", "mse"), default=SUPPRESS,
                             help="loss terms: the hybrid training loss or the eps-MSE alone "
                                  "(built-in mse+vb; mse when sigma is not learned)")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--no-progress", action="store_true", help="plain progress lines, no bar")
 
 
 @dataclasses.dataclass
@@ -82,8 +86,8 @@ class MeasureContext:
         _, height, width, channels = self.data_shape
         return channels, height, width
 
-    def bar(self, total: int, desc: str) -> tqdm:
-        return tqdm(total=total, desc=f"{self.name} {desc}", disable=not self.progress, dynamic_ncols=True)
+    def bar(self, total: int, desc: str, unit: str = "loss evaluations") -> Progress:
+        return Progress(logger, f"{self.name} {desc}", total, unit, bar=self.progress)
 
 
 def resolve_settings(args: argparse.Namespace, name: str, defaults: Mapping[str, Any],
@@ -182,7 +186,11 @@ def write_results(ctx: MeasureContext, args: argparse.Namespace, arrays: Mapping
         for key, value in arrays.items():
             f.create_dataset(key, data=np.asarray(value))
         write_attrs(f, attrs)
+    scalars = [f"{key} {float(value):.5g}" for key, value in arrays.items()
+               if np.ndim(value) == 0 and np.issubdtype(np.asarray(value).dtype, np.number)]
+    logger.info("%s: wrote %s in %s: %s", ctx.name, args.out, duration(time.time() - ctx.started),
+                ", ".join(scalars[:SUMMARY_SCALARS]) or f"{len(arrays)} arrays")
 
 
-def ticker(bar: tqdm) -> Callable[[], None]:
+def ticker(bar: Progress) -> Callable[[], None]:
     return lambda: bar.update(1)

@@ -51,7 +51,8 @@ def run(args: argparse.Namespace) -> None:
         return evaluation_loss(ctx.model, diffusion, evalset, int(s["batch_size"]), terms)
 
     nonzero = sum(1 for r in radii if r != 0.0)
-    with ctx.bar(1 + int(s["directions"]) * nonzero, "loss evaluations") as bar:
+    with ctx.bar(1 + int(s["directions"]) * nonzero,
+                 f"{int(s['directions'])} directions x {nonzero} radii") as bar:
         result = loss_along_directions(trainable_parameters(ctx.model), loss_fn, radii, int(s["directions"]),
                                        int(s["seed"]), on_evaluation=ticker(bar))
     write_results(ctx, args, {

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import time
 from pathlib import Path
@@ -22,6 +23,8 @@ from pipeline.data.hdf5 import read_info, write_image_set
 from pipeline.data.sources import DATASETS, open_source
 from pipeline.errors import PipelineError
 from pipeline.io.provenance import provenance
+
+logger = logging.getLogger(__name__)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -42,7 +45,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="output file; unset = {results}/{dataset}/data.h5")
     parser.add_argument("--workers", type=positive_int, default=min(8, os.cpu_count() or 1),
                         help="processes decoding image files (folder and LMDB sources)")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--no-progress", action="store_true", help="plain progress lines, no bar")
 
 
 def prepare_settings(config: Mapping[str, Any], dataset: str, source: str | None = None,
@@ -93,7 +96,6 @@ def run(args: argparse.Namespace) -> None:
                          max_images=settings["max_images"], workers=args.workers)
     attrs = provenance("prepare", settings)
     write_image_set(out, source, attrs, progress=not args.no_progress)
-    print(f"prepare: wrote {out} ({source.count:,} images of {source.resolution}x"
-          f"{source.resolution}x{source.channels}, {read_info(out)['test_count']:,} held-out test images, "
-          f"{out.stat().st_size / 1e6:.1f} MB) in "
-          f"{time.perf_counter() - start:.1f} s")
+    logger.info(f"prepare: wrote {out} ({source.count:,} images of {source.resolution}x"
+                f"{source.resolution}x{source.channels}, {read_info(out)['test_count']:,} held-out test "
+                f"images, {out.stat().st_size / 1e6:.1f} MB) in {time.perf_counter() - start:.1f} s")

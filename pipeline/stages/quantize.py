@@ -28,8 +28,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import shutil
-import sys
 from pathlib import Path
 
 import h5py
@@ -45,6 +45,8 @@ from pipeline.io.checkpoint import load_weights
 from pipeline.precision import CLIP, MINMAX, precision_scheme
 from pipeline.quant import (DEFAULT_CLIP, QuantizedStateDict, checked_clip, clip_levels, clip_quantize_state_dict,
                             clip_step, code_range, dequantize, parse_precision, quantize_state_dict)
+
+logger = logging.getLogger(__name__)
 
 
 def quantize_file(weights: str | Path, precision: str, out: str | Path, codes: str | Path,
@@ -161,7 +163,7 @@ def run(args: argparse.Namespace) -> None:
         clip = resolve_clip(args)
     result = quantize_file(args.weights, args.precision, out, codes, include_1d=args.include_1d, clip=clip)
     count = 0 if result is None else len(result.codes)
-    print(f"quantize: {args.precision}: {count} tensors quantized -> {out}, {codes}", file=sys.stderr)
+    logger.info("quantize: %s: %d tensors quantized -> %s, %s", args.precision, count, out, codes)
 
 
 def resolve_clip(args: argparse.Namespace) -> float:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
+import logging
 from pathlib import Path
 
 from pipeline.arguments import settings_json
@@ -22,6 +22,8 @@ from pipeline import layout
 from pipeline.config import load_config
 from pipeline.report import build_report
 from pipeline.settings import stage_settings
+
+logger = logging.getLogger(__name__)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -40,4 +42,4 @@ def run(args: argparse.Namespace) -> None:
         settings = stage_settings(load_config(args.config), "report")
     out_dir = Path(args.out_dir or layout.report_dir(settings["results"]))
     written = build_report(settings, out_dir)
-    print(f"report: wrote {len(written)} files to {out_dir}", file=sys.stderr)
+    logger.info("report: wrote %d files to %s", len(written), out_dir)

@@ -25,8 +25,8 @@ import argparse
 import json
 import math
 import os
+import logging
 import shutil
-import sys
 import time
 from pathlib import Path
 from typing import Any, Callable, Mapping
@@ -35,7 +35,6 @@ import h5py
 import numpy as np
 import torch
 from PIL import Image
-from tqdm import tqdm
 
 from pipeline.arguments import nonnegative_int, path_name, positive_int, settings_json
 from pipeline import seeding
@@ -50,10 +49,13 @@ from pipeline.nn.presets import build_unet
 from pipeline.nn.unet import UNetModel
 from pipeline.settings import model_settings
 from pipeline.io.hashing import file_sha256
+from pipeline.progress import Progress
 
 FIRST_CONV = "input_blocks.0.0.weight"
 LAST_CONV = "out.2.weight"
 GRID_COLUMNS, GRID_IMAGES, GRID_PADDING = 8, 64, 2
+
+logger = logging.getLogger(__name__)
 
 
 # ------------------------------------------------------------------------------------------
@@ -167,8 +169,7 @@ def sample_to_file(settings: Mapping[str, Any], weights: str | Path, out: str | 
     chunks = [(c, c * chunk_size, min((c + 1) * chunk_size, n)) for c in range(math.ceil(n / chunk_size))]
     todo = [chunk for chunk in chunks if not _chunk_path(scratch, chunk[0]).exists()]
     done_images = n - sum(stop - start for _, start, stop in todo)
-    bar = tqdm(total=n, initial=done_images, unit="img", disable=not progress, dynamic_ncols=True,
-               desc=f"sample T'={steps}")
+    bar = Progress(logger, f"sample T'={steps}", n, "images", initial=done_images, bar=progress)
     computed = []
     for index, start, stop in todo:
         if stop_after_chunks is not None and len(computed) >= stop_after_chunks:
@@ -197,8 +198,7 @@ def _open_scratch(scratch: Path, run_key: Mapping[str, Any]) -> None:
         return
     if scratch.exists():
         # Chunks of other weights or settings (say, the model was retrained) can never be reused.
-        print(f"sample: discarding {scratch}: its chunks belong to other weights or settings",
-              file=sys.stderr)
+        logger.warning("sample: discarding %s: its chunks belong to other weights or settings", scratch)
         shutil.rmtree(scratch)
     scratch.mkdir(parents=True, exist_ok=True)
     with atomic_path(key_path) as tmp:
@@ -303,7 +303,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, help="samples.h5 to write")
     parser.add_argument("--grid", default=None, help="PNG grid of the first 64 images; None = "
                                                      "grid.png beside --out")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--no-progress", action="store_true", help="plain progress lines, no bar")
 
 
 def run(args: argparse.Namespace) -> None:
@@ -317,5 +317,5 @@ def run(args: argparse.Namespace) -> None:
     out = Path(args.out)
     grid = Path(args.grid) if args.grid else out.parent / "grid.png"
     computed = sample_to_file(settings, args.weights, out, grid, args.steps, progress=not args.no_progress)
-    print(f"sample: {settings['n_samples']} images at T'={args.steps} ({len(computed)} chunk(s) computed "
-          f"now) -> {out}", file=sys.stderr)
+    logger.info("sample: %d images at T'=%d (%d chunk(s) computed now) -> %s, %s",
+                settings["n_samples"], args.steps, len(computed), out, grid)

@@ -16,8 +16,10 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import datetime
 import hashlib
 import json
+import logging
 import math
 import os
 import sys
@@ -28,7 +30,6 @@ from typing import Any, Mapping
 import h5py
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from pipeline.arguments import nonnegative_int, path_name, positive_int, settings_json
 from pipeline import distributed, seeding
@@ -43,11 +44,16 @@ from pipeline.nn.presets import build_unet
 from pipeline.optim.averages import EMA, SWA
 from pipeline.optim.fsgld import FSGLD
 from pipeline.optim.sam import SAM
+from pipeline.progress import Progress, duration
 from pipeline.recipes import Recipe, base_optimizer_class, recipe_from_description
 from pipeline.settings import train_settings
 
 WEIGHTS = {"none": "weights_raw.pt", "ema": "weights_ema.pt", "swa": "weights_swa.pt"}
 LOG_FIELDS = ("loss", "mse", "vb", "grad_norm", "lr")
+# Refreshed at every checkpoint for `cat` on a cluster; not an output, so not in the Snakemake rule.
+STATUS_FILE = "status.json"
+
+logger = logging.getLogger(__name__)
 
 
 # ------------------------------------------------------------------------------------------
@@ -148,6 +154,7 @@ def _train(settings, data_path, out_dir, procs, device, stop_after, progress) ->
             "ema": ema.state_dict(), "swa": swa.state_dict(), "sampler": sampler.state_dict(),
             "torch_rng": torch.get_rng_state(), "log": log, "interval_times": interval_times,
         }, ckpt_path)
+        write_status(out_dir / STATUS_FILE, bar, "running")
 
     def losses(x0, t, weights, noise, input_noise):
         """Importance-weighted batch loss and the per-sample terms, at the current weights."""
@@ -156,9 +163,8 @@ def _train(settings, data_path, out_dir, procs, device, stop_after, progress) ->
         return (terms["loss"] * weights).mean(), terms
 
     model.train()
-    bar = tqdm(total=total_steps, initial=step, disable=not (progress and main),
-               desc=f"train {recipe.name}" + (f" x{procs.world_size}" if procs.parallel else ""),
-               dynamic_ncols=True)
+    bar = Progress(logger, f"train {recipe.name}" + (f" x{procs.world_size}" if procs.parallel else ""),
+                   total_steps, "steps", initial=step, bar=progress, enabled=main)
     interval_start, steps_this_call = time.perf_counter(), 0
     while step < total_steps:
         x0, t, weights, noise, input_noise = draw_step(batches, sampler, seed, step, recipe.ip_gamma, device)
@@ -202,20 +208,22 @@ def _train(settings, data_path, out_dir, procs, device, stop_after, progress) ->
             log[name].append(stats[name])
         log["grad_norm"].append(grad_norm)
         log["lr"].append(optimizer.param_groups[0]["lr"])
-        bar.update(1)
+        window = log["loss"][-settings["log_every"]:]
+        bar.update(1, loss=sum(window) / len(window))
         steps_this_call += 1
         if step % settings["log_every"] == 0 or step == total_steps:
             now = time.perf_counter()
             interval_times.append(now - interval_start)
             interval_start = now
-            window = log["loss"][-settings["log_every"]:]
-            bar.set_postfix(loss=f"{sum(window) / len(window):.4f}")
             distributed.check_replicas_agree(list(model.parameters()), procs, step)
         if step % settings["checkpoint_every"] == 0 or step == total_steps:
             checkpoint()
         if stop_after is not None and steps_this_call >= stop_after and step < total_steps:
             checkpoint()
             bar.close()
+            if main:
+                logger.info("train %s: stopped after %d steps of this call (--stop-after) at step %d/%d; "
+                            "checkpoint %s", recipe.name, steps_this_call, step, total_steps, ckpt_path)
             return
     bar.close()
     if not main:
@@ -227,6 +235,27 @@ def _train(settings, data_path, out_dir, procs, device, stop_after, progress) ->
     atomic_torch_save(_cpu_state(swa.averaged_state_dict()), out_dir / WEIGHTS["swa"])
     write_train_log(out_dir / "train.h5", settings, log, interval_times, swa, procs.world_size)
     ckpt_path.unlink()  # the run is complete; its checkpoint is several times the model's size
+    write_status(out_dir / STATUS_FILE, bar, "finished")
+    logger.info("train %s: %d steps done (%d in this call, %s), final loss %.4g (mean of the last %d "
+                "steps); wrote %s, %s, %s and train.h5 in %s", recipe.name, total_steps, steps_this_call,
+                f"{bar.rate():.3g} steps/s", bar.fields.get("loss", math.nan),
+                min(settings["log_every"], total_steps), *WEIGHTS.values(), out_dir)
+
+
+def write_status(path: Path, bar: Progress, state: str) -> None:
+    """status.json: how far the run is (state running or finished), for a look while it trains.
+
+    Wall-clock numbers only, outside every output, so the weights and train.h5 do not depend on it.
+    """
+    eta = bar.eta()
+    status = {
+        "state": state, "step": bar.done, "total": bar.total, "loss": bar.fields.get("loss"),
+        "steps_per_second": round(bar.rate(), 4),
+        "eta_seconds": round(eta, 1) if math.isfinite(eta) else None, "eta": duration(eta),
+        "updated_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(status, indent=1) + "\n")
 
 
 def draw_step(batches: TrainingBatches, sampler, seed: int, step: int, ip_gamma: float,
@@ -372,7 +401,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--stop-after", type=positive_int, default=None, metavar="K",
                         help="checkpoint and exit after K >= 1 steps of this invocation; rerun to go on "
                              "(fits a long run into scheduler time limits)")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--no-progress", action="store_true", help="plain progress lines, no bar")
 
 
 def run(args: argparse.Namespace) -> None:
