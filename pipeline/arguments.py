@@ -11,7 +11,10 @@ import json
 import math
 import re
 
-from pipeline.config import nonfinite_problems
+import yaml
+
+from pipeline.config import nonfinite_problems, parse_yaml_text
+from pipeline.errors import PipelineError
 
 # The schema's rule for recipe names: no path separators, no leading dot, so a name can never
 # lead a run folder out of the results tree.
@@ -84,22 +87,39 @@ def path_name(text: str) -> str:
 
 
 def settings_json(text: str) -> str:
-    """A JSON object with finite numbers; returned as given, so the stages parse it as before."""
+    """--settings: a JSON object or a YAML flow mapping (what the rules pass: it reads well in the
+    Snakemake report); checked for duplicate keys and finite numbers, returned as canonical JSON."""
     if not text.strip():
-        raise argparse.ArgumentTypeError("is empty; pass a JSON object or leave the flag out to read --config")
+        raise argparse.ArgumentTypeError("is empty; pass a mapping such as '{steps: 10}' or leave the flag "
+                                         "out to read --config")
     try:
-        value = json.loads(text, parse_constant=_refuse_constant)
-    except json.JSONDecodeError as err:
-        raise argparse.ArgumentTypeError(f"is not valid JSON ({err.msg} at line {err.lineno}, "
-                                         f"column {err.colno})") from None
-    except ValueError as err:
-        raise argparse.ArgumentTypeError(str(err)) from None
+        value = json.loads(text, parse_constant=_refuse_constant, object_pairs_hook=_unique_keys)
+    except ValueError as json_error:
+        if not isinstance(json_error, json.JSONDecodeError):
+            raise argparse.ArgumentTypeError(str(json_error)) from None
+        try:
+            value = parse_yaml_text(text)
+        except PipelineError as err:  # a duplicate key
+            raise argparse.ArgumentTypeError(f"has a {err}") from None
+        except yaml.YAMLError as err:
+            where = getattr(err, "problem_mark", None)
+            at = f" at line {where.line + 1}, column {where.column + 1}" if where else ""
+            reason = getattr(err, "problem", None) or str(err)
+            raise argparse.ArgumentTypeError(f"is neither JSON nor a YAML mapping ({reason}{at})") from None
     if not isinstance(value, dict):
-        raise argparse.ArgumentTypeError(f"must be a JSON object, got {type(value).__name__}")
+        raise argparse.ArgumentTypeError(f"must be a mapping, got {type(value).__name__}")
     problems = nonfinite_problems(value)
     if problems:
         raise argparse.ArgumentTypeError(problems[0])
-    return text
+    return json.dumps(value, sort_keys=True)
+
+
+def _unique_keys(pairs: list[tuple[str, object]]) -> dict:
+    keys = [key for key, _ in pairs]
+    repeated = sorted({key for key in keys if keys.count(key) > 1})
+    if repeated:
+        raise ValueError(f"has a duplicate key '{repeated[0]}'; give each key once")
+    return dict(pairs)
 
 
 def _refuse_constant(constant: str):

@@ -54,6 +54,14 @@ def _construct_unique_mapping(loader: yaml.SafeLoader, node: yaml.MappingNode, d
 _UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_unique_mapping)
 
 
+def parse_yaml_text(text: str) -> Any:
+    """YAML (or JSON) text from a command line, with the same duplicate-key check as files."""
+    try:
+        return yaml.load(text, Loader=_UniqueKeyLoader)
+    except _DuplicateKeyError as err:
+        raise PipelineError(f"{err}; give each key once") from None
+
+
 def read_yaml(path: str | Path) -> dict[str, Any]:
     """One config file as a mapping; duplicate keys, bad YAML or a non-mapping are a PipelineError."""
     path = Path(path)
@@ -105,7 +113,7 @@ def load_config(paths: Sequence[str | Path] | None = None) -> dict[str, Any]:
 
 
 def config_slice_from_json(text: str, *keys: str) -> dict[str, Any]:
-    """A config slice passed as --settings-json, validated like a config file.
+    """A config slice passed as --settings (canonical JSON after parsing), validated like a config file.
 
     `keys`: where the slice sits in a whole config (("fid",) for the fid: slice; none when the
     slice is itself config-shaped).
@@ -116,7 +124,7 @@ def config_slice_from_json(text: str, *keys: str) -> dict[str, Any]:
         whole = {key: whole}
     problems = validation_problems(whole, complete=False)
     if problems:
-        raise PipelineError("invalid --settings-json: " + "; ".join(problems))
+        raise PipelineError("invalid --settings: " + "; ".join(problems))
     return value
 
 

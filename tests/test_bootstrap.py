@@ -121,7 +121,7 @@ def test_fid_files_of_the_same_n_pair_up(tmp_path, monkeypatch):
         settings = ('{"extractor": "%s", "inception_weights": null, "reference_images": null, "batch_size": 30, '
                     '"kid_rows": 40, "bootstrap": {"fd_replicates": 20, "kid_replicates": 30, "seed": 1}}' % TINY)
         assert run_cli(["fid", "--samples", str(samples), "--reference", str(reference), "--out",
-                        str(outs[name]), "--settings-json", settings, "--kid-subsets", "5",
+                        str(outs[name]), "--settings", settings, "--kid-subsets", "5",
                         "--no-progress"], monkeypatch) == 0
     good, bad = read_fid_replicates(outs["good"]), read_fid_replicates(outs["bad"])
     check_paired(good, bad)
@@ -140,7 +140,7 @@ def test_fid_files_of_the_same_n_pair_up(tmp_path, monkeypatch):
     samples = write_images(tmp_path / "small.h5", blobs(30, seed=9))
     small = tmp_path / "fid_small.h5"
     assert run_cli(["fid", "--samples", str(samples), "--reference", str(reference), "--out", str(small),
-                    "--settings-json", settings, "--kid-subsets", "5", "--no-progress"], monkeypatch) == 0
+                    "--settings", settings, "--kid-subsets", "5", "--no-progress"], monkeypatch) == 0
     with pytest.raises(PipelineError, match="not paired: n_samples"):
         check_paired(good, read_fid_replicates(small))
 

@@ -33,7 +33,7 @@ WEIGHTS = ("weights_raw.pt", "weights_ema.pt", "weights_swa.pt")
 def command(settings: dict, data: Path, out_dir: Path, processes: int, *extra: str) -> list[str]:
     return [sys.executable, "-m", "pipeline", "train", "--dataset", "fashion_mnist",
             "--recipe", settings["recipe"]["name"], "--seed", str(settings["seed"]),
-            "--settings-json", json.dumps(settings), "--data", str(data), "--out-dir", str(out_dir),
+            "--settings", json.dumps(settings), "--data", str(data), "--out-dir", str(out_dir),
             "--processes", str(processes), "--no-progress", *extra]
 
 

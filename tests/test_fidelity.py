@@ -252,7 +252,7 @@ def test_effnet_lite0_cli_end_to_end(tmp_path, monkeypatch):
     samples = write_images(tmp_path / "samples.h5", blobs(5, size=28, channels=1, seed=4))
     fid_json = ('{"extractor": "effnet-lite0", "inception_weights": null, "reference_images": 6, '
                 '"batch_size": 4}')
-    assert run_cli(["fid-reference", "--data", str(data), "--settings-json", fid_json,
+    assert run_cli(["fid-reference", "--data", str(data), "--settings", fid_json,
                     "--no-progress"], monkeypatch) == 0
     reference = tmp_path / "fid_ref_effnet-lite0.h5"
     ref = read_reference(reference)
@@ -267,7 +267,7 @@ def test_effnet_lite0_cli_end_to_end(tmp_path, monkeypatch):
     # With the bootstrap on, as config.yaml has it (here N = 5 < D, so the n x n Gram path).
     fid_json = fid_json[:-1] + ', "bootstrap": {"fd_replicates": 3, "kid_replicates": 4, "seed": 0}}'
     assert run_cli(["fid", "--samples", str(samples), "--reference", str(reference), "--kid-subsets", "5",
-                    "--settings-json", fid_json, "--no-progress"], monkeypatch) == 0
+                    "--settings", fid_json, "--no-progress"], monkeypatch) == 0
     with h5py.File(tmp_path / "fid_effnet-lite0.h5") as f:
         assert f.attrs["metric_name"] == "FD-EffNetLite0" and f.attrs["value"] > 0
         assert f.attrs["n_samples"] == 5 and f.attrs["feature_dim"] == 1280
@@ -441,6 +441,6 @@ def test_calibration_floor_without_test_split_holds_the_reference_subset_out(tmp
     # A reference of every training image leaves nothing held out: a clear error naming the fix.
     out = tmp_path / "none" / "samples.h5"
     assert run_cli(["calibration-samples", "--data", str(data), "--kind", "floor", "--n", "30", "--seed", "3",
-                    "--out", str(out), "--settings-json", '{"reference_images": null}'], monkeypatch) == 2
+                    "--out", str(out), "--settings", '{"reference_images": null}'], monkeypatch) == 2
     err = capsys.readouterr().err
     assert "uses all 120 training images" in err and "fid.reference_images" in err and not out.exists()

@@ -118,7 +118,7 @@ def test_a_negative_interval_is_refused_with_exit_2(tmp_path, capsys):
 def test_train_logs_progress_and_summary_and_keeps_a_status_file(data_h5, tmp_path):  # noqa: F811
     settings = tiny_settings("adm", steps=6)
     argv = ["train", "--dataset", "fashion_mnist", "--recipe", "adm", "--seed", "3",
-            "--settings-json", json.dumps(settings), "--data", str(data_h5), "--out-dir", str(tmp_path / "cli"),
+            "--settings", json.dumps(settings), "--data", str(data_h5), "--out-dir", str(tmp_path / "cli"),
             "--no-progress", "--progress-every", "0"]
 
     # Interrupted at step 3: the checkpoint's status says how far the run is.
@@ -177,7 +177,7 @@ def test_sample_logs_images_and_summary(tiny_model, tmp_path):
                 "n_samples": 4, "batch_size": 2, "chunk_size": 2, "seed": 0}
     out = tmp_path / "samples.h5"
     done = run_stage("sample", "--weights", str(weights), "--dataset", "test", "--steps", "2",
-                     "--settings-json", json.dumps(settings), "--out", str(out), "--no-progress",
+                     "--settings", json.dumps(settings), "--out", str(out), "--no-progress",
                      "--progress-every", "0")
     assert done.stdout == "" and out.is_file()
     lines = lines_matching(done.stderr, rf"{STAMP} sample T'=2: images ([24])/4 \(\d+%\), [\d.,e+]+ images/s, "
@@ -228,7 +228,7 @@ def test_fd_stages_log_images_replicates_and_summaries(tmp_path, monkeypatch, ca
                            "batch_size": 10, "kid_rows": 20,
                            "bootstrap": {"fd_replicates": 4, "kid_replicates": 0, "seed": 0}})
     assert run_cli(["fid", "--samples", str(samples), "--reference", str(reference), "--out", str(out),
-                    "--settings-json", settings, "--kid-subsets", "2", *every], monkeypatch) == 0
+                    "--settings", settings, "--kid-subsets", "2", *every], monkeypatch) == 0
     err = capsys.readouterr().err
     # One chunk of rows (pipeline.fidelity.stats.CHUNK_ROWS) holds all 30 images.
     assert len(lines_matching(err, rf"{STAMP} FD-{TINY} features: images 30/30 \(100%\), .*")) == 1

@@ -158,7 +158,7 @@ def test_stage_reads_clip_from_the_rule_slice_and_records_the_grid(tiny_weights,
     slice_json = json.dumps(stage_settings(config, "quantize", precision="int4clip"))
     out, codes = tmp_path / "weights.pt", tmp_path / "codes.h5"
     assert main(["quantize", "--weights", tiny_weights, "--precision", "int4clip", "--out", str(out),
-                 "--codes", str(codes), "--settings-json", slice_json]) == 0
+                 "--codes", str(codes), "--settings", slice_json]) == 0
     original = torch.load(tiny_weights, weights_only=True)
     quantized = torch.load(out, weights_only=True)
     stored = read_codes(codes)
@@ -178,12 +178,12 @@ def test_stage_reads_clip_from_the_rule_slice_and_records_the_grid(tiny_weights,
 
     # --clip wins over the slice; min-max ignores both and says so in its attributes.
     assert main(["quantize", "--weights", tiny_weights, "--precision", "int4clip", "--out", str(out),
-                 "--codes", str(codes), "--settings-json", slice_json, "--clip", "2.0"]) == 0
+                 "--codes", str(codes), "--settings", slice_json, "--clip", "2.0"]) == 0
     with h5py.File(codes, "r") as f:
         assert f.attrs["clip"] == 2.0
     assert main(["quantize", "--weights", tiny_weights, "--precision", "int8", "--out", str(out),
-                 "--codes", str(codes), "--settings-json", "{}"]) == 0
+                 "--codes", str(codes), "--settings", "{}"]) == 0
     with h5py.File(codes, "r") as f:
         assert f.attrs["scheme"] == "minmax" and "clip" not in f.attrs and "levels" not in f
     assert main(["quantize", "--weights", tiny_weights, "--precision", "int8clip", "--out", str(out),
-                 "--codes", str(codes), "--settings-json", '{"quantization": {"clip": -1}}']) == 2
+                 "--codes", str(codes), "--settings", '{"quantization": {"clip": -1}}']) == 2

@@ -321,7 +321,7 @@ def test_killed_sampling_resumes_from_finished_chunks(tiny_weights, tmp_path):
     # Same pixels as an uninterrupted run (made through the command line).
     whole = tmp_path / "whole" / "samples.h5"
     assert main(["sample", "--weights", tiny_weights, "--dataset", "test", "--steps", str(SAMPLE_STEPS),
-                 "--settings-json", json.dumps(settings), "--out", str(whole), "--no-progress"]) == 0
+                 "--settings", json.dumps(settings), "--out", str(whole), "--no-progress"]) == 0
     assert (whole.parent / "grid.png").exists()
     np.testing.assert_array_equal(read_samples(out)[0], read_samples(whole)[0])
 

@@ -755,7 +755,7 @@ def test_missing_inputs_name_the_file_and_its_rule(tmp_path, capsys) -> None:
 
     # The command line prints the same message and exits with status 2.
     import json
-    assert cli_main(["report", "--settings-json", json.dumps(settings), "--out-dir", str(out)]) == 2
+    assert cli_main(["report", "--settings", json.dumps(settings), "--out-dir", str(out)]) == 2
     assert str(missing) in capsys.readouterr().err
 
     write_lpf(str(missing), 0.05, "sam_rho0.1", "swa")

@@ -66,7 +66,7 @@ def test_plan_keeps_hostile_paths_whole(hostile_workdir):
     assert f"--out {quoted_data}" in out
     assert f"--data {quoted_data}" in out
     # The source path travels inside the settings JSON of prepare, itself one quoted word.
-    assert "--settings-json '{" in out and "raw it'\"'\"'s a; touch INJECTED #x" in out
+    assert "--settings '{" in out and "raw it'\"'\"'s a; touch INJECTED #x" in out
     assert "INJECTED" not in os.listdir(workdir)
 
 

@@ -112,7 +112,7 @@ def test_sigkill_at_any_moment_then_rerun_is_bit_identical(data_h5, tmp_path):
 
     def command(out_dir: Path) -> list[str]:
         return [sys.executable, "-m", "pipeline", "train", "--dataset", "fashion_mnist", "--recipe",
-                "sam_rho0.1", "--seed", "3", "--settings-json", json.dumps(settings), "--data",
+                "sam_rho0.1", "--seed", "3", "--settings", json.dumps(settings), "--data",
                 str(data_h5), "--out-dir", str(out_dir), "--no-progress"]
 
     # Both runs in processes with one thread: bit identity holds for a fixed thread count.

@@ -179,8 +179,8 @@ def test_metric_config_with_zero_draws_is_refused(tmp_path, capsys):
 
 def test_metric_settings_json_slice_is_validated(tmp_path, capsys):
     status, err = run_stage(capsys, "lpf", "--weights", str(tmp_path / "w.pt"), "--out", str(tmp_path / "o.h5"),
-                            "--dataset", "fashion_mnist", "--settings-json", '{"metrics": {"lpf": {"draws": -1}}}')
-    assert_one_line(status, err, "error: invalid --settings-json: metrics.lpf.draws: -1 is less than the minimum of 1")
+                            "--dataset", "fashion_mnist", "--settings", '{"metrics": {"lpf": {"draws": -1}}}')
+    assert_one_line(status, err, "error: invalid --settings: metrics.lpf.draws: -1 is less than the minimum of 1")
 
 
 # ------------------------------------------------------------------------------------------
@@ -203,19 +203,29 @@ LPF = ("lpf", "--weights", "w.pt", "--out", "o.h5")
     ((*LPF, "--draws", "-2"), "python -m pipeline lpf: error: argument --draws: must be a positive integer, got -2"),
     ((*LPF, "--sigma", "nan"), "python -m pipeline lpf: error: argument --sigma: must be a finite number, got nan"),
     ((*TRAIN, "--steps", "ten"), "python -m pipeline train: error: argument --steps: expected an integer, got 'ten'"),
-    ((*TRAIN, "--settings-json", "{"),
-     "python -m pipeline train: error: argument --settings-json: is not valid JSON (Expecting property name "
-     "enclosed in double quotes at line 1, column 2)"),
-    ((*TRAIN, "--settings-json", ""),
-     "python -m pipeline train: error: argument --settings-json: is empty; pass a JSON object or leave the "
-     "flag out to read --config"),
-    ((*TRAIN, "--settings-json", "[1]"),
-     "python -m pipeline train: error: argument --settings-json: must be a JSON object, got list"),
-    ((*TRAIN, "--settings-json", '{"steps": NaN}'),
-     "python -m pipeline train: error: argument --settings-json: holds NaN; numbers must be finite"),
-    ((*TRAIN, "--settings-json", '{"ema": {"decay": 1e999}}'),
-     "python -m pipeline train: error: argument --settings-json: ema.decay = inf: numbers must be finite; "
+    ((*TRAIN, "--settings", "{"),
+     "python -m pipeline train: error: argument --settings/--settings-json: is neither JSON nor a YAML mapping "
+     "(expected the node content, but found '<stream end>' at line 1, column 2)"),
+    ((*TRAIN, "--settings", ""),
+     "python -m pipeline train: error: argument --settings/--settings-json: is empty; pass a mapping such as "
+     "'{steps: 10}' or leave the flag out to read --config"),
+    ((*TRAIN, "--settings", "[1]"),
+     "python -m pipeline train: error: argument --settings/--settings-json: must be a mapping, got list"),
+    ((*TRAIN, "--settings", '{"steps": NaN}'),
+     "python -m pipeline train: error: argument --settings/--settings-json: holds NaN; numbers must be finite"),
+    ((*TRAIN, "--settings", '{"ema": {"decay": 1e999}}'),
+     "python -m pipeline train: error: argument --settings/--settings-json: ema.decay = inf: numbers must be finite; "
      "write a finite value"),
+    # The YAML flow mapping the rules pass: the same checks.
+    ((*TRAIN, "--settings", "{ema: {decay: .nan}}"),
+     "python -m pipeline train: error: argument --settings/--settings-json: ema.decay = nan: numbers must be finite; "
+     "write a finite value"),
+    ((*TRAIN, "--settings", "{steps: 3, steps: 4}"),
+     "python -m pipeline train: error: argument --settings/--settings-json: has a duplicate key 'steps' at line 1 "
+     "(first at line 1); give each key once"),
+    ((*TRAIN, "--settings", '{"steps": 3, "steps": 4}'),
+     "python -m pipeline train: error: argument --settings/--settings-json: has a duplicate key 'steps'; give each "
+     "key once"),
 ])
 def test_stage_arguments_refused_in_one_line(capsys, argv, message):
     status, err = run_stage(capsys, *argv)
@@ -286,3 +296,14 @@ def test_unreadable_config_file_is_one_line(tmp_path, text, problem):
     with pytest.raises(PipelineError) as caught:
         read_yaml(path)
     assert str(caught.value) == f"config file {path} {problem}"
+
+
+def test_settings_yaml_flow_round_trips_to_the_same_json():
+    """The rules pass settings as a YAML flow mapping (readable in the report); the stage must see
+    exactly the values the config resolved to, floats and awkward strings included."""
+    import yaml
+    from pipeline.arguments import settings_json
+    value = {"lr": 1e-08, "rho": 0.05, "big": 1.0e20, "none": None, "flag": True, "steps": [20, 100],
+             "path": "it's a; touch {x} #", "looks_numeric": "1e5", "looks_null": "null"}
+    flow = yaml.safe_dump(value, default_flow_style=True, width=float("inf"), sort_keys=True).strip()
+    assert '"' not in flow and json.loads(settings_json(flow)) == value

@@ -144,11 +144,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, help="samples.h5 to write")
     parser.add_argument("--reference-images", type=int_at_least(2), default=None,
                         help="floor without a test split: the reference's subset size (default: "
-                             "fid.reference_images of --settings-json or --config)")
+                             "fid.reference_images of --settings or --config)")
     parser.add_argument("--config", action="append", default=None, metavar="YAML",
                         help="config file(s), merged in order (default: config.yaml)")
-    parser.add_argument("--settings-json", type=settings_json, default=None,
-                        help="resolved settings as JSON (what the Snakemake rule passes): n, seed and, "
+    parser.add_argument("--settings", "--settings-json", dest="settings_json", type=settings_json, default=None,
+                        metavar="MAPPING", help="resolved settings as JSON or a YAML flow mapping (what the Snakemake rule passes): n, seed and, "
                              "for floor, reference_images")
 
 

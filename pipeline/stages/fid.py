@@ -164,8 +164,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default=None, help="output (default: fid_{extractor}.h5 beside --samples)")
     parser.add_argument("--config", action="append", default=None, metavar="YAML",
                         help="config file(s), merged in order (default: config.yaml)")
-    parser.add_argument("--settings-json", type=settings_json, default=None,
-                        help="the config's fid: slice as JSON (what the Snakemake rule passes); "
+    parser.add_argument("--settings", "--settings-json", dest="settings_json", type=settings_json, default=None,
+                        metavar="MAPPING", help="the config's fid: slice as JSON or a YAML flow mapping (what the Snakemake rule passes); "
                              "replaces --config for the fid settings")
     parser.add_argument("--inception-weights", default=None, metavar="PATH",
                         help="Inception weights file (default: fid.inception_weights, then the torch "

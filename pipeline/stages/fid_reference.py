@@ -93,8 +93,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dataset", type=path_name, default=None, help="dataset name, for the default --data")
     parser.add_argument("--config", action="append", default=None, metavar="YAML",
                         help="config file(s), merged in order (default: config.yaml)")
-    parser.add_argument("--settings-json", type=settings_json, default=None,
-                        help="the config's fid: slice as JSON (what the Snakemake rule passes); "
+    parser.add_argument("--settings", "--settings-json", dest="settings_json", type=settings_json, default=None,
+                        metavar="MAPPING", help="the config's fid: slice as JSON or a YAML flow mapping (what the Snakemake rule passes); "
                              "replaces --config for the fid settings")
     parser.add_argument("--extractor", default=None,
                         help=f"feature extractor: {', '.join(BUILTIN_EXTRACTORS)} or effnet-lite0-<S>px "

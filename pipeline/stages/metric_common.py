@@ -49,8 +49,9 @@ def add_common_arguments(parser: argparse.ArgumentParser, name: str, loss_based:
     parser.add_argument("--config", action="append", default=SUPPRESS, metavar="YAML",
                         help=f"config file(s), merged in order (default: config.yaml); "
                              f"settings are read from metrics.{name}")
-    parser.add_argument("--settings-json", type=settings_json, default=SUPPRESS, metavar="JSON",
-                        help="a config slice as JSON (what the Snakemake rule passes); replaces --config")
+    parser.add_argument("--settings", "--settings-json", dest="settings_json", type=settings_json, default=SUPPRESS,
+                        metavar="MAPPING",
+                        help="a config slice as JSON or a YAML flow mapping (what the Snakemake rule passes); replaces --config")
     parser.add_argument("--preset", default=SUPPRESS,
                         help="UNet preset, overriding train.h5 beside the weights and the dataset's entry")
     parser.add_argument("--device", default=SUPPRESS, help="auto | cpu | cuda (default: config 'device')")

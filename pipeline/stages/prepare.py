@@ -31,7 +31,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dataset", required=True, choices=sorted(DATASETS), help="dataset to prepare")
     parser.add_argument("--config", action="append", default=None, metavar="YAML",
                         help="config file(s), merged in order; none given = the repository's config.yaml")
-    parser.add_argument("--settings-json", type=settings_json, default=None, metavar="JSON",
+    parser.add_argument("--settings", "--settings-json", dest="settings_json", type=settings_json, default=None,
+                        metavar="MAPPING",
                         help="the datasets.<dataset> config entry as JSON (what the Snakemake rule "
                              "passes); replaces --config")
     parser.add_argument("--source", default=None, metavar="PATH",

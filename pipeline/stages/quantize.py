@@ -15,7 +15,7 @@ Writes two files, each atomically:
   [code_min, code_max]"), and a root dataset `levels` (float64, (2Q + 1,)) holding every value
   W_q can take. `read_codes` turns the file back into the exact --out tensors.
 
-The clip range c of intBclip comes from --clip, else the config slice of --settings-json (what
+The clip range c of intBclip comes from --clip, else the config slice of --settings (what
 the Snakemake rule passes: `quantization.clip`), else the --config files' quantization.clip
 (default config.yaml), else 1.0. Min-max precisions read no config.
 
@@ -146,8 +146,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--clip", type=positive_float, default=None,
                         help="range c of intBclip: weights are clipped to [-c, c] (default: the config's "
                              f"quantization.clip, else {DEFAULT_CLIP})")
-    parser.add_argument("--settings-json", type=settings_json, default=None, metavar="JSON",
-                        help="a config slice as JSON (what the Snakemake rule passes); replaces --config")
+    parser.add_argument("--settings", "--settings-json", dest="settings_json", type=settings_json, default=None,
+                        metavar="MAPPING",
+                        help="a config slice as JSON or a YAML flow mapping (what the Snakemake rule passes); replaces --config")
     parser.add_argument("--config", action="append", default=None, metavar="YAML",
                         help="config file(s), merged in order (default: config.yaml); quantization.clip "
                              "is read from them")
@@ -167,12 +168,12 @@ def run(args: argparse.Namespace) -> None:
 
 
 def resolve_clip(args: argparse.Namespace) -> float:
-    """c for intBclip: --clip, else quantization.clip of --settings-json or --config, else DEFAULT_CLIP."""
+    """c for intBclip: --clip, else quantization.clip of --settings or --config, else DEFAULT_CLIP."""
     if args.clip is not None:
         return checked_clip(args.clip)
     try:
         config = json.loads(args.settings_json) if args.settings_json else load_config(args.config)
     except json.JSONDecodeError as err:
-        raise PipelineError(f"--settings-json is not valid JSON ({err}); pass a config slice such as "
+        raise PipelineError(f"--settings is not valid JSON ({err}); pass a config slice such as "
                             f'\'{{"quantization": {{"clip": 1.0}}}}\'.') from None
     return checked_clip((config.get("quantization") or {}).get("clip", DEFAULT_CLIP))

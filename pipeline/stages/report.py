@@ -27,8 +27,8 @@ logger = logging.getLogger(__name__)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--settings-json", type=settings_json, default=None,
-                        help="stage_settings(config, 'report') as JSON (what the Snakemake rule passes); "
+    parser.add_argument("--settings", "--settings-json", dest="settings_json", type=settings_json, default=None,
+                        metavar="MAPPING", help="stage_settings(config, 'report') as JSON or a YAML flow mapping (what the Snakemake rule passes); "
                              "replaces --config")
     parser.add_argument("--config", action="append", default=None, metavar="YAML",
                         help="config file(s), merged in order (default: config.yaml)")

@@ -288,8 +288,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--steps", type=positive_int, required=True, help="respaced sampling steps T' (e.g. 20, 100)")
     parser.add_argument("--config", action="append", default=None, metavar="YAML",
                         help="config file(s), merged in order; None = config.yaml")
-    parser.add_argument("--settings-json", type=settings_json, default=None,
-                        help="resolved settings as JSON (what the Snakemake rule passes); replaces "
+    parser.add_argument("--settings", "--settings-json", dest="settings_json", type=settings_json, default=None,
+                        metavar="MAPPING", help="resolved settings as JSON or a YAML flow mapping (what the Snakemake rule passes); replaces "
                              "--config resolution")
     parser.add_argument("--n", type=positive_int, default=None,
                         help="number of images; None = config sampling.n_samples")

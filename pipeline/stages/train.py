@@ -388,8 +388,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=nonnegative_int, default=0, help="training seed")
     parser.add_argument("--config", action="append", default=None, metavar="YAML",
                         help="config file(s), merged in order (default: config.yaml)")
-    parser.add_argument("--settings-json", type=settings_json, default=None,
-                        help="resolved run settings as JSON (what the Snakemake rule passes); "
+    parser.add_argument("--settings", "--settings-json", dest="settings_json", type=settings_json, default=None,
+                        metavar="MAPPING", help="resolved run settings as JSON or a YAML flow mapping (what the Snakemake rule passes); "
                              "replaces --config resolution")
     parser.add_argument("--data", default=None, help="data.h5 (default: {results}/{dataset}/data.h5)")
     parser.add_argument("--out-dir", default=None,

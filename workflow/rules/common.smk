@@ -2,10 +2,11 @@
 # the source files each stage depends on (so a code change reruns exactly its stage and what
 # follows), and the resolved settings each job receives.
 
-import json
 import os
 import sys
 from pathlib import Path
+
+import yaml
 
 from pipeline import layout
 from pipeline.precision import PRECISION_REGEX, QUANTIZED_REGEX
@@ -64,9 +65,11 @@ CODE = {
 }
 
 
-def as_json(value):
-    """Settings as one JSON argument; rules pass it as {params.settings:q}, which shell-quotes any character."""
-    return json.dumps(value, sort_keys=True)
+def as_settings(value):
+    """Settings as one YAML flow mapping, `{batch_size: 8, lr: 0.0001, ...}`: it reads well among the
+    Snakemake report's job parameters, and rules pass it as {params.settings:q}, which shell-quotes any
+    character. The stage parses it back exactly (float reprs round-trip)."""
+    return yaml.safe_dump(value, default_flow_style=True, width=float("inf"), sort_keys=True).strip()
 
 
 def all_runs():

@@ -8,7 +8,7 @@ rule prepare:
     output:
         layout.data(RESULTS, "{dataset}"),
     params:
-        settings=lambda w: as_json(stage_settings(config, "prepare", dataset=w.dataset)),
+        settings=lambda w: as_settings(stage_settings(config, "prepare", dataset=w.dataset)),
     conda:
         "../envs/pipeline.yaml"
     threads: 1
@@ -19,7 +19,7 @@ rule prepare:
     log:
         f"{RESULTS}/logs/prepare/{{dataset}}.log",
     shell:
-        "OMP_NUM_THREADS={threads} python -m pipeline prepare --dataset {wildcards.dataset:q} --settings-json {params.settings:q} "
+        "OMP_NUM_THREADS={threads} python -m pipeline prepare --dataset {wildcards.dataset:q} --settings {params.settings:q} "
         "--out {output:q} --no-progress 2> {log:q}"
 
 
@@ -30,7 +30,7 @@ rule fid_reference:
     output:
         layout.fid_reference(RESULTS, "{dataset}", "{extractor}"),
     params:
-        settings=lambda w: as_json(stage_settings(config, "fid_reference", dataset=w.dataset)),
+        settings=lambda w: as_settings(stage_settings(config, "fid_reference", dataset=w.dataset)),
     conda:
         "../envs/pipeline.yaml"
     threads: 1
@@ -42,7 +42,7 @@ rule fid_reference:
         f"{RESULTS}/logs/fid_reference/{{dataset}}_{{extractor}}.log",
     shell:
         "OMP_NUM_THREADS={threads} python -m pipeline fid-reference --data {input.data:q} --extractor {wildcards.extractor:q} "
-        "--settings-json {params.settings:q} --out {output:q} --no-progress 2> {log:q}"
+        "--settings {params.settings:q} --out {output:q} --no-progress 2> {log:q}"
 
 
 rule calibration_samples:
@@ -52,7 +52,7 @@ rule calibration_samples:
     output:
         layout.calibration_samples(RESULTS, "{dataset}", "{kind}", "{n}"),
     params:
-        settings=lambda w: as_json(stage_settings(config, f"calibration_{w.kind}", dataset=w.dataset)),
+        settings=lambda w: as_settings(stage_settings(config, f"calibration_{w.kind}", dataset=w.dataset)),
         seed=config["sampling"]["seed"],
     conda:
         "../envs/pipeline.yaml"
@@ -65,4 +65,4 @@ rule calibration_samples:
         f"{RESULTS}/logs/calibration_samples/{{dataset}}_{{kind}}_n{{n}}.log",
     shell:
         "OMP_NUM_THREADS={threads} python -m pipeline calibration-samples --data {input.data:q} --kind {wildcards.kind:q} "
-        "--n {wildcards.n:q} --seed {params.seed} --settings-json {params.settings:q} --out {output:q} 2> {log:q}"
+        "--n {wildcards.n:q} --seed {params.seed} --settings {params.settings:q} --out {output:q} 2> {log:q}"

@@ -13,7 +13,7 @@ rule quantize:
         precision=QUANTIZED_REGEX,
     params:
         # {} for min-max precisions, {"quantization": {"clip": c}} for intBclip.
-        settings=lambda w: as_json(stage_settings(config, "quantize", precision=w.precision)),
+        settings=lambda w: as_settings(stage_settings(config, "quantize", precision=w.precision)),
     conda:
         "../envs/pipeline.yaml"
     threads: 1
@@ -25,7 +25,7 @@ rule quantize:
         f"{RESULTS}/logs/quantize/{{dataset}}_{{recipe}}_seed{{seed}}_{{average}}_{{precision}}.log",
     shell:
         "OMP_NUM_THREADS={threads} python -m pipeline quantize --weights {input.weights:q} --precision {wildcards.precision:q} "
-        "--out {output.weights:q} --codes {output.codes:q} --settings-json {params.settings:q} 2> {log:q}"
+        "--out {output.weights:q} --codes {output.codes:q} --settings {params.settings:q} 2> {log:q}"
 
 
 rule sample:
@@ -43,7 +43,7 @@ rule sample:
                     "T'": "{steps}"},
         ),
     params:
-        settings=lambda w: as_json(stage_settings(config, "sample", dataset=w.dataset)),
+        settings=lambda w: as_settings(stage_settings(config, "sample", dataset=w.dataset)),
     conda:
         "../envs/pipeline.yaml"
     threads: 1
@@ -55,7 +55,7 @@ rule sample:
         f"{RESULTS}/logs/sample/{{dataset}}_{{recipe}}_seed{{seed}}_{{average}}_{{precision}}_T{{steps}}.log",
     shell:
         "OMP_NUM_THREADS={threads} python -m pipeline sample --weights {input.weights:q} --dataset {wildcards.dataset:q} "
-        "--steps {wildcards.steps:q} --settings-json {params.settings:q} --out {output.samples:q} "
+        "--steps {wildcards.steps:q} --settings {params.settings:q} --out {output.samples:q} "
         "--grid {output.grid:q} --no-progress 2> {log:q}"
 
 
@@ -67,7 +67,7 @@ rule fid:
     output:
         layout.fid(RESULTS, "{dataset}", "{recipe}", "{seed}", "{average}", "{precision}", "{steps}", "{extractor}"),
     params:
-        settings=lambda w: as_json(stage_settings(config, "fid", dataset=w.dataset)),
+        settings=lambda w: as_settings(stage_settings(config, "fid", dataset=w.dataset)),
     conda:
         "../envs/pipeline.yaml"
     threads: 1
@@ -79,7 +79,7 @@ rule fid:
         f"{RESULTS}/logs/fid/{{dataset}}_{{recipe}}_seed{{seed}}_{{average}}_{{precision}}_T{{steps}}_{{extractor}}.log",
     shell:
         "OMP_NUM_THREADS={threads} python -m pipeline fid --samples {input.samples:q} --reference {input.reference:q} "
-        "--settings-json {params.settings:q} --out {output:q} --no-progress 2> {log:q}"
+        "--settings {params.settings:q} --out {output:q} --no-progress 2> {log:q}"
 
 
 # The rho behind the +SAM rows is chosen on samples drawn with another seed (report.selection).
@@ -91,7 +91,7 @@ rule sample_validation:
         samples=layout.validation_samples(RESULTS, "{dataset}", "{recipe}", "{seed}", "{steps}"),
         grid=layout.validation_grid(RESULTS, "{dataset}", "{recipe}", "{seed}", "{steps}"),
     params:
-        settings=lambda w: as_json(stage_settings(config, "sample", dataset=w.dataset)),
+        settings=lambda w: as_settings(stage_settings(config, "sample", dataset=w.dataset)),
         seed=config["report"]["selection"]["sampling_seed"],
         n=config["report"]["selection"]["n_samples"],
     conda:
@@ -105,7 +105,7 @@ rule sample_validation:
         f"{RESULTS}/logs/sample_validation/{{dataset}}_{{recipe}}_seed{{seed}}_T{{steps}}.log",
     shell:
         "OMP_NUM_THREADS={threads} python -m pipeline sample --weights {input.weights:q} --dataset {wildcards.dataset:q} "
-        "--steps {wildcards.steps:q} --settings-json {params.settings:q} --seed {params.seed} --n {params.n} "
+        "--steps {wildcards.steps:q} --settings {params.settings:q} --seed {params.seed} --n {params.n} "
         "--out {output.samples:q} --grid {output.grid:q} --no-progress 2> {log:q}"
 
 
@@ -117,7 +117,7 @@ rule fid_validation:
     output:
         layout.validation_fid(RESULTS, "{dataset}", "{recipe}", "{seed}", "{steps}", "{extractor}"),
     params:
-        settings=lambda w: as_json(stage_settings(config, "fid", dataset=w.dataset)),
+        settings=lambda w: as_settings(stage_settings(config, "fid", dataset=w.dataset)),
     conda:
         "../envs/pipeline.yaml"
     threads: 1
@@ -129,7 +129,7 @@ rule fid_validation:
         f"{RESULTS}/logs/fid_validation/{{dataset}}_{{recipe}}_seed{{seed}}_T{{steps}}_{{extractor}}.log",
     shell:
         "OMP_NUM_THREADS={threads} python -m pipeline fid --samples {input.samples:q} --reference {input.reference:q} "
-        "--settings-json {params.settings:q} --out {output:q} --no-progress 2> {log:q}"
+        "--settings {params.settings:q} --out {output:q} --no-progress 2> {log:q}"
 
 
 rule fid_calibration:
@@ -140,7 +140,7 @@ rule fid_calibration:
     output:
         layout.calibration_fid(RESULTS, "{dataset}", "{kind}", "{n}", "{extractor}"),
     params:
-        settings=lambda w: as_json(stage_settings(config, "fid", dataset=w.dataset)),
+        settings=lambda w: as_settings(stage_settings(config, "fid", dataset=w.dataset)),
     conda:
         "../envs/pipeline.yaml"
     threads: 1
@@ -152,7 +152,7 @@ rule fid_calibration:
         f"{RESULTS}/logs/fid_calibration/{{dataset}}_{{kind}}_n{{n}}_{{extractor}}.log",
     shell:
         "OMP_NUM_THREADS={threads} python -m pipeline fid --samples {input.samples:q} --reference {input.reference:q} "
-        "--settings-json {params.settings:q} --out {output:q} --no-progress 2> {log:q}"
+        "--settings {params.settings:q} --out {output:q} --no-progress 2> {log:q}"
 
 
 # Which metrics need a GPU on the cluster: all of them run the UNet many times.
@@ -164,7 +164,7 @@ rule metric:
     output:
         layout.metric(RESULTS, "{dataset}", "{recipe}", "{seed}", "{average}", "{metric}"),
     params:
-        settings=lambda w: as_json(stage_settings(config, w.metric, dataset=w.dataset)),
+        settings=lambda w: as_settings(stage_settings(config, w.metric, dataset=w.dataset)),
     conda:
         "../envs/pipeline.yaml"
     threads: 1
@@ -176,4 +176,4 @@ rule metric:
         f"{RESULTS}/logs/metric/{{dataset}}_{{recipe}}_seed{{seed}}_{{average}}_{{metric}}.log",
     shell:
         "OMP_NUM_THREADS={threads} python -m pipeline {wildcards.metric:q} --weights {input.weights:q} --data {input.data:q} "
-        "--dataset {wildcards.dataset:q} --settings-json {params.settings:q} --out {output:q} --no-progress 2> {log:q}"
+        "--dataset {wildcards.dataset:q} --settings {params.settings:q} --out {output:q} --no-progress 2> {log:q}"

@@ -12,7 +12,7 @@ rule report:
         index=layout.report_index(RESULTS),
         index_html=report(layout.report_index_html(RESULTS), caption="../report/index.rst", category="Index"),
     params:
-        settings=as_json(stage_settings(config, "report")),
+        settings=as_settings(stage_settings(config, "report")),
         out_dir=lambda w, output: os.path.dirname(output.index),
     conda:
         "../envs/pipeline.yaml"
@@ -24,5 +24,5 @@ rule report:
     log:
         f"{RESULTS}/logs/report.log",
     shell:
-        "OMP_NUM_THREADS={threads} python -m pipeline report --settings-json {params.settings:q} "
+        "OMP_NUM_THREADS={threads} python -m pipeline report --settings {params.settings:q} "
         "--out-dir {params.out_dir:q} 2> {log:q}"

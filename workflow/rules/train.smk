@@ -11,7 +11,7 @@ rule train:
         swa=f"{layout.run_dir(RESULTS, '{dataset}', '{recipe}', '{seed}')}/{layout.WEIGHT_FILES['swa']}",
         log=layout.train_log(RESULTS, "{dataset}", "{recipe}", "{seed}"),
     params:
-        settings=lambda w: as_json(train_settings(config, w.dataset, w.recipe, int(w.seed))),
+        settings=lambda w: as_settings(train_settings(config, w.dataset, w.recipe, int(w.seed))),
         out_dir=lambda w: layout.run_dir(RESULTS, w.dataset, w.recipe, w.seed),
     conda:
         "../envs/pipeline.yaml"
@@ -26,5 +26,5 @@ rule train:
         f"{RESULTS}/logs/train/{{dataset}}_{{recipe}}_seed{{seed}}.log",
     shell:
         "OMP_NUM_THREADS={threads} python -m pipeline train --dataset {wildcards.dataset:q} --recipe {wildcards.recipe:q} "
-        "--seed {wildcards.seed:q} --settings-json {params.settings:q} --data {input.data:q} "
+        "--seed {wildcards.seed:q} --settings {params.settings:q} --data {input.data:q} "
         "--out-dir {params.out_dir:q} --processes {resources.gpu} --no-progress 2> {log:q}"
