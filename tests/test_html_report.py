@@ -1,8 +1,8 @@
 """`snakemake --report`: the HTML report carries the study, not only download links.
 
-Builds the report of the micro workflow (config/demo.yaml + config/micro.yaml) in a copy of the
-repository and reads what the report embeds: the workflow description, the captions, the claims
-table and index as HTML, the labelled sample grids, and no PDF or LaTeX duplicates.
+Builds the report of the micro workflow (the session's shared run, tests/conftest.py) and reads
+what it embeds: the workflow description, the captions, the claims table and index as HTML, the
+labelled sample grids, and no PDF or LaTeX duplicates.
 """
 
 from __future__ import annotations
@@ -12,36 +12,20 @@ import json
 import os
 import re
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
-SNAKEMAKE = [sys.executable, "-m", "snakemake"]
-OVERLAYS = ["--configfile", "config/demo.yaml", "config/micro.yaml"]
-
-
-def run_snakemake(workdir: Path, *args: str) -> None:
-    env = {**os.environ, "PYTHONPATH": str(workdir)}
-    result = subprocess.run([*SNAKEMAKE, *args], cwd=workdir, env=env, capture_output=True, text=True)
-    assert result.returncode == 0, f"snakemake {' '.join(args)}:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+from conftest import MICRO_OVERLAYS, run_snakemake
 
 
 @pytest.fixture(scope="module")
-def report_html(tmp_path_factory) -> str:
-    """The report of the micro workflow, run once in a copy of the repository."""
-    root = tmp_path_factory.mktemp("repo")
-    for name in ("Snakefile", "config.yaml", "pyproject.toml"):
-        shutil.copy2(REPO / name, root / name)
-    for name in ("config", "workflow", "pipeline", "profiles"):
-        shutil.copytree(REPO / name, root / name, ignore=shutil.ignore_patterns("__pycache__"))
-    run_snakemake(root, "--cores", "2", *OVERLAYS)
-    run_snakemake(root, "--report", "report.html", *OVERLAYS)
+def report_html(micro_workdir) -> str:
+    """The report of the micro workflow (the session's shared run; building it changes no output)."""
+    run_snakemake(micro_workdir, "--report", "report.html", *MICRO_OVERLAYS)
     if os.environ.get("KEEP_HTML_REPORT"):  # for looking at it in a browser
-        shutil.copy2(root / "report.html", os.environ["KEEP_HTML_REPORT"])
-    return (root / "report.html").read_text(encoding="utf-8")
+        shutil.copy2(micro_workdir / "report.html", os.environ["KEEP_HTML_REPORT"])
+    return (micro_workdir / "report.html").read_text(encoding="utf-8")
 
 
 def embedded_results(page: str) -> dict[str, dict]:
@@ -80,10 +64,11 @@ def test_no_pdf_or_latex_duplicates_and_every_sample_grid_labelled(report_html) 
     suffixes = {Path(path).suffix for path in results}
     assert suffixes == {".html", ".png"}, suffixes
     grids = {path: entry for path, entry in results.items() if path.endswith("grid.png")}
-    # micro: adm and sam_rho0.1, raw and EMA weights, fp32, T' = 20.
-    assert len(grids) == 4
+    # micro-complete: adm and sam_rho0.1, raw and EMA weights, fp32 and int8, T' = 20; and the
+    # negative control's raw fp32 grid.
+    assert len(grids) == 9, sorted(grids)
     for entry in grids.values():
-        assert entry["labels"]["precision"] == "fp32" and entry["labels"]["T'"] == "20"
+        assert entry["labels"]["precision"] in {"fp32", "int8"} and entry["labels"]["T'"] == "20"
     assert {entry["labels"]["recipe"] for entry in grids.values()} == {"adm", "sam_rho0.1"}
 
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -16,30 +15,7 @@ from pathlib import Path
 import h5py
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
-SNAKEMAKE = [sys.executable, "-m", "snakemake"]
-OVERLAYS = ["--configfile", "config/demo.yaml", "config/micro.yaml", "config/micro-complete.yaml"]
-# The cluster test's micro overlay, widened so that every table and figure has its inputs.
-MICRO_COMPLETE = """
-study:
-  precisions: [fp32, int8]
-  metrics: [lpf, perturbation, surface, hessian, exposure]
-metrics:
-  perturbation: {radii: [0, 4], directions: 2, n_eval: 16, batch_size: 16}
-  surface: {grid: 3, n_eval: 8, batch_size: 8}
-  hessian: {batch: 8, max_iter: 2}
-  exposure: {n_images: 4, steps: [20], batch_size: 4}
-report:
-  negative_control: {recipe: adm, seeds: [100]}
-"""
-
-
-def run_snakemake(workdir: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(workdir)}
-    result = subprocess.run([*SNAKEMAKE, *args], cwd=workdir, env=env, capture_output=True, text=True)
-    if check and result.returncode != 0:
-        raise AssertionError(f"snakemake {' '.join(args)} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
-    return result
+from conftest import MICRO_OVERLAYS as OVERLAYS, REPO, SNAKEMAKE, run_snakemake
 
 
 def planned_jobs(workdir: Path, *args: str) -> dict[str, int]:
@@ -55,16 +31,8 @@ def planned_jobs(workdir: Path, *args: str) -> dict[str, int]:
 
 
 @pytest.fixture(scope="module")
-def workdir(tmp_path_factory) -> Path:
-    """A copy of the repository without results, with the micro DAG already run once."""
-    root = tmp_path_factory.mktemp("repo")
-    for name in ("Snakefile", "config.yaml", "pyproject.toml"):
-        shutil.copy2(REPO / name, root / name)
-    for name in ("config", "workflow", "pipeline", "profiles"):
-        shutil.copytree(REPO / name, root / name, ignore=shutil.ignore_patterns("__pycache__"))
-    (root / "config" / "micro-complete.yaml").write_text(MICRO_COMPLETE)
-    run_snakemake(root, "--cores", "2", *OVERLAYS)
-    return root
+def workdir(micro_workdir) -> Path:
+    return micro_workdir
 
 
 def test_lint_is_clean():
