@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from pipeline.errors import PipelineError
+from pipeline.errors import PipelineError, disk_error_message
 
 # Order = order of the study: data, training, evaluation, metrics, report.
 STAGES = {
@@ -80,5 +80,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         args._run(args)
     except PipelineError as err:
         print(f"error: {err}", file=sys.stderr)
+        return 2
+    except OSError as err:
+        message = disk_error_message(err)
+        if message is None:
+            raise
+        print(f"error: {message}", file=sys.stderr)
         return 2
     return 0

@@ -25,6 +25,7 @@ import torch_fidelity.feature_extractor_inceptionv3 as fidelity_inception
 from torch_fidelity.feature_extractor_base import FeatureExtractorBase
 from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
 
+from pipeline.io.integrity import save_torch, seal_h5
 from pipeline import cli
 from pipeline.errors import PipelineError
 from pipeline.fidelity import (INCEPTION_WEIGHTS_NAME, H5Images, feature_statistics, file_sha256,
@@ -102,6 +103,7 @@ def write_images(path: Path, images: np.ndarray, **attrs) -> Path:
     with h5py.File(path, "w") as f:
         f.create_dataset("images", data=images, chunks=(min(16, len(images)),) + images.shape[1:])
         f.attrs.update(attrs)
+        seal_h5(f)  # as every writer of the pipeline does
     return path
 
 
@@ -292,7 +294,7 @@ def make_standin_inception(path: Path, monkeypatch: pytest.MonkeyPatch, seed: in
         elif isinstance(module, nn.Linear):
             nn.init.normal_(module.weight, std=0.01, generator=generator)
             nn.init.zeros_(module.bias)
-    torch.save(net.state_dict(), path)
+    save_torch(net.state_dict(), path)
 
 
 def test_inception_reference_on_standin_weights(tmp_path, monkeypatch, isolated_torch_home):
@@ -358,6 +360,7 @@ def write_prepared(path: Path, train: np.ndarray, test: np.ndarray | None = None
         f.create_dataset("images", data=train, chunks=(min(16, len(train)),) + train.shape[1:])
         if test is not None:
             f.create_dataset("test_images", data=test, chunks=(min(16, len(test)),) + test.shape[1:])
+        seal_h5(f)  # as every writer of the pipeline does
     return path
 
 

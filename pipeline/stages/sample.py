@@ -44,6 +44,7 @@ from pipeline.diffusion.gaussian import GaussianDiffusion, create_diffusion
 from pipeline.diffusion.sampler import sample_images, to_uint8
 from pipeline.errors import PipelineError
 from pipeline.io import atomic_path, provenance, write_attrs
+from pipeline.io.integrity import DamagedFile, discard_if_damaged, seal_zip, sealed_h5, verify_zip
 from pipeline.io.checkpoint import load_weights
 from pipeline.nn.presets import build_unet
 from pipeline.nn.unet import UNetModel
@@ -164,7 +165,7 @@ def sample_to_file(settings: Mapping[str, Any], weights: str | Path, out: str | 
     _open_scratch(scratch, run_key)
 
     chunks = [(c, c * chunk_size, min((c + 1) * chunk_size, n)) for c in range(math.ceil(n / chunk_size))]
-    todo = [chunk for chunk in chunks if not _chunk_path(scratch, chunk[0]).exists()]
+    todo = [chunk for chunk in chunks if not _usable_chunk(_chunk_path(scratch, chunk[0]))]
     done_images = n - sum(stop - start for _, start, stop in todo)
     bar = tqdm(total=n, initial=done_images, unit="img", disable=not progress, dynamic_ncols=True,
                desc=f"sample T'={steps}")
@@ -213,15 +214,26 @@ def _save_chunk(scratch: Path, index: int, images: np.ndarray, seconds: float) -
     with atomic_path(_chunk_path(scratch, index)) as tmp:
         with open(tmp, "wb") as f:
             np.savez(f, images=images, seconds=np.float64(seconds))
-            f.flush()
+        seal_zip(tmp)
+        with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
+
+
+def _usable_chunk(path: Path) -> bool:
+    """True for a chunk that exists and passes its checksum; a damaged one is deleted (with a
+    warning) so that it is computed again, like a missing one."""
+    return path.exists() and discard_if_damaged(path, lambda p: verify_zip(p, "it is recomputed"),
+                                                lambda text: print(f"sample: {text}", file=sys.stderr))
 
 
 def _read_chunk(path: Path, shape: tuple[int, ...], scratch: Path) -> tuple[np.ndarray, float]:
     """A chunk's uint8 images of the expected shape and its sampling seconds."""
     try:
+        verify_zip(path, f"delete {scratch} to resample")
         with np.load(path) as chunk:
             images, seconds = chunk["images"], float(chunk["seconds"])
+    except DamagedFile:
+        raise
     except (OSError, ValueError, KeyError) as err:
         raise PipelineError(f"{path} cannot be read ({err}); delete {scratch} to resample.") from None
     if images.shape != shape or images.dtype != np.uint8:
@@ -240,7 +252,7 @@ def write_samples(path: Path, scratch: Path, chunks: list[tuple[int, int, int]],
     """
     n = len(seeds)
     first, seconds = [], 0.0
-    with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
+    with sealed_h5(path) as f:
         images = f.create_dataset("images", shape=(n, *image_shape), dtype=np.uint8,
                                   chunks=(min(n, 256), *image_shape), compression="gzip", compression_opts=4)
         for index, start, stop in chunks:
