@@ -26,6 +26,7 @@ from torch_fidelity.feature_extractor_base import FeatureExtractorBase
 from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
 
 from pipeline.io.integrity import save_torch, seal_h5
+import pipeline.fidelity.extractors
 from pipeline import cli
 from pipeline.errors import PipelineError
 from pipeline.fidelity import (INCEPTION_WEIGHTS_NAME, H5Images, feature_statistics, file_sha256,
@@ -178,8 +179,8 @@ def test_unsuitable_images_are_refused(tmp_path):
     with pytest.raises(PipelineError, match="C = 1 or 3"):
         feature_statistics(noise(4, channels=2), tiny, cuda=False)
     with pytest.raises(PipelineError, match="no dataset 'images'"):
-        with h5py.File(tmp_path / "empty.h5", "w"):
-            pass
+        with h5py.File(tmp_path / "empty.h5", "w") as f:
+            seal_h5(f)  # an intact file without the dataset
         feature_statistics(H5Images(tmp_path / "empty.h5"), tiny, cuda=False)
 
 
@@ -301,6 +302,8 @@ def test_inception_reference_on_standin_weights(tmp_path, monkeypatch, isolated_
     weights = tmp_path / "standin-inception-kaiming.pth"
     assert weights.name != INCEPTION_WEIGHTS_NAME
     make_standin_inception(weights, monkeypatch)
+    # Stand-in weights are not the official file: accept their hash for this test only.
+    monkeypatch.setattr(pipeline.fidelity.extractors, "inception_sha256_prefix", lambda: file_sha256(weights)[:8])
     data = write_images(tmp_path / "data.h5", blobs(20, size=32, seed=2))
     out = tmp_path / "fid_ref_inception.h5"
     assert run_cli(["fid-reference", "--data", str(data), "--extractor", "inception",

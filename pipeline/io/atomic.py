@@ -21,7 +21,7 @@ def atomic_path(final: str | os.PathLike) -> Iterator[Path]:
     """
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale_temporaries(final)
+    remove_stale_temporaries(final.parent, re.escape(final.name))
     tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
     try:
         yield tmp
@@ -47,19 +47,21 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def remove_stale_temporaries(final: str | os.PathLike) -> list[Path]:
-    """Delete `.{name}.tmp-PID` files beside `final` left by writers that no longer run.
+def remove_stale_temporaries(folder: str | os.PathLike, name_regex: str) -> list[Path]:
+    """Delete `.{name}.tmp-PID` files in `folder` (name matching `name_regex`) whose writer no
+    longer runs; returns them.
 
     A SIGKILL skips the cleanup of `atomic_path`; the next writer of the same file removes what
-    the dead process left (a live PID's file is another writer's, and is kept). Returns the
-    removed paths.
+    the dead process left. A live PID's file is kept. Only the writer of the same final name
+    sweeps (Snakemake runs one job per output), so a job on another node of a shared file
+    system, whose PID means nothing here, never loses its temporary file to this sweep.
     """
-    final = Path(final)
-    pattern = re.compile(rf"\.{re.escape(final.name)}\.tmp-(\d+)")
+    folder = Path(folder)
+    pattern = re.compile(rf"\.(?:{name_regex})\.tmp-(\d+)")
     removed = []
-    if not final.parent.is_dir():
+    if not folder.is_dir():
         return removed
-    for entry in final.parent.iterdir():
+    for entry in folder.iterdir():
         match = pattern.fullmatch(entry.name)
         if match and int(match[1]) != os.getpid() and not _pid_alive(int(match[1])):
             entry.unlink(missing_ok=True)

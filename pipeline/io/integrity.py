@@ -69,7 +69,7 @@ def _dataset_sha256(dataset: h5py.Dataset) -> str:
         rows = max(dataset.chunks[0], rows // dataset.chunks[0] * dataset.chunks[0])
     for start in range(0, dataset.shape[0], rows):
         slab = np.ascontiguousarray(dataset[start:start + rows])
-        digest.update(slab.astype(slab.dtype.newbyteorder("<"), copy=False).tobytes())
+        digest.update(slab.astype(slab.dtype.newbyteorder("<"), copy=False).data)  # no copy on x86
     return digest.hexdigest()
 
 
@@ -151,16 +151,30 @@ def open_verified_h5(path: str | os.PathLike, fix: str) -> Iterator[h5py.File]:
 def sealed_h5(final: str | os.PathLike) -> Iterator[h5py.File]:
     """A new HDF5 file written under a temporary name, sealed, closed, then renamed to `final`.
 
-    The file is closed before the temporary name is removed on failure, so h5py never flushes
-    into a deleted or full file at interpreter exit.
+    On failure (the block's or the disk's) the file is closed before its temporary name is removed: an HDF5 file left open
+    is flushed at interpreter exit, which on a full disk fails again and ends in a segmentation
+    fault. So that this close can succeed on a full disk, the file is first truncated to zero,
+    giving back its space (its contents are discarded anyway).
     """
     with atomic_path(final) as tmp:
-        f = h5py.File(tmp, "w")
+        # No chunk cache: a chunk that cannot be written (full disk) then fails the write call
+        # itself. With a cache the failure surfaces in a destructor, where h5py only prints it,
+        # and the next flush crashes the interpreter.
+        f = h5py.File(tmp, "w", rdcc_nbytes=0)
         try:
             yield f
             seal_h5(f)
-        finally:
             f.close()
+        except BaseException:
+            _discard_h5(f, tmp)
+            raise
+
+
+def _discard_h5(f: h5py.File, tmp: Path) -> None:
+    with contextlib.suppress(OSError):
+        os.truncate(tmp, 0)
+    with contextlib.suppress(Exception):
+        f.close()
 
 
 # ------------------------------------------------------------------------------------------

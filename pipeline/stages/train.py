@@ -37,6 +37,7 @@ from pipeline.diffusion.gaussian import create_diffusion
 from pipeline.diffusion.timestep_sampler import LossSecondMomentResampler, UniformSampler
 from pipeline.errors import PipelineError
 from pipeline.io import provenance, write_attrs
+from pipeline.io.atomic import remove_stale_temporaries
 from pipeline.io.integrity import save_torch, sealed_h5
 from pipeline.io.checkpoint import load_checkpoint, save_checkpoint
 from pipeline.nn.presets import build_unet
@@ -112,6 +113,7 @@ def _train(settings, data_path, out_dir, procs, device, stop_after, progress) ->
         for stale in out_dir.glob("checkpoint-*.pt"):
             if stale != ckpt_path:
                 stale.unlink()
+        remove_stale_temporaries(out_dir, r"checkpoint-[0-9a-f]+\.pt")  # of killed runs, any settings
     distributed.barrier(procs)
     log = {name: [] for name in LOG_FIELDS}
     interval_times: list[float] = []
