@@ -113,10 +113,10 @@ def verify_h5(f: h5py.File, path: str | os.PathLike, fix: str) -> None:
     :raises DamagedFile: a hash is missing or differs, or HDF5 cannot read a chunk.
     """
     path = Path(path)
-    key = _file_key(path)
-    if key in _VERIFIED:
-        return
     try:
+        key = _file_key(path)
+        if key in _VERIFIED:
+            return
         if ATTRS_ATTR not in f.attrs:
             raise DamagedFile(f"{path} carries no content checksum (written by an older version, or "
                               f"not by this pipeline); {fix}.")
@@ -202,10 +202,10 @@ def seal_zip(path: str | os.PathLike) -> None:
 def verify_zip(path: str | os.PathLike, fix: str) -> None:
     """Check the `.content_sha256` record of a zip file; :raises DamagedFile: otherwise."""
     path = Path(path)
-    key = _file_key(path)
-    if key in _VERIFIED:
-        return
-    try:
+    try:  # another process may delete a damaged cache meanwhile: then it is missing, i.e. unusable
+        key = _file_key(path)
+        if key in _VERIFIED:
+            return
         with zipfile.ZipFile(path) as archive:
             stored = [n for n in archive.namelist() if n.endswith(ZIP_RECORD)]
             if len(stored) != 1:
