@@ -28,7 +28,7 @@ from pipeline.data.hdf5 import open_image_set, read_images
 from pipeline.errors import PipelineError, disk_error_message
 from pipeline.fidelity.stats import FeatureStats, H5Images, image_shape, read_reference, write_reference
 from pipeline.io.atomic import atomic_path
-from pipeline.io.checkpoint import load_checkpoint, load_weights, save_checkpoint
+from pipeline.io.checkpoint import load_checkpoint, load_weights
 from pipeline.io.hashing import file_sha256
 from pipeline.io.integrity import DamagedFile, save_torch, sealed_h5
 from pipeline.nn.presets import build_unet

@@ -305,6 +305,7 @@ def make_study(root: Path, *, dataset: str = "cifar10", extractor: str = "incept
         write_fid(path, metric_name, extractor, value, 0.3)
         with h5py.File(path, "r+") as f:  # what the fid stage copies from the calibration samples
             f.attrs["samples_attrs_json"] = json.dumps({"kind": kind, "source": f"{kind} images"})
+            seal_h5(f)
     return stage_settings(config, "report")
 
 
@@ -774,6 +775,7 @@ def test_missing_inputs_name_the_file_and_its_rule(tmp_path, capsys) -> None:
 
     with h5py.File(layout.fid(results, "cifar10", "adm", 0, "none", "fp32", 20, "inception"), "r+") as f:
         del f.attrs["value"]
+        seal_h5(f)  # an intact file of another version, not a damaged one
     with pytest.raises(PipelineError, match="rule fid"):
         build_report(settings, out)
 
@@ -782,6 +784,7 @@ def test_missing_inputs_name_the_file_and_its_rule(tmp_path, capsys) -> None:
     write_fid(old, "FID", "inception", 30.0, 0.8)
     with h5py.File(old, "r+") as f:
         del f["fd_replicates"]
+        seal_h5(f)
     with pytest.raises(PipelineError, match=r"lacks an entry the report needs .*fd_replicates.*rule fid") as err:
         build_report(settings, out)
     assert old in str(err.value)

@@ -25,7 +25,6 @@ import sys
 from pathlib import Path
 from typing import Any, Mapping
 
-import h5py
 import numpy as np
 import torch
 

@@ -28,7 +28,6 @@ import time
 from pathlib import Path
 from typing import Any, Mapping
 
-import h5py
 import numpy as np
 import torch_fidelity
 

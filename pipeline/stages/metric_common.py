@@ -15,7 +15,6 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
-import h5py
 import numpy as np
 import torch
 import yaml

@@ -32,7 +32,6 @@ import shutil
 import sys
 from pathlib import Path
 
-import h5py
 import numpy as np
 import torch
 

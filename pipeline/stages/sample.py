@@ -31,7 +31,6 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
-import h5py
 import numpy as np
 import torch
 from PIL import Image
