@@ -236,6 +236,7 @@ def test_fid_stage_end_to_end_with_tiny_extractor(tmp_path, monkeypatch):
     # A reference made with other weights is refused before any feature is computed.
     with h5py.File(reference, "a") as f:
         f.attrs["weights_sha256"] = "0" * 64
+        seal_h5(f)  # intact, made with other weights (not a damaged file)
     assert run_cli(["fid", "--samples", str(good), "--reference", str(reference),
                     "--out", str(tmp_path / "x.h5")], monkeypatch) == 2
     assert not (tmp_path / "x.h5").exists()
