@@ -192,16 +192,25 @@ def _open_scratch(scratch: Path, run_key: Mapping[str, Any]) -> None:
     """Create the scratch folder for `run_key`, or check that an existing one belongs to it."""
     key_path = scratch / "run.json"
     key_text = json.dumps(run_key, sort_keys=True, indent=1)
-    if key_path.exists() and json.loads(key_path.read_text()) == json.loads(key_text):
+    if _read_run_key(key_path) == json.loads(key_text):
         return
     if scratch.exists():
-        # Chunks of other weights or settings (say, the model was retrained) can never be reused.
+        # Chunks of other weights or settings (say, the model was retrained), or of an unreadable
+        # run.json, can never be reused.
         print(f"sample: discarding {scratch}: its chunks belong to other weights or settings",
               file=sys.stderr)
         shutil.rmtree(scratch)
     scratch.mkdir(parents=True, exist_ok=True)
     with atomic_path(key_path) as tmp:
         tmp.write_text(key_text)
+
+
+def _read_run_key(key_path: Path) -> Any:
+    """The settings a scratch folder belongs to, or None when run.json is missing or damaged."""
+    try:
+        return json.loads(key_path.read_text())
+    except (OSError, ValueError):
+        return None
 
 
 def _chunk_path(scratch: Path, index: int) -> Path:
