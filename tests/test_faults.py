@@ -474,3 +474,13 @@ def test_zip_without_checksum_is_refused(tmp_path):
         load_weights(path)
     with zipfile.ZipFile(path) as archive:
         assert not [n for n in archive.namelist() if n.endswith(".content_sha256")]
+
+
+def test_damaged_sample_run_key_restarts_the_scratch_folder(sample_weights, tmp_path, capsys):
+    out = tmp_path / "samples.h5"
+    sample_to_file(sample_settings(), sample_weights, out, out.with_suffix(".png"), 3, progress=False,
+                   stop_after_chunks=1)
+    (out.parent / ".samples.h5.chunks" / "run.json").write_bytes(b"{\x00damaged")
+    assert sample_to_file(sample_settings(), sample_weights, out, out.with_suffix(".png"), 3,
+                          progress=False) == [0, 1, 2]
+    assert "discarding" in capsys.readouterr().err
