@@ -24,6 +24,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipeline.data.loader import TrainingBatches  # noqa: E402
+from pipeline.io.integrity import seal_h5  # noqa: E402
 
 BATCH = 32
 
@@ -35,6 +36,7 @@ def synthetic_image_set(folder: Path) -> Path:
     with h5py.File(path, "w") as f:
         f.create_dataset("images", data=images, chunks=(64, 32, 32, 1), compression="gzip",
                          compression_opts=4)
+        seal_h5(f)  # readers refuse a data.h5 without its checksums
     return path
 
 

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Sequence
 
 from pipeline import progress
-from pipeline.errors import PipelineError
+from pipeline.errors import PipelineError, disk_error_message
 
 # Order = order of the study: data, training, evaluation, metrics, report.
 STAGES = {
@@ -112,6 +112,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         args._run(args)
     except PipelineError as err:
         print(f"error: {err}", file=sys.stderr)
+        return 2
+    except OSError as err:
+        message = disk_error_message(err)
+        if message is None:
+            raise
+        print(f"error: {message}", file=sys.stderr)
         return 2
     # The stage's own summary says what it wrote; this line closes every log with the wall time
     # (once: under torchrun every process shares the log, and RANK 0 speaks for them).

@@ -27,9 +27,10 @@ from PIL import Image
 
 import pipeline.data.base as data_base
 import pipeline.data.sources as sources
+from pipeline.io.integrity import seal_h5
 from pipeline.cli import main as cli_main
 from pipeline.data.cifar import CIFAR10_TARBALL_MD5, CIFAR10_URL, CifarSource
-from pipeline.data.download import download
+from pipeline.io.download import download
 from pipeline.data.hdf5 import read_images, read_info, read_labels, write_image_set
 from pipeline.data.idx import IdxSource
 from pipeline.data.image_folder import ImageFolderSource
@@ -491,6 +492,7 @@ def image_set(tmp_path) -> tuple[Path, np.ndarray]:
     path = tmp_path / "data.h5"
     with h5py.File(path, "w") as f:
         f.create_dataset("images", data=images, chunks=(4, 8, 8, 3), compression="gzip")
+        seal_h5(f)  # as every writer of the pipeline does
     return path, images
 
 

@@ -91,8 +91,8 @@ def test_timestep_sampler_sees_the_global_batch(data_h5, tmp_path):
     train(settings, data_h5, tmp_path / "one", progress=False, stop_after=2)
     run_processes(settings, data_h5, tmp_path / "two", 2, "--stop-after", "2")
     (one,), (two,) = (list((tmp_path / d).glob("checkpoint-*.pt")) for d in ("one", "two"))
-    s1 = torch.load(one, weights_only=False)["sampler"]
-    s2 = torch.load(two, weights_only=False)["sampler"]
+    s1 = torch.load(one, weights_only=True)["sampler"]
+    s2 = torch.load(two, weights_only=True)["sampler"]
     assert int(s1["loss_counts"].sum()) == 2 * 4  # every sample of both global batches recorded
     assert torch.equal(s1["loss_counts"], s2["loss_counts"])
     torch.testing.assert_close(s1["loss_history"], s2["loss_history"], rtol=1e-5, atol=1e-7)

@@ -25,6 +25,8 @@ import torch_fidelity.feature_extractor_inceptionv3 as fidelity_inception
 from torch_fidelity.feature_extractor_base import FeatureExtractorBase
 from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
 
+from pipeline.io.integrity import save_torch, seal_h5
+import pipeline.fidelity.extractors
 from pipeline import cli
 from pipeline.errors import PipelineError
 from pipeline.fidelity import (INCEPTION_WEIGHTS_NAME, H5Images, feature_statistics, file_sha256,
@@ -102,6 +104,7 @@ def write_images(path: Path, images: np.ndarray, **attrs) -> Path:
     with h5py.File(path, "w") as f:
         f.create_dataset("images", data=images, chunks=(min(16, len(images)),) + images.shape[1:])
         f.attrs.update(attrs)
+        seal_h5(f)  # as every writer of the pipeline does
     return path
 
 
@@ -176,8 +179,8 @@ def test_unsuitable_images_are_refused(tmp_path):
     with pytest.raises(PipelineError, match="C = 1 or 3"):
         feature_statistics(noise(4, channels=2), tiny, cuda=False)
     with pytest.raises(PipelineError, match="no dataset 'images'"):
-        with h5py.File(tmp_path / "empty.h5", "w"):
-            pass
+        with h5py.File(tmp_path / "empty.h5", "w") as f:
+            seal_h5(f)  # an intact file without the dataset
         feature_statistics(H5Images(tmp_path / "empty.h5"), tiny, cuda=False)
 
 
@@ -233,6 +236,7 @@ def test_fid_stage_end_to_end_with_tiny_extractor(tmp_path, monkeypatch):
     # A reference made with other weights is refused before any feature is computed.
     with h5py.File(reference, "a") as f:
         f.attrs["weights_sha256"] = "0" * 64
+        seal_h5(f)  # intact, made with other weights (not a damaged file)
     assert run_cli(["fid", "--samples", str(good), "--reference", str(reference),
                     "--out", str(tmp_path / "x.h5")], monkeypatch) == 2
     assert not (tmp_path / "x.h5").exists()
@@ -292,13 +296,15 @@ def make_standin_inception(path: Path, monkeypatch: pytest.MonkeyPatch, seed: in
         elif isinstance(module, nn.Linear):
             nn.init.normal_(module.weight, std=0.01, generator=generator)
             nn.init.zeros_(module.bias)
-    torch.save(net.state_dict(), path)
+    save_torch(net.state_dict(), path)
 
 
 def test_inception_reference_on_standin_weights(tmp_path, monkeypatch, isolated_torch_home):
     weights = tmp_path / "standin-inception-kaiming.pth"
     assert weights.name != INCEPTION_WEIGHTS_NAME
     make_standin_inception(weights, monkeypatch)
+    # Stand-in weights are not the official file: accept their hash for this test only.
+    monkeypatch.setattr(pipeline.fidelity.extractors, "inception_sha256_prefix", lambda: file_sha256(weights)[:8])
     data = write_images(tmp_path / "data.h5", blobs(20, size=32, seed=2))
     out = tmp_path / "fid_ref_inception.h5"
     assert run_cli(["fid-reference", "--data", str(data), "--extractor", "inception",
@@ -358,6 +364,7 @@ def write_prepared(path: Path, train: np.ndarray, test: np.ndarray | None = None
         f.create_dataset("images", data=train, chunks=(min(16, len(train)),) + train.shape[1:])
         if test is not None:
             f.create_dataset("test_images", data=test, chunks=(min(16, len(test)),) + test.shape[1:])
+        seal_h5(f)  # as every writer of the pipeline does
     return path
 
 

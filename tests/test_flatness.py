@@ -17,6 +17,7 @@ import torch
 import yaml
 from torch import nn
 
+from pipeline.io.integrity import save_torch, seal_h5
 from pipeline.cli import main as cli_main
 from pipeline.config import DEFAULT_CONFIG
 from pipeline.diffusion.gaussian import create_diffusion
@@ -425,6 +426,7 @@ def stage_inputs(tmp_path_factory):
     data = folder / "data.h5"
     with h5py.File(data, "w") as f:
         f.create_dataset("images", data=synthetic_images(12, size=16))
+        seal_h5(f)  # as every writer of the pipeline does
     torch.manual_seed(0)
     model = build_unet("tiny")
     with torch.no_grad():
@@ -432,7 +434,7 @@ def stage_inputs(tmp_path_factory):
         for p in model.parameters():
             p.add_(0.02 * torch.randn_like(p))
     weights = folder / "weights.pt"
-    torch.save(model.state_dict(), weights)
+    save_torch(model.state_dict(), weights)
     config = folder / "metrics.yaml"
     config.write_text("metrics:\n  lpf: {draws: 2, n_eval: 4, sigma_sweep: [0.005]}\n")
     return folder, data, weights, config
@@ -513,6 +515,7 @@ def test_settings_and_network_resolution(tmp_path) -> None:
     trained = {"preset": "demo", "diffusion": {"steps": 500, "noise_schedule": "linear", "learn_sigma": False}}
     with h5py.File(tmp_path / "train.h5", "w") as f:
         f.attrs["settings_yaml"] = yaml.safe_dump(trained)
+        seal_h5(f)  # as every writer of the pipeline does
     settings, source = resolve_model_settings(args, config, in_channels=3)
     assert settings.preset == "demo" and settings.diffusion["steps"] == 500 and source.endswith("train.h5")
     settings, source = resolve_model_settings(Namespace(weights=str(weights), preset="tiny", dataset=None),

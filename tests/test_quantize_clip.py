@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+from pipeline.io.integrity import save_torch
 from pipeline.cli import main
 from pipeline.config import load_config
 from pipeline.errors import PipelineError
@@ -148,7 +149,7 @@ def tiny_weights(tmp_path_factory) -> str:
     g = torch.Generator().manual_seed(1)
     state = {name: 0.8 * torch.randn(t.shape, generator=g) for name, t in model.state_dict().items()}
     path = tmp_path_factory.mktemp("weights") / "weights_ema.pt"
-    torch.save(state, path)
+    save_torch(state, path)
     return str(path)
 
 

@@ -11,6 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
+from pipeline.io.integrity import save_torch
 from pipeline.cli import main
 from pipeline.errors import PipelineError
 from pipeline.nn.presets import build_unet
@@ -181,7 +182,7 @@ def tiny_weights(tmp_path_factory) -> str:
     state = {name: (1.0 if name in norms else 0.0) + 0.05 * torch.randn(t.shape, generator=g)
              for name, t in model.state_dict().items()}
     path = tmp_path_factory.mktemp("weights") / "weights_ema.pt"
-    torch.save(state, path)
+    save_torch(state, path)
     return str(path)
 
 

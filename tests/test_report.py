@@ -24,6 +24,7 @@ import pytest
 import torch
 from torch import nn
 
+from pipeline.io.integrity import save_torch, seal_h5
 from pipeline import layout
 from pipeline.cli import main as cli_main
 from pipeline.config import DEFAULT_CONFIG, deep_merge, load_config
@@ -214,6 +215,7 @@ def write_fid(path: str, metric_name: str, extractor: str, value: float, noise: 
         write_attrs(f, {k: str(v) if isinstance(v, str) else v for k, v in attrs.items()})
         f.create_dataset("fd_replicates", data=value + noise * OFFSETS)
         f.create_dataset("kid_replicates", data=kid_of(value + noise * OFFSETS))
+        seal_h5(f)  # as every writer of the pipeline does
 
 
 def write_samples(path: str, shade: int, channels: int) -> None:
@@ -225,6 +227,7 @@ def write_samples(path: str, shade: int, channels: int) -> None:
         f.create_dataset("images", data=images, chunks=(20, 8, 8, channels), compression="gzip")
         f.create_dataset("seeds", data=np.arange(20, dtype=np.int64))
         write_attrs(f, {"steps": 20, "n": 20, "seed": 0, "clip_denoised": True})
+        seal_h5(f)  # as every writer of the pipeline does
 
 
 # FD of held-out real images and of noise: the floor and the ceiling of the reading scale.
@@ -302,6 +305,7 @@ def make_study(root: Path, *, dataset: str = "cifar10", extractor: str = "incept
         write_fid(path, metric_name, extractor, value, 0.3)
         with h5py.File(path, "r+") as f:  # what the fid stage copies from the calibration samples
             f.attrs["samples_attrs_json"] = json.dumps({"kind": kind, "source": f"{kind} images"})
+            seal_h5(f)
     return stage_settings(config, "report")
 
 
@@ -774,6 +778,7 @@ def test_missing_inputs_name_the_file_and_its_rule(tmp_path, capsys) -> None:
 
     with h5py.File(layout.fid(results, "cifar10", "adm", 0, "none", "fp32", 20, "inception"), "r+") as f:
         del f.attrs["value"]
+        seal_h5(f)  # an intact file of another version, not a damaged one
     with pytest.raises(PipelineError, match="rule fid"):
         build_report(settings, out)
 
@@ -782,6 +787,7 @@ def test_missing_inputs_name_the_file_and_its_rule(tmp_path, capsys) -> None:
     write_fid(old, "FID", "inception", 30.0, 0.8)
     with h5py.File(old, "r+") as f:
         del f["fd_replicates"]
+        seal_h5(f)
     with pytest.raises(PipelineError, match=r"lacks an entry the report needs .*fd_replicates.*rule fid") as err:
         build_report(settings, out)
     assert old in str(err.value)
@@ -840,13 +846,14 @@ def test_readers_match_the_real_metric_stages(tmp_path) -> None:
     data = tmp_path / "data.h5"
     with h5py.File(data, "w") as f:
         f.create_dataset("images", data=rng.integers(0, 256, (6, 16, 16, 3), dtype=np.uint8))
+        seal_h5(f)  # as every writer of the pipeline does
     torch.manual_seed(0)
     model = build_unet("tiny")
     with torch.no_grad():
         for p in model.parameters():
             p.add_(0.02 * torch.randn_like(p))
     weights = tmp_path / "weights.pt"
-    torch.save(model.state_dict(), weights)
+    save_torch(model.state_dict(), weights)
     runs = {"lpf": ["--draws", "2", "--n-eval", "2", "--sigma-sweep"],
             "perturbation": ["--radii", "0", "1", "--directions", "2", "--n-eval", "2"],
             "exposure": ["--n-images", "1", "--steps", "2"]}

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 
+from pipeline.io.integrity import seal_h5
 from pipeline.config import load_config
 from pipeline.errors import PipelineError
 from pipeline.settings import train_settings
@@ -31,6 +32,7 @@ def data_h5(tmp_path_factory) -> Path:
     images = np.stack([(grid * (i % 7 + 1)) % 256 for i in range(64)]).astype(np.uint8)[..., None]
     with h5py.File(path, "w") as f:
         f.create_dataset("images", data=images)
+        seal_h5(f)  # as every writer of the pipeline does
     return path
 
 

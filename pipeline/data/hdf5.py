@@ -29,7 +29,7 @@ import numpy as np
 
 from pipeline.data.base import ImageSource
 from pipeline.errors import PipelineError
-from pipeline.io.atomic import atomic_path
+from pipeline.io.integrity import sealed_h5, verify_h5
 from pipeline.io.provenance import write_attrs
 from pipeline.progress import Progress
 
@@ -58,7 +58,7 @@ def write_image_set(out: str | Path, source: ImageSource, extra_attrs: Mapping[s
     """
     start = time.perf_counter()
     test = source.test_split()
-    with atomic_path(out) as tmp, h5py.File(tmp, "w") as f:
+    with sealed_h5(out) as f:
         _write_split(f, source, "images", "labels", progress)
         if test is not None:
             if (test.resolution, test.channels) != (source.resolution, source.channels):
@@ -135,6 +135,11 @@ def open_image_set(path: str | Path) -> h5py.File:
         f.close()
         raise PipelineError(f"{path} holds no uint8 (N, H, W, C) 'images' dataset; it was not "
                             f"written by `python -m pipeline prepare`.")
+    try:  # once per file and process: one sequential read of every dataset
+        verify_h5(f, path, "delete it and rerun `python -m pipeline prepare` for its dataset")
+    except PipelineError:
+        f.close()
+        raise
     return f
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 from pipeline.data.base import ImageSource
 from pipeline.data.cifar import (CIFAR10_FOLDER, CIFAR10_TARBALL, CIFAR10_TARBALL_MD5,
                                  CIFAR10_URL, CifarSource)
-from pipeline.data.download import DownloadFailed, download
+from pipeline.io.download import DownloadFailed, download
 from pipeline.data.idx import (OFFICIAL_MD5, TEST_IMAGES, TEST_LABELS, TRAIN_IMAGES, TRAIN_LABELS,
                                IdxSource, find_idx_file)
 from pipeline.data.image_folder import ImageFolderSource

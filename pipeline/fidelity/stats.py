@@ -44,7 +44,7 @@ from pipeline.device import claim_gpu
 from pipeline.errors import PipelineError
 from pipeline.fidelity.bootstrap import psd_sqrt
 from pipeline.fidelity.extractors import Extractor
-from pipeline.io.atomic import atomic_path
+from pipeline.io.integrity import open_verified_h5, sealed_h5
 from pipeline.io.provenance import write_attrs
 from pipeline.progress import Progress
 
@@ -54,6 +54,7 @@ logger = logging.getLogger(__name__)
 # chunk's float64 features (CHUNK_ROWS x 2048 x 8 bytes = 64 MiB for Inception) stay small too.
 CHUNK_BYTES = 64 << 20
 CHUNK_ROWS = 4096
+REMAKE = "delete it and rerun the rule that makes it"
 DEFAULT_KID_ROWS = 10_000
 
 
@@ -75,7 +76,7 @@ def image_shape(source: ImageSource) -> tuple[int, int, int, int]:
         if not path.is_file():
             raise PipelineError(f"image file {path} does not exist.")
         try:
-            with h5py.File(path, "r") as f:
+            with open_verified_h5(path, REMAKE) as f:
                 if source.dataset not in f:
                     raise PipelineError(f"{path} has no dataset '{source.dataset}'; expected uint8 "
                                         f"images of shape (N, H, W, C).")
@@ -122,7 +123,7 @@ def iter_image_chunks(source: ImageSource, rows: np.ndarray, chunk_rows: int
                 yield wanted, np.asarray(array[start:stop])[wanted - start]
 
     if isinstance(source, H5Images):
-        with h5py.File(source.path, "r") as f:
+        with open_verified_h5(source.path, REMAKE) as f:
             yield from chunks(f[source.dataset])
     else:
         yield from chunks(source)
@@ -295,7 +296,7 @@ class Reference:
 def write_reference(path: str | Path, stats: FeatureStats, attrs: Mapping[str, Any]) -> None:
     """Write stats, psd_sqrt(sigma) and attrs to `path` atomically (layout: module docstring)."""
     sigma_sqrt = psd_sqrt(stats.sigma)
-    with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
+    with sealed_h5(path) as f:
         f.create_dataset("mu", data=stats.mu)
         f.create_dataset("sigma", data=stats.sigma)
         f.create_dataset("kid_features", data=stats.kid_features, chunks=True)
@@ -320,7 +321,7 @@ def read_reference(path: str | Path) -> Reference:
         raise PipelineError(f"reference statistics {path} do not exist; run "
                             f"`python -m pipeline fid-reference` first.")
     try:
-        with h5py.File(path, "r") as f:
+        with open_verified_h5(path, "delete it and rerun `python -m pipeline fid-reference`") as f:
             missing = [k for k in ("mu", "sigma", "kid_features", "kid_rows") if k not in f]
             missing += [k for k in REQUIRED_REFERENCE_ATTRS if k not in f.attrs]
             if missing:

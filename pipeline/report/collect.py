@@ -21,6 +21,7 @@ import yaml
 
 from pipeline import layout
 from pipeline.errors import PipelineError
+from pipeline.io.integrity import verify_h5
 from pipeline.report.study import Study
 
 # The rule (workflow/rules/*.smk) and command behind each kind of input.
@@ -196,6 +197,7 @@ def _open(path: str, maker: str) -> Iterator[h5py.File]:
         raise PipelineError(f"{path} cannot be read as HDF5 ({err}); delete it and rerun {maker}.") from None
     try:
         with f:
+            verify_h5(f, path, f"delete it and rerun {maker}")
             yield f
     except KeyError as err:
         raise PipelineError(f"{path} lacks an entry the report needs ({err}); it was written by another "

@@ -25,7 +25,6 @@ import logging
 from pathlib import Path
 from typing import Any, Mapping
 
-import h5py
 import numpy as np
 import torch
 
@@ -36,7 +35,8 @@ from pipeline.data.hdf5 import TEST_IMAGES, open_image_set, read_rows
 from pipeline.diffusion.sampler import to_uint8
 from pipeline.errors import PipelineError
 from pipeline.fidelity.stats import reference_rows, select_rows
-from pipeline.io import atomic_path, provenance, write_attrs
+from pipeline.io import provenance, write_attrs
+from pipeline.io.integrity import sealed_h5
 from pipeline.io.hashing import file_sha256
 from pipeline.progress import Progress
 from pipeline.stages.fid_reference import REFERENCE_SEED
@@ -122,7 +122,7 @@ def write_calibration_samples(data: str | Path, kind: str, n: int, seed: int, ou
     attrs = {"kind": kind, "n": int(len(images)), "n_requested": int(n), "seed": int(seed), **where,
              "resolution": image_shape[0], "channels": image_shape[2], "data": str(data),
              "data_sha256": file_sha256(data)}
-    with atomic_path(out) as tmp, h5py.File(tmp, "w") as f:
+    with sealed_h5(out) as f:
         f.create_dataset("images", data=images, chunks=(min(len(images), 256), *image_shape),
                          compression="gzip", compression_opts=4)
         for name, values in extra.items():

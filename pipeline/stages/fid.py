@@ -28,7 +28,6 @@ import time
 from pathlib import Path
 from typing import Any, Mapping
 
-import h5py
 import numpy as np
 import torch_fidelity
 
@@ -41,7 +40,7 @@ from pipeline.io.hashing import file_sha256
 from pipeline.fidelity.stats import (DEFAULT_KID_ROWS, H5Images, feature_statistics, frechet_distance,
                                      h5_attrs, h5_safe_attrs, image_shape, kernel_distance,
                                      read_reference)
-from pipeline.io.atomic import atomic_path
+from pipeline.io.integrity import sealed_h5
 from pipeline.io.provenance import provenance, write_attrs
 from pipeline.progress import Progress
 
@@ -144,7 +143,7 @@ def evaluate(samples: str | Path, reference: str | Path, out: str | Path | None 
         "wall_time_s": time.time() - start,
     })
     out = Path(out or samples.parent / f"fid_{extractor.name}.h5")
-    with atomic_path(out) as tmp, h5py.File(tmp, "w") as f:
+    with sealed_h5(out) as f:
         f.create_dataset("fd_replicates", data=fd_reps)
         f.create_dataset("kid_replicates", data=kid_reps)
         write_attrs(f, h5_safe_attrs(attrs))

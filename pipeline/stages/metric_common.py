@@ -15,7 +15,6 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
-import h5py
 import numpy as np
 import torch
 import yaml
@@ -27,7 +26,8 @@ from pipeline.errors import PipelineError
 from pipeline.device import resolve_device
 from pipeline.flatness.model_setup import ModelSettings, load_model
 from pipeline.flatness.weights import num_elements, parameter_norm, trainable_parameters
-from pipeline.io import atomic_path, provenance, write_attrs
+from pipeline.io import provenance, write_attrs
+from pipeline.io.integrity import open_verified_h5, sealed_h5
 from pipeline.progress import Progress, duration
 
 SUPPRESS = argparse.SUPPRESS
@@ -110,7 +110,7 @@ def _train_settings_beside(weights: Path) -> dict[str, Any] | None:
     train_log = weights.parent / "train.h5"
     if not train_log.is_file():
         return None
-    with h5py.File(train_log, "r") as f:
+    with open_verified_h5(train_log, "delete it and rerun the train rule") as f:
         text = f.attrs.get("settings_yaml")
     return yaml.safe_load(text) if text else None
 
@@ -183,7 +183,7 @@ def write_results(ctx: MeasureContext, args: argparse.Namespace, arrays: Mapping
     # Plain str, not str subclasses (torch.__version__ is one): h5py maps those to fixed-width
     # numpy unicode, which HDF5 cannot store.
     attrs = {key: str(value) if isinstance(value, str) else value for key, value in attrs.items()}
-    with atomic_path(args.out) as tmp, h5py.File(tmp, "w") as f:
+    with sealed_h5(args.out) as f:
         for key, value in arrays.items():
             f.create_dataset(key, data=np.asarray(value))
         write_attrs(f, attrs)

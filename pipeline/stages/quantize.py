@@ -32,7 +32,6 @@ import logging
 import shutil
 from pathlib import Path
 
-import h5py
 import numpy as np
 import torch
 
@@ -40,7 +39,8 @@ from pipeline.arguments import positive_float, settings_json
 from pipeline.config import load_config
 from pipeline.errors import PipelineError
 from pipeline.io.hashing import file_sha256
-from pipeline.io import atomic_path, atomic_torch_save, provenance, write_attrs
+from pipeline.io import atomic_path, provenance, write_attrs
+from pipeline.io.integrity import open_verified_h5, save_torch, sealed_h5
 from pipeline.io.checkpoint import load_weights
 from pipeline.precision import CLIP, MINMAX, precision_scheme
 from pipeline.quant import (DEFAULT_CLIP, QuantizedStateDict, checked_clip, clip_levels, clip_quantize_state_dict,
@@ -87,7 +87,7 @@ def quantize_file(weights: str | Path, precision: str, out: str | Path, codes: s
         result = quantize_state_dict(state_dict, include_1d=include_1d, **spec)
         attrs.update(scheme=MINMAX, bits=spec["bits"], granularity=spec["granularity"],
                      symmetric=spec["symmetric"])
-    atomic_torch_save(result.dequantized, out)
+    save_torch(result.dequantized, out)
     write_codes(codes, result, attrs, kept=[k for k in state_dict if k not in result.codes], levels=levels)
     return result
 
@@ -98,7 +98,7 @@ def write_codes(path: Path, result: QuantizedStateDict | None, attrs: dict, kept
 
     :param levels: (L,) every value W_q can take, stored as the root dataset `levels` when given.
     """
-    with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
+    with sealed_h5(path) as f:
         if levels is not None:
             f.create_dataset("levels", data=levels.cpu().numpy())
         group = f.create_group("tensors")
@@ -118,7 +118,7 @@ def write_codes(path: Path, result: QuantizedStateDict | None, attrs: dict, kept
 def read_codes(path: str | Path) -> dict[str, torch.Tensor]:
     """The dequantized tensors stored in a codes file, bit-identical to the --out weights."""
     tensors = {}
-    with h5py.File(path, "r") as f:
+    with open_verified_h5(path, "delete it and rerun the quantize rule") as f:
         for name, group in f["tensors"].items():
             dtype = getattr(torch, group.attrs["dtype"])
             tensors[name] = dequantize(torch.from_numpy(np.asarray(group["codes"])),

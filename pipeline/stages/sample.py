@@ -31,7 +31,6 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
-import h5py
 import numpy as np
 import torch
 from PIL import Image
@@ -44,6 +43,7 @@ from pipeline.diffusion.gaussian import GaussianDiffusion, create_diffusion
 from pipeline.diffusion.sampler import sample_images, to_uint8
 from pipeline.errors import PipelineError
 from pipeline.io import atomic_path, provenance, write_attrs
+from pipeline.io.integrity import DamagedFile, discard_if_damaged, seal_zip, sealed_h5, verify_zip
 from pipeline.io.checkpoint import load_weights
 from pipeline.nn.presets import build_unet
 from pipeline.nn.unet import UNetModel
@@ -167,7 +167,7 @@ def sample_to_file(settings: Mapping[str, Any], weights: str | Path, out: str | 
     _open_scratch(scratch, run_key)
 
     chunks = [(c, c * chunk_size, min((c + 1) * chunk_size, n)) for c in range(math.ceil(n / chunk_size))]
-    todo = [chunk for chunk in chunks if not _chunk_path(scratch, chunk[0]).exists()]
+    todo = [chunk for chunk in chunks if not _usable_chunk(_chunk_path(scratch, chunk[0]))]
     done_images = n - sum(stop - start for _, start, stop in todo)
     bar = Progress(logger, f"sample T'={steps}", n, "images", initial=done_images, bar=progress)
     computed = []
@@ -194,15 +194,24 @@ def _open_scratch(scratch: Path, run_key: Mapping[str, Any]) -> None:
     """Create the scratch folder for `run_key`, or check that an existing one belongs to it."""
     key_path = scratch / "run.json"
     key_text = json.dumps(run_key, sort_keys=True, indent=1)
-    if key_path.exists() and json.loads(key_path.read_text()) == json.loads(key_text):
+    if _read_run_key(key_path) == json.loads(key_text):
         return
     if scratch.exists():
-        # Chunks of other weights or settings (say, the model was retrained) can never be reused.
+        # Chunks of other weights or settings (say, the model was retrained), or of an unreadable
+        # run.json, can never be reused.
         logger.warning("sample: discarding %s: its chunks belong to other weights or settings", scratch)
         shutil.rmtree(scratch)
     scratch.mkdir(parents=True, exist_ok=True)
     with atomic_path(key_path) as tmp:
         tmp.write_text(key_text)
+
+
+def _read_run_key(key_path: Path) -> Any:
+    """The settings a scratch folder belongs to, or None when run.json is missing or damaged."""
+    try:
+        return json.loads(key_path.read_text())
+    except (OSError, ValueError):
+        return None
 
 
 def _chunk_path(scratch: Path, index: int) -> Path:
@@ -214,15 +223,26 @@ def _save_chunk(scratch: Path, index: int, images: np.ndarray, seconds: float) -
     with atomic_path(_chunk_path(scratch, index)) as tmp:
         with open(tmp, "wb") as f:
             np.savez(f, images=images, seconds=np.float64(seconds))
-            f.flush()
+        seal_zip(tmp)
+        with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
+
+
+def _usable_chunk(path: Path) -> bool:
+    """True for a chunk that exists and passes its checksum; a damaged one is deleted (with a
+    warning) so that it is computed again, like a missing one."""
+    return path.exists() and discard_if_damaged(path, lambda p: verify_zip(p, "it is recomputed"),
+                                                lambda text: logger.warning("sample: %s", text))
 
 
 def _read_chunk(path: Path, shape: tuple[int, ...], scratch: Path) -> tuple[np.ndarray, float]:
     """A chunk's uint8 images of the expected shape and its sampling seconds."""
     try:
+        verify_zip(path, f"delete {scratch} to resample")
         with np.load(path) as chunk:
             images, seconds = chunk["images"], float(chunk["seconds"])
+    except DamagedFile:
+        raise
     except (OSError, ValueError, KeyError) as err:
         raise PipelineError(f"{path} cannot be read ({err}); delete {scratch} to resample.") from None
     if images.shape != shape or images.dtype != np.uint8:
@@ -241,7 +261,7 @@ def write_samples(path: Path, scratch: Path, chunks: list[tuple[int, int, int]],
     """
     n = len(seeds)
     first, seconds = [], 0.0
-    with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
+    with sealed_h5(path) as f:
         images = f.create_dataset("images", shape=(n, *image_shape), dtype=np.uint8,
                                   chunks=(min(n, 256), *image_shape), compression="gzip", compression_opts=4)
         for index, start, stop in chunks:

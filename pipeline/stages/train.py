@@ -27,7 +27,6 @@ import time
 from pathlib import Path
 from typing import Any, Mapping
 
-import h5py
 import numpy as np
 import torch
 
@@ -38,7 +37,9 @@ from pipeline.data.loader import TrainingBatches
 from pipeline.diffusion.gaussian import create_diffusion
 from pipeline.diffusion.timestep_sampler import LossSecondMomentResampler, UniformSampler
 from pipeline.errors import PipelineError
-from pipeline.io import atomic_path, atomic_torch_save, provenance, write_attrs
+from pipeline.io import provenance, write_attrs
+from pipeline.io.atomic import remove_stale_temporaries
+from pipeline.io.integrity import save_torch, sealed_h5
 from pipeline.io.checkpoint import load_checkpoint, save_checkpoint
 from pipeline.nn.presets import build_unet
 from pipeline.optim.averages import EMA, SWA
@@ -54,6 +55,8 @@ LOG_FIELDS = ("loss", "mse", "vb", "grad_norm", "lr")
 STATUS_FILE = "status.json"
 
 logger = logging.getLogger(__name__)
+# Settings that change what is logged or when it is saved, never the weights.
+NOT_TRAJECTORY = ("log_every", "checkpoint_every")
 
 
 # ------------------------------------------------------------------------------------------
@@ -108,12 +111,15 @@ def _train(settings, data_path, out_dir, procs, device, stop_after, progress) ->
               every=settings["swa"]["every"], total_steps=total_steps) if main else None
 
     # Resume from this run's own checkpoint; one of other settings (say, an edited rho) is stale.
+    # Only what shapes the trajectory names it: a new log or checkpoint interval resumes.
     settings_json = json.dumps(settings, sort_keys=True)
-    ckpt_path = out_dir / f"checkpoint-{hashlib.sha256(settings_json.encode()).hexdigest()[:12]}.pt"
+    trajectory_json = json.dumps({k: v for k, v in settings.items() if k not in NOT_TRAJECTORY}, sort_keys=True)
+    ckpt_path = out_dir / f"checkpoint-{hashlib.sha256(trajectory_json.encode()).hexdigest()[:12]}.pt"
     if main:
         for stale in out_dir.glob("checkpoint-*.pt"):
             if stale != ckpt_path:
                 stale.unlink()
+        remove_stale_temporaries(out_dir, r"checkpoint-[0-9a-f]+\.pt")  # of killed runs, any settings
     distributed.barrier(procs)
     log = {name: [] for name in LOG_FIELDS}
     interval_times: list[float] = []
@@ -128,7 +134,9 @@ def _train(settings, data_path, out_dir, procs, device, stop_after, progress) ->
         sampler.load_state_dict(ckpt["sampler"])
         torch.set_rng_state(ckpt["torch_rng"])
         log = {name: list(values) for name, values in ckpt["log"].items()}
-        interval_times = list(ckpt["interval_times"])
+        # Timings of another log interval would mix two interval lengths in train.h5.
+        if json.loads(ckpt["settings_json"]).get("log_every") == settings["log_every"]:
+            interval_times = list(ckpt["interval_times"])
         step = int(ckpt["step"])
         del ckpt
 
@@ -230,9 +238,9 @@ def _train(settings, data_path, out_dir, procs, device, stop_after, progress) ->
         return
 
     # Outputs: three plain state_dicts with guided-diffusion key names, and the log.
-    atomic_torch_save(_cpu_state(model.state_dict()), out_dir / WEIGHTS["none"])
-    atomic_torch_save(_cpu_state(ema.averaged_state_dict()), out_dir / WEIGHTS["ema"])
-    atomic_torch_save(_cpu_state(swa.averaged_state_dict()), out_dir / WEIGHTS["swa"])
+    save_torch(_cpu_state(model.state_dict()), out_dir / WEIGHTS["none"])
+    save_torch(_cpu_state(ema.averaged_state_dict()), out_dir / WEIGHTS["ema"])
+    save_torch(_cpu_state(swa.averaged_state_dict()), out_dir / WEIGHTS["swa"])
     write_train_log(out_dir / "train.h5", settings, log, interval_times, swa, procs.world_size)
     ckpt_path.unlink()  # the run is complete; its checkpoint is several times the model's size
     write_status(out_dir / STATUS_FILE, bar, "finished")
@@ -369,7 +377,7 @@ def write_train_log(path: Path, settings: Mapping[str, Any], log: Mapping[str, l
 
     `processes`: the data-parallel processes of the invocation that finished the run.
     """
-    with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
+    with sealed_h5(path) as f:
         for name in LOG_FIELDS:
             f.create_dataset(name, data=np.asarray(log[name], dtype=np.float64))
         f.create_dataset("interval_seconds", data=np.asarray(interval_times, dtype=np.float64))
