@@ -22,7 +22,7 @@ from pipeline.precision import parse_precision
 from pipeline.report.effects import (calibration_reading, difference, effect, exposure_arm, fd_arm, hessian_arm,
                                      identity, kid_arm, lpf_arm, value_cell)
 from pipeline.report.render import Table
-from pipeline.report.study import AVERAGE_HEADING, SamChoice, Study, algorithm_label
+from pipeline.report.study import SamChoice, Study, algorithm_label
 
 Choices = Mapping[str, Mapping[str, SamChoice]]
 

@@ -38,7 +38,7 @@ from pipeline.diffusion.gaussian import create_diffusion
 from pipeline.diffusion.timestep_sampler import LossSecondMomentResampler, UniformSampler
 from pipeline.errors import PipelineError
 from pipeline.io import provenance, write_attrs
-from pipeline.io.atomic import remove_stale_temporaries
+from pipeline.io.atomic import atomic_path, remove_stale_temporaries
 from pipeline.io.integrity import save_torch, sealed_h5
 from pipeline.io.checkpoint import load_checkpoint, save_checkpoint
 from pipeline.nn.presets import build_unet
