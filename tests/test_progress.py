@@ -21,6 +21,7 @@ import torch
 from pipeline import progress
 from pipeline.cli import main as cli_main
 from pipeline.errors import PipelineError
+from pipeline.io.integrity import save_torch, sealed_h5
 from pipeline.nn.presets import build_unet
 from pipeline.stages.train import STATUS_FILE, WEIGHTS, train
 from test_fidelity import TINY, blobs, isolated_torch_home, run_cli, write_prepared  # noqa: F401 (a fixture)
@@ -163,9 +164,9 @@ def tiny_model(tmp_path_factory) -> tuple[Path, Path]:
     model = build_unet("tiny", in_channels=3)
     g = torch.Generator().manual_seed(2)
     state = {name: t + 0.05 * torch.randn(t.shape, generator=g) for name, t in model.state_dict().items()}
-    torch.save(state, folder / "weights.pt")
+    save_torch(state, folder / "weights.pt")
     images = np.random.default_rng(0).integers(0, 256, size=(12, 16, 16, 3), dtype=np.uint8)
-    with h5py.File(folder / "data.h5", "w") as f:
+    with sealed_h5(folder / "data.h5") as f:
         f.create_dataset("images", data=images)
     return folder / "weights.pt", folder / "data.h5"
 
