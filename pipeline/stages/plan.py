@@ -420,7 +420,7 @@ def format_estimate(costs: Sequence[RuleCost], stale_only: bool, calibration: Ma
              f"({calibration['device_name']}, torch {calibration['torch']}, {calibration['threads']} thread(s), "
              f"load {calibration['load_average_before'][0]:.1f} when calibrated, start-up "
              f"{calibration['startup_seconds']:.1f} s per job)",
-             f"{'rule':<20} {'jobs':>5} {'device-h':>9} {'share':>6}  {'longest job':>12} {'runtime':>9}  "
+             f"{'rule':<20} {'jobs':>5} {'device-h':>9} {'share':>6}  {'longest job':>12} {'runtime':>11}  "
              f"{'peak MB':>8} {'mem_mb':>7}"]
     total = total_seconds(costs)
     warnings = []
@@ -432,7 +432,7 @@ def format_estimate(costs: Sequence[RuleCost], stale_only: bool, calibration: Ma
         mem = "-" if c.mem_mb is None else f"{c.mem_mb:.0f}"
         share = c.seconds / total if total else 0.0
         lines.append(f"{c.rule:<20} {c.jobs:>5} {c.seconds / 3600:>9.2f} {share:>6.1%}  "
-                     f"{_hms(c.longest_seconds):>12} {runtime:>9}{'!' if over_time else ' '} "
+                     f"{_hms(c.longest_seconds):>12} {runtime:>11}{'!' if over_time else ' '} "
                      f"{peak:>8} {mem:>7}{'!' if over_mem else ''}")
         if over_time:
             warnings.append(f"{c.rule}: the longest job ({_hms(c.longest_seconds)}) exceeds its runtime "
