@@ -22,7 +22,6 @@ the tolerance usually stops them sooner).
 from __future__ import annotations
 
 import math
-from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Mapping
 
@@ -226,12 +225,3 @@ def estimate(jobs: Iterable[Job], config: Mapping[str, Any], timings: Timings) -
 def total_seconds(costs: Iterable[RuleCost]) -> float:
     return math.fsum(c.seconds for c in costs)
 
-
-def group_seconds(costs: Iterable[RuleCost], groups: Mapping[str, Iterable[str]]) -> dict[str, float]:
-    """Seconds per named group of rules (e.g. all FD rules together), for comparisons."""
-    sums: dict[str, float] = defaultdict(float)
-    for cost in costs:
-        for name, rules in groups.items():
-            if cost.rule in rules:
-                sums[name] += cost.seconds
-    return dict(sums)
