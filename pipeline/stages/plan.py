@@ -349,6 +349,10 @@ def _run_measure(spec: Mapping[str, Any]) -> dict[str, Any]:
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
     done = subprocess.run([sys.executable, "-m", "pipeline", "plan", "--measure", json.dumps(spec)],
                           capture_output=True, text=True, env=env, check=False)
+    if done.returncode < 0:
+        # SIGKILL with no traceback is the kernel's out-of-memory killer, most of the time.
+        raise PipelineError(f"calibrating {spec['key']} was killed by signal {-done.returncode} (out of "
+                            f"memory?); lower --max-batch or calibrate on a larger machine.")
     if done.returncode != 0:
         tail = (done.stderr.strip().splitlines() or ["(no output)"])[-1]
         raise PipelineError(f"calibrating {spec['key']} failed: {tail}")
