@@ -36,6 +36,7 @@ STAGES = {
     "hessian": "pipeline.stages.hessian",
     "exposure": "pipeline.stages.exposure",
     "report": "pipeline.stages.report",
+    "plan": "pipeline.stages.plan",
 }
 
 

@@ -10,7 +10,9 @@ import yaml
 
 from pipeline import layout
 from pipeline.precision import PRECISION_REGEX, QUANTIZED_REGEX
-from pipeline.settings import metric_averages, stage_settings, study_variants, train_settings
+from pipeline.cli import STAGES
+from pipeline.codedeps import source_files
+from pipeline.settings import METRICS, metric_averages, stage_settings, study_variants, train_settings
 
 # Jobs run `python -m pipeline ...`: put the interpreter that runs Snakemake (the venv's) first
 # on PATH, here and in every job Snakemake spawns, locally or on a cluster node.
@@ -37,31 +39,24 @@ wildcard_constraints:
     n=r"\d+",
 
 
-def code(*parts):
+def code(stage):
     """Source files behind a stage, as inputs: editing them makes that stage's outputs stale."""
-    files = []
-    for part in parts:
-        path = Path(workflow.basedir) / "pipeline" / part
-        files += sorted(map(str, path.rglob("*.py"))) if path.is_dir() else [str(path)]
-    return files
+    return source_files(STAGES[stage], root=Path(workflow.basedir) / "pipeline")
 
 
-# Science code per stage; shared plumbing (cli, io, config) is left out on purpose, so that a
-# logging or error-message edit does not rerun the study.
-MODEL_CODE = ["nn", "diffusion"]
+# Science code per rule, traced from each stage's imports (pipeline/codedeps.py); shared plumbing
+# (cli, io, config, settings, layout) is left out there, so that a logging or error-message edit
+# does not rerun the study. Each metric has its own entry: editing lpf.py reruns only LPF jobs.
 CODE = {
-    "prepare": code("data", "stages/prepare.py"),
-    "fid_reference": code("fidelity", "stages/fid_reference.py"),
-    # The floor recomputes the reference subset and static reuses the sampler's uint8 mapping.
-    "calibration_samples": code("data/hdf5.py", "fidelity/stats.py", "stages/fid_reference.py",
-                                "diffusion/sampler.py", "seeding.py", "stages/calibration.py"),
-    "train": code(*MODEL_CODE, "optim", "data/loader.py", "recipes.py", "seeding.py", "distributed.py",
-                   "stages/train.py"),
-    "quantize": code("quant.py", "precision.py", "stages/quantize.py"),
-    "sample": code(*MODEL_CODE, "seeding.py", "stages/sample.py"),
-    "fid": code("fidelity", "stages/fid.py"),
-    "metric": code(*MODEL_CODE, "flatness", "seeding.py"),
-    "report": code("report", "stages/report.py", "quant.py", "precision.py"),
+    "prepare": code("prepare"),
+    "fid_reference": code("fid-reference"),
+    "calibration_samples": code("calibration-samples"),
+    "train": code("train"),
+    "quantize": code("quantize"),
+    "sample": code("sample"),
+    "fid": code("fid"),
+    **{metric: code(metric) for metric in METRICS},
+    "report": code("report"),
 }
 
 

@@ -160,7 +160,7 @@ rule metric:
     input:
         weights=lambda w: layout.trained_weights(RESULTS, w.dataset, w.recipe, w.seed, w.average),
         data=layout.data(RESULTS, "{dataset}"),
-        code=CODE["metric"] + code("stages/{metric}.py"),
+        code=lambda w: CODE[w.metric],
     output:
         layout.metric(RESULTS, "{dataset}", "{recipe}", "{seed}", "{average}", "{metric}"),
     params:

@@ -1,0 +1,467 @@
+"""Estimate a plan's device-hours per rule before submitting it (`--calibrate` times this device).
+
+Lists the jobs `snakemake --dry-run` plans for the given config files (only the stale ones; every
+job with --all), turns each into counts of work units (training steps, image forwards, feature
+extractions, ...; see pipeline/cost/model.py) and multiplies them by the seconds per unit that
+`--calibrate` measured on this machine, plus a measured per-job start-up. Prints device-hours per
+rule and in total, each rule's longest job against its `runtime` resource and the measured peak
+memory of its work against `mem_mb`.
+
+  python -m pipeline plan --configfile config.yaml config/demo.yaml --calibrate   # time this device
+  python -m pipeline plan --configfile config.yaml config/demo.yaml               # the estimate
+
+Calibration runs each work unit in a fresh process (so its peak memory is its own) at the plan's
+presets and batch sizes, batches above --max-batch timed at --max-batch and scaled linearly; the
+medians of --repeats timings, the device, torch version, threads and load average go to a JSON
+file. Timings on a shared machine are noisy: the load average is recorded beside them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+from pipeline.config import REPO_ROOT, load_config, section
+from pipeline.cost.dryrun import Job, planned_jobs
+from pipeline.cost.model import (RuleCost, Timings, estimate, model_key, recipe_kind, required_units,
+                                 total_seconds)
+from pipeline.errors import PipelineError
+from pipeline.io import atomic_path
+
+# The stage whose `--help` start-up is timed as every job's overhead (imports torch and the UNet).
+STARTUP_PROBE = ["-m", "pipeline", "sample", "--help"]
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--configfile", nargs="+", default=[str(REPO_ROOT / "config.yaml")],
+                        help="config files, merged in order as Snakemake's --configfile does")
+    parser.add_argument("--all", dest="everything", action="store_true",
+                        help="every job of the plan, not only the stale ones (snakemake --forceall)")
+    parser.add_argument("--calibrate", action="store_true",
+                        help="time every work unit of the whole plan on this device first and store it")
+    parser.add_argument("--calibration", default=None,
+                        help="calibration JSON (default {results}/cost/calibration-<device>.json)")
+    parser.add_argument("--device", default="cpu", help="device to calibrate on: cpu | cuda | cuda:K")
+    parser.add_argument("--max-batch", dest="max_batch", type=int, default=64,
+                        help="largest batch timed; larger ones are timed at this size and scaled")
+    parser.add_argument("--repeats", type=int, default=3, help="timings per unit (the median is kept)")
+    parser.add_argument("--workdir", default=str(REPO_ROOT), help="the folder holding the Snakefile")
+    parser.add_argument("--measure", default=None, help=argparse.SUPPRESS)  # internal: one unit, JSON out
+
+
+def device_label(device: str) -> str:
+    """The device's part of the calibration file name: cpu or cuda-<gpu model>."""
+    if device == "cpu":
+        return "cpu"
+    import torch
+    name = torch.cuda.get_device_name(torch.device(device))
+    return "cuda-" + re.sub(r"[^A-Za-z0-9]+", "-", name).strip("-").lower()
+
+
+def default_calibration_path(config: Mapping[str, Any], device: str) -> Path:
+    return Path(config["results"]) / "cost" / f"calibration-{device_label(device)}.json"
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+# ---------------------------------------------------------------------------------------------
+# Work-unit specifications: what to build to time a key of pipeline.cost.model.
+
+def unit_spec(key: str, config: Mapping[str, Any], device: str, max_batch: int, repeats: int) -> dict[str, Any]:
+    """Everything a fresh process needs to time one work unit, from its key and the config."""
+    kind, _, rest = key.partition("/")
+    spec: dict[str, Any] = {"key": key, "kind": kind, "device": device, "repeats": repeats,
+                            "diffusion": dict(section(config, "training", "diffusion"))}
+    if kind in ("train", "sample", "loss", "hvp"):
+        dataset = _dataset_of(config, "/".join(rest.split("/")[:3]))
+        data = section(config, "datasets", dataset)
+        batch = int(rest.split("/")[3].removeprefix("b"))
+        spec.update(dataset=dataset, preset=data["preset"], resolution=int(data["resolution"]),
+                    channels=int(rest.split("/")[2].removeprefix("c")), batch=batch,
+                    measured_batch=min(batch, max_batch))
+        if kind == "train":
+            recipe_kind_name = rest.split("/")[4]
+            recipe = next(r for r in section(config, "study", "recipes")
+                          if recipe_kind(config, r) == recipe_kind_name)
+            from pipeline.settings import train_settings
+            spec["recipe"] = train_settings(config, dataset, recipe, 0)["recipe"]
+            spec["schedule_sampler"] = section(config, "training", "schedule_sampler")
+            spec["ema_decay"] = float(section(config, "training", "ema", "decay"))
+    elif kind == "extract":
+        extractor, resolution, channels = rest.split("/")
+        spec.update(extractor=extractor, resolution=int(resolution.removesuffix("px")),
+                    channels=int(channels.removeprefix("c")),
+                    batch=int(section(config, "fid", "batch_size")),
+                    measured_batch=min(int(section(config, "fid", "batch_size")), max_batch),
+                    inception_weights=config["fid"].get("inception_weights"))
+    elif kind == "fid_fixed":
+        extractor, n = rest.split("/")
+        fid = section(config, "fid")
+        bootstrap = fid.get("bootstrap") or {}
+        reference = fid["reference_images"]
+        spec.update(extractor=extractor, n=int(n.removeprefix("n")), kid_rows=int(fid["kid_rows"]),
+                    reference_rows=int(fid["kid_rows"]) if reference is None else min(int(reference), int(fid["kid_rows"])),
+                    fd_replicates=int(bootstrap.get("fd_replicates", 0)),
+                    kid_replicates=int(bootstrap.get("kid_replicates", 0)),
+                    inception_weights=fid.get("inception_weights"))
+    else:
+        raise PipelineError(f"no calibration for work unit '{key}'.")
+    return spec
+
+
+def _dataset_of(config: Mapping[str, Any], model: str) -> str:
+    for dataset in section(config, "study", "datasets"):
+        if model_key(config, dataset) == model:
+            return dataset
+    raise PipelineError(f"no dataset of study.datasets uses model {model}.")
+
+
+# ---------------------------------------------------------------------------------------------
+# Timing one unit (runs in its own process: `python -m pipeline plan --measure SPEC`).
+
+def _clock():
+    """The clock calibration reads: on the CPU, this process's CPU seconds per thread, which other
+    processes sharing the cores do not inflate (wall time would, by the load average); on a GPU,
+    wall time after a synchronize."""
+    import torch
+    if _CLOCK["cuda"]:
+        return time.perf_counter()
+    return time.process_time() / torch.get_num_threads()
+
+
+_CLOCK = {"cuda": False}
+
+
+def _median_time(fn, repeats: int, sync) -> float:
+    fn()  # warm-up: allocator, oneDNN kernels, lazy inits
+    sync()
+    times = []
+    for _ in range(repeats):
+        start = _clock()
+        fn()
+        sync()
+        times.append(_clock() - start)
+    return statistics.median(times)
+
+
+def measure(spec: Mapping[str, Any]) -> dict[str, Any]:
+    """Seconds per unit (and what was timed) for one work unit, in this process."""
+    import torch
+
+    from pipeline.device import resolve_device
+    device = resolve_device(spec["device"])
+    cuda = device.type == "cuda"
+    _CLOCK["cuda"] = cuda
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    kind, repeats = spec["kind"], int(spec["repeats"])
+    if kind in ("train", "sample", "loss", "hvp"):
+        seconds = _measure_model_unit(spec, device, sync)
+    elif kind == "extract":
+        seconds = _measure_extract(spec, cuda, sync)
+    else:
+        seconds = _measure_fid_fixed(spec, cuda)
+    import resource
+    result = {"seconds": seconds, "repeats": repeats,
+              "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0}
+    if cuda:
+        result["peak_cuda_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
+    for name in ("batch", "measured_batch"):
+        if name in spec:
+            result[name] = spec[name]
+    return result
+
+
+def _measure_model_unit(spec, device, sync) -> float:
+    import torch
+
+    from pipeline.diffusion.gaussian import create_diffusion
+    from pipeline.flatness.evalset import effective_terms, per_sample_loss
+    from pipeline.flatness.hessian import HessianOperator, twice_differentiable
+    from pipeline.flatness.weights import randn_like_params, trainable_parameters
+    from pipeline.nn.presets import build_unet
+    from pipeline.stages.sample import build_sampling_model, sample_range, sampling_diffusion
+
+    torch.manual_seed(0)
+    d = spec["diffusion"]
+    b, repeats = int(spec["measured_batch"]), int(spec["repeats"])
+    model = build_unet(spec["preset"], in_channels=spec["channels"], learn_sigma=bool(d["learn_sigma"]))
+    shape = (b, spec["channels"], spec["resolution"], spec["resolution"])
+    if spec["kind"] == "train":
+        return _measure_train_step(spec, model.to(device), device, sync) * spec["batch"] / b
+    if spec["kind"] == "sample":
+        steps = 2  # a reverse step costs the same at any T'; the unit is one image-step
+        sampler_settings = {"preset": spec["preset"], "resolution": spec["resolution"], "diffusion": d}
+        net = build_sampling_model(sampler_settings, model.state_dict(), device)
+        diffusion = sampling_diffusion(sampler_settings, steps)
+        run = lambda: sample_range(net, diffusion, 0, 0, b, b, spec["resolution"])  # noqa: E731
+        return _median_time(run, repeats, sync) / (b * steps)
+    diffusion = create_diffusion(steps=int(d["steps"]), noise_schedule=d["noise_schedule"],
+                                 learn_sigma=bool(d["learn_sigma"]))
+    model = model.to(device).eval()
+    terms = effective_terms(diffusion, "mse+vb")
+    generator = torch.Generator().manual_seed(0)
+    x0 = (torch.rand(shape, generator=generator) * 2 - 1).to(device)
+    t = torch.randint(0, diffusion.num_timesteps, (b,), generator=generator).to(device)
+    noise = torch.randn(shape, generator=generator).to(device)
+    if spec["kind"] == "loss":
+        def run():
+            with torch.no_grad():
+                per_sample_loss(model, diffusion, x0, t, noise, terms).sum().item()
+        return _median_time(run, repeats, sync) / b
+    params = trainable_parameters(model)
+    with twice_differentiable(model):
+        hvp = HessianOperator(params, lambda: per_sample_loss(model, diffusion, x0, t, noise, terms).mean())
+        vector = randn_like_params(params, torch.Generator(device=device).manual_seed(0))
+        return _median_time(lambda: hvp(vector), repeats, sync) / b
+
+
+def _measure_train_step(spec, model, device, sync) -> float:
+    """One step of pipeline.stages.train's loop: the recipe's passes, update, EMA update."""
+    import contextlib
+
+    import torch
+
+    from pipeline.diffusion.gaussian import create_diffusion
+    from pipeline.diffusion.timestep_sampler import LossSecondMomentResampler, UniformSampler
+    from pipeline.optim.averages import EMA
+    from pipeline.optim.fsgld import FSGLD
+    from pipeline.optim.sam import SAM
+    from pipeline.recipes import recipe_from_description
+    from pipeline.stages.train import _fsgld_gradient, build_optimizer
+
+    d, b = spec["diffusion"], int(spec["measured_batch"])
+    recipe = recipe_from_description(spec["recipe"])
+    diffusion = create_diffusion(steps=int(d["steps"]), noise_schedule=d["noise_schedule"],
+                                 learn_sigma=bool(d["learn_sigma"]))
+    sampler = (LossSecondMomentResampler(diffusion.num_timesteps)
+               if spec["schedule_sampler"] == "loss-second-moment" else UniformSampler(diffusion.num_timesteps))
+    optimizer = build_optimizer(model, recipe, 0)
+    ema = EMA(model, decay=spec["ema_decay"])
+    shape = (b, spec["channels"], spec["resolution"], spec["resolution"])
+    generator = torch.Generator().manual_seed(0)
+    model.train()
+
+    def losses(x0, t, weights, noise, input_noise):
+        terms = diffusion.training_losses(model, x0, t, noise, input_noise=input_noise)
+        return (terms["loss"] * weights).mean(), terms
+
+    def step():
+        x0 = (torch.rand(shape, generator=generator) * 2 - 1).to(device)
+        t, weights = sampler.sample(b, torch.Generator().manual_seed(1), device)
+        noise = torch.randn(shape, generator=generator).to(device)
+        input_noise = noise + recipe.ip_gamma * torch.randn(shape, generator=generator).to(device) \
+            if recipe.ip_gamma else None
+        if isinstance(optimizer, FSGLD):
+            loss, terms, _ = _fsgld_gradient(optimizer, losses, contextlib.nullcontext, x0, t, weights, noise,
+                                             input_noise)
+        else:
+            loss, terms = losses(x0, t, weights, noise, input_noise)
+            loss.backward()
+        if isinstance(sampler, LossSecondMomentResampler):
+            sampler.update(t, terms["loss"].detach())
+        if isinstance(optimizer, SAM):
+            optimizer.first_step()
+            optimizer.zero_grad(set_to_none=True)
+            losses(x0, t, weights, noise, input_noise)[0].backward()
+            optimizer.second_step()
+        else:
+            optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        ema.update(model)
+
+    return _median_time(step, int(spec["repeats"]), sync)
+
+
+def _measure_extract(spec, cuda, sync) -> float:
+    import numpy as np
+
+    from pipeline.fidelity.extractors import resolve_extractor
+    from pipeline.fidelity.stats import feature_statistics
+
+    extractor = resolve_extractor(spec["extractor"], spec.get("inception_weights"))
+    b = int(spec["measured_batch"])
+    images = np.random.default_rng(0).integers(0, 256, (2 * b, spec["resolution"], spec["resolution"],
+                                                         spec["channels"]), dtype=np.uint8)
+    # Two sizes: their difference removes the extractor's construction (charged to fid_fixed).
+    small = _median_time(lambda: feature_statistics(images[:b], extractor, batch_size=b, cuda=cuda),
+                         int(spec["repeats"]), sync)
+    large = _median_time(lambda: feature_statistics(images, extractor, batch_size=b, cuda=cuda),
+                         int(spec["repeats"]), sync)
+    return max(large - small, 0.0) / b
+
+
+def _measure_fid_fixed(spec, cuda) -> float:
+    """Extractor construction plus the FD, KID and bootstrap arithmetic of one FD job."""
+    import numpy as np
+
+    from pipeline.fidelity.bootstrap import fd_replicates, kid_replicates, psd_sqrt
+    from pipeline.fidelity.extractors import resolve_extractor
+    from pipeline.fidelity.stats import frechet_distance, kernel_distance
+
+    extractor = resolve_extractor(spec["extractor"], spec.get("inception_weights"))
+    start = _clock()
+    net = extractor.build(cuda)
+    build = _clock() - start
+    dim = int(extractor.feature_layer) if extractor.feature_layer.isdigit() else 2048
+    del net
+    rng = np.random.default_rng(0)
+    n = int(spec["n"])
+    features = rng.standard_normal((n, dim)).astype(np.float32)
+    reference = rng.standard_normal((int(spec["reference_rows"]), dim)).astype(np.float32)
+    ref_mu, ref_sigma = reference.mean(0).astype(np.float64), np.cov(reference, rowvar=False)
+    ref_sqrt = psd_sqrt(ref_sigma)  # computed once per reference file, not per job; timed here anyway
+    kid_features = features[: int(spec["kid_rows"])]
+
+    def arithmetic():
+        mu, sigma = features.mean(0).astype(np.float64), np.cov(features, rowvar=False)
+        frechet_distance(mu, sigma, ref_mu, ref_sigma)
+        kernel_distance(kid_features, reference, subsets=100, subset_size=min(1000, len(kid_features)), seed=0)
+        if spec["fd_replicates"]:
+            fd_replicates(features, ref_mu, ref_sigma, ref_sqrt, int(spec["fd_replicates"]), 0)
+        kid_replicates(kid_features, reference, int(spec["kid_replicates"]), 0)
+
+    start = _clock()
+    arithmetic()
+    return build + _clock() - start
+
+
+# ---------------------------------------------------------------------------------------------
+# Calibration driver and the estimate.
+
+def _run_measure(spec: Mapping[str, Any]) -> dict[str, Any]:
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    done = subprocess.run([sys.executable, "-m", "pipeline", "plan", "--measure", json.dumps(spec)],
+                          capture_output=True, text=True, env=env, check=False)
+    if done.returncode < 0:
+        # SIGKILL with no traceback is the kernel's out-of-memory killer, most of the time.
+        raise PipelineError(f"calibrating {spec['key']} was killed by signal {-done.returncode} (out of "
+                            f"memory?); lower --max-batch or calibrate on a larger machine.")
+    if done.returncode != 0:
+        tail = (done.stderr.strip().splitlines() or ["(no output)"])[-1]
+        raise PipelineError(f"calibrating {spec['key']} failed: {tail}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def measure_startup(repeats: int) -> dict[str, float]:
+    """Median start-up of a stage process that imports torch and the UNet and exits: its CPU
+    seconds (user + system; what an idle core would take) and its wall seconds (inflated by load)."""
+    import resource
+    cpu, wall = [], []
+    for _ in range(max(repeats, 1)):
+        before = resource.getrusage(resource.RUSAGE_CHILDREN)
+        start = time.perf_counter()
+        subprocess.run([sys.executable, *STARTUP_PROBE], capture_output=True, check=True)
+        wall.append(time.perf_counter() - start)
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)
+        cpu.append(after.ru_utime - before.ru_utime + after.ru_stime - before.ru_stime)
+    return {"cpu": statistics.median(cpu), "wall": statistics.median(wall)}
+
+
+def calibrate(jobs: Sequence[Job], config: Mapping[str, Any], device: str, max_batch: int,
+              repeats: int, log=print) -> dict[str, Any]:
+    import torch
+    units = {}
+    load_before = os.getloadavg()
+    for key in sorted(required_units(jobs, config)):
+        units[key] = _run_measure(unit_spec(key, config, device, max_batch, repeats))
+        log(f"  {key}: {units[key]['seconds']:.4g} s per unit, peak {units[key]['peak_mb']:.0f} MB")
+    startup = measure_startup(repeats)
+    # On a GPU node the start-up is CPU work all the same; CPU seconds stay free of the load.
+    log(f"  start-up: {startup['cpu']:.2f} s CPU per job ({startup['wall']:.2f} s wall)")
+    return {
+        "device": device, "device_label": device_label(device),
+        "device_name": _cpu_model() if device == "cpu" else torch.cuda.get_device_name(torch.device(device)),
+        "torch": torch.__version__, "threads": int(os.environ.get("OMP_NUM_THREADS", torch.get_num_threads())),
+        "load_average_before": list(load_before), "load_average_after": list(os.getloadavg()),
+        "max_batch": max_batch, "repeats": repeats, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "clock": "wall" if device != "cpu" else "process CPU seconds per thread",
+        "startup_seconds": startup["cpu"], "startup_wall_seconds": startup["wall"], "units": units,
+    }
+
+
+def write_calibration(path: Path, calibration: Mapping[str, Any]) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(calibration, indent=1, sort_keys=True) + "\n")
+
+
+def read_calibration(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise PipelineError(f"no calibration at {path}; run `python -m pipeline plan --calibrate` "
+                            f"with the same config files (or pass --calibration FILE).")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise PipelineError(f"calibration {path} is not valid JSON ({err}); rerun with --calibrate.") from None
+
+
+def _hms(seconds: float) -> str:
+    seconds = round(seconds)
+    days, rest = divmod(seconds, 86400)
+    text = f"{rest // 3600}:{rest % 3600 // 60:02d}:{rest % 60:02d}"
+    return f"{days}d {text}" if days else text
+
+
+def format_estimate(costs: Sequence[RuleCost], stale_only: bool, calibration: Mapping[str, Any],
+                    path: Path) -> str:
+    lines = [f"{'stale' if stale_only else 'all'} jobs of the plan, costed with {path} "
+             f"({calibration['device_name']}, torch {calibration['torch']}, {calibration['threads']} thread(s), "
+             f"load {calibration['load_average_before'][0]:.1f} when calibrated, start-up "
+             f"{calibration['startup_seconds']:.1f} s per job)",
+             f"{'rule':<20} {'jobs':>5} {'device-h':>9} {'share':>6}  {'longest job':>12} {'runtime':>11}  "
+             f"{'peak MB':>8} {'mem_mb':>7}"]
+    total = total_seconds(costs)
+    warnings = []
+    for c in sorted(costs, key=lambda c: -c.seconds):
+        runtime = "-" if c.runtime_minutes is None else _hms(c.runtime_minutes * 60)
+        over_time = c.runtime_minutes is not None and c.longest_seconds > c.runtime_minutes * 60
+        over_mem = c.peak_mb is not None and c.mem_mb is not None and c.peak_mb > c.mem_mb
+        peak = "-" if c.peak_mb is None else f"{c.peak_mb:.0f}"
+        mem = "-" if c.mem_mb is None else f"{c.mem_mb:.0f}"
+        share = c.seconds / total if total else 0.0
+        lines.append(f"{c.rule:<20} {c.jobs:>5} {c.seconds / 3600:>9.2f} {share:>6.1%}  "
+                     f"{_hms(c.longest_seconds):>12} {runtime:>11}{'!' if over_time else ' '} "
+                     f"{peak:>8} {mem:>7}{'!' if over_mem else ''}")
+        if over_time:
+            warnings.append(f"{c.rule}: the longest job ({_hms(c.longest_seconds)}) exceeds its runtime "
+                            f"resource ({runtime}); raise it with --set-resources {c.rule}:runtime=MINUTES")
+        if over_mem:
+            warnings.append(f"{c.rule}: measured peak {c.peak_mb:.0f} MB exceeds mem_mb {c.mem_mb:.0f}")
+    lines.append(f"{'total':<20} {sum(c.jobs for c in costs):>5} {total / 3600:>9.2f}")
+    return "\n".join(lines + [f"warning: {w}" for w in warnings])
+
+
+def run(args: argparse.Namespace) -> None:
+    if args.measure is not None:
+        print(json.dumps(measure(json.loads(args.measure))))
+        return
+    config = load_config(args.configfile)
+    path = Path(args.calibration) if args.calibration else default_calibration_path(config, args.device)
+    if args.calibrate:
+        # Every work unit of the whole plan, whatever is stale now.
+        every_job = planned_jobs(args.workdir, args.configfile, everything=True)
+        print(f"calibrating {len(required_units(every_job, config))} work units on {args.device} "
+              f"(load average {os.getloadavg()[0]:.1f})", file=sys.stderr)
+        calibration = calibrate(every_job, config, args.device, args.max_batch, args.repeats,
+                                log=lambda line: print(line, file=sys.stderr))
+        write_calibration(path, calibration)
+    calibration = read_calibration(path)
+    jobs = planned_jobs(args.workdir, args.configfile, everything=args.everything)
+    costs = estimate(jobs, config, Timings.from_calibration(calibration))
+    print(format_estimate(costs, not args.everything, calibration, path))
