@@ -112,10 +112,20 @@ def report_inputs():
             for average in metric_averages(STUDY, name):
                 metrics.append(layout.metric(RESULTS, *run.values(), average, name))
     # Floor and static FD of every dataset, with the models' N: the reading scale of the FID rows.
-    calibration = [layout.calibration_fid(RESULTS, dataset, kind, config["sampling"]["n_samples"], EXTRACTOR)
-                   for dataset in STUDY["datasets"] for kind in layout.CALIBRATION_KINDS]
-    return dict(fid=fids, validation=validation, metrics=metrics, logs=logs, samples=samples,
-                calibration=calibration, code=CODE["report"])
+    calibration = [
+        layout.calibration_fid(RESULTS, dataset, kind, config["sampling"]["n_samples"], EXTRACTOR)
+        for dataset in STUDY["datasets"]
+        for kind in layout.CALIBRATION_KINDS
+    ]
+    return dict(
+        fid=fids,
+        validation=validation,
+        metrics=metrics,
+        logs=logs,
+        samples=samples,
+        calibration=calibration,
+        code=CODE["report"],
+    )
 
 
 def report_outputs():

@@ -7,8 +7,8 @@ rule prepare:
         code=CODE["prepare"],
     output:
         layout.data(RESULTS, "{dataset}"),
-    params:
-        settings=lambda w: as_settings(stage_settings(config, "prepare", dataset=w.dataset)),
+    log:
+        f"{RESULTS}/logs/prepare/{{dataset}}.log",
     conda:
         "../envs/pipeline.yaml"
     threads: 1
@@ -16,8 +16,8 @@ rule prepare:
         mem_mb=8000,
         runtime=240,
         gpu=0,
-    log:
-        f"{RESULTS}/logs/prepare/{{dataset}}.log",
+    params:
+        settings=lambda w: as_settings(stage_settings(config, "prepare", dataset=w.dataset)),
     shell:
         "OMP_NUM_THREADS={threads} python -m pipeline prepare --dataset {wildcards.dataset:q} --settings {params.settings:q} "
         "--out {output:q} --no-progress 2> {log:q}"
@@ -29,8 +29,8 @@ rule fid_reference:
         code=CODE["fid_reference"],
     output:
         layout.fid_reference(RESULTS, "{dataset}", "{extractor}"),
-    params:
-        settings=lambda w: as_settings(stage_settings(config, "fid_reference", dataset=w.dataset)),
+    log:
+        f"{RESULTS}/logs/fid_reference/{{dataset}}_{{extractor}}.log",
     conda:
         "../envs/pipeline.yaml"
     threads: 1
@@ -38,8 +38,8 @@ rule fid_reference:
         mem_mb=8000,
         runtime=240,
         gpu=1,
-    log:
-        f"{RESULTS}/logs/fid_reference/{{dataset}}_{{extractor}}.log",
+    params:
+        settings=lambda w: as_settings(stage_settings(config, "fid_reference", dataset=w.dataset)),
     shell:
         "OMP_NUM_THREADS={threads} python -m pipeline fid-reference --data {input.data:q} --extractor {wildcards.extractor:q} "
         "--settings {params.settings:q} --out {output:q} --no-progress 2> {log:q}"
@@ -51,9 +51,8 @@ rule calibration_samples:
         code=CODE["calibration_samples"],
     output:
         layout.calibration_samples(RESULTS, "{dataset}", "{kind}", "{n}"),
-    params:
-        settings=lambda w: as_settings(stage_settings(config, f"calibration_{w.kind}", dataset=w.dataset)),
-        seed=config["sampling"]["seed"],
+    log:
+        f"{RESULTS}/logs/calibration_samples/{{dataset}}_{{kind}}_n{{n}}.log",
     conda:
         "../envs/pipeline.yaml"
     threads: 1
@@ -61,8 +60,9 @@ rule calibration_samples:
         mem_mb=8000,
         runtime=60,
         gpu=0,
-    log:
-        f"{RESULTS}/logs/calibration_samples/{{dataset}}_{{kind}}_n{{n}}.log",
+    params:
+        settings=lambda w: as_settings(stage_settings(config, f"calibration_{w.kind}", dataset=w.dataset)),
+        seed=config["sampling"]["seed"],
     shell:
         "OMP_NUM_THREADS={threads} python -m pipeline calibration-samples --data {input.data:q} --kind {wildcards.kind:q} "
         "--n {wildcards.n:q} --seed {params.seed} --settings {params.settings:q} --out {output:q} 2> {log:q}"

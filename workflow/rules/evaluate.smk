@@ -9,11 +9,10 @@ rule quantize:
     output:
         weights=layout.quantized_weights(RESULTS, "{dataset}", "{recipe}", "{seed}", "{average}", "{precision}"),
         codes=layout.quantized_codes(RESULTS, "{dataset}", "{recipe}", "{seed}", "{average}", "{precision}"),
+    log:
+        f"{RESULTS}/logs/quantize/{{dataset}}_{{recipe}}_seed{{seed}}_{{average}}_{{precision}}.log",
     wildcard_constraints:
         precision=QUANTIZED_REGEX,
-    params:
-        # {} for min-max precisions, {"quantization": {"clip": c}} for intBclip.
-        settings=lambda w: as_settings(stage_settings(config, "quantize", precision=w.precision)),
     conda:
         "../envs/pipeline.yaml"
     threads: 1
@@ -21,8 +20,9 @@ rule quantize:
         mem_mb=8000,
         runtime=30,
         gpu=0,
-    log:
-        f"{RESULTS}/logs/quantize/{{dataset}}_{{recipe}}_seed{{seed}}_{{average}}_{{precision}}.log",
+    params:
+        # {} for min-max precisions, {"quantization": {"clip": c}} for intBclip.
+        settings=lambda w: as_settings(stage_settings(config, "quantize", precision=w.precision)),
     shell:
         "OMP_NUM_THREADS={threads} python -m pipeline quantize --weights {input.weights:q} --precision {wildcards.precision:q} "
         "--out {output.weights:q} --codes {output.codes:q} --settings {params.settings:q} 2> {log:q}"
@@ -39,11 +39,16 @@ rule sample:
             caption="../report/sample_grid.rst",
             category="Samples",
             subcategory="{dataset}",
-            labels={"recipe": "{recipe}", "seed": "{seed}", "averaging": "{average}", "precision": "{precision}",
-                    "T'": "{steps}"},
+            labels={
+                "recipe": "{recipe}",
+                "seed": "{seed}",
+                "averaging": "{average}",
+                "precision": "{precision}",
+                "T'": "{steps}",
+            },
         ),
-    params:
-        settings=lambda w: as_settings(stage_settings(config, "sample", dataset=w.dataset)),
+    log:
+        f"{RESULTS}/logs/sample/{{dataset}}_{{recipe}}_seed{{seed}}_{{average}}_{{precision}}_T{{steps}}.log",
     conda:
         "../envs/pipeline.yaml"
     threads: 1
@@ -51,8 +56,8 @@ rule sample:
         mem_mb=8000,
         runtime=60 * 24,
         gpu=1,
-    log:
-        f"{RESULTS}/logs/sample/{{dataset}}_{{recipe}}_seed{{seed}}_{{average}}_{{precision}}_T{{steps}}.log",
+    params:
+        settings=lambda w: as_settings(stage_settings(config, "sample", dataset=w.dataset)),
     shell:
         "OMP_NUM_THREADS={threads} python -m pipeline sample --weights {input.weights:q} --dataset {wildcards.dataset:q} "
         "--steps {wildcards.steps:q} --settings {params.settings:q} --out {output.samples:q} "
@@ -66,8 +71,8 @@ rule fid:
         code=CODE["fid"],
     output:
         layout.fid(RESULTS, "{dataset}", "{recipe}", "{seed}", "{average}", "{precision}", "{steps}", "{extractor}"),
-    params:
-        settings=lambda w: as_settings(stage_settings(config, "fid", dataset=w.dataset)),
+    log:
+        f"{RESULTS}/logs/fid/{{dataset}}_{{recipe}}_seed{{seed}}_{{average}}_{{precision}}_T{{steps}}_{{extractor}}.log",
     conda:
         "../envs/pipeline.yaml"
     threads: 1
@@ -75,8 +80,8 @@ rule fid:
         mem_mb=8000,
         runtime=120,
         gpu=1,
-    log:
-        f"{RESULTS}/logs/fid/{{dataset}}_{{recipe}}_seed{{seed}}_{{average}}_{{precision}}_T{{steps}}_{{extractor}}.log",
+    params:
+        settings=lambda w: as_settings(stage_settings(config, "fid", dataset=w.dataset)),
     shell:
         "OMP_NUM_THREADS={threads} python -m pipeline fid --samples {input.samples:q} --reference {input.reference:q} "
         "--settings {params.settings:q} --out {output:q} --no-progress 2> {log:q}"
@@ -90,10 +95,8 @@ rule sample_validation:
     output:
         samples=layout.validation_samples(RESULTS, "{dataset}", "{recipe}", "{seed}", "{steps}"),
         grid=layout.validation_grid(RESULTS, "{dataset}", "{recipe}", "{seed}", "{steps}"),
-    params:
-        settings=lambda w: as_settings(stage_settings(config, "sample", dataset=w.dataset)),
-        seed=config["report"]["selection"]["sampling_seed"],
-        n=config["report"]["selection"]["n_samples"],
+    log:
+        f"{RESULTS}/logs/sample_validation/{{dataset}}_{{recipe}}_seed{{seed}}_T{{steps}}.log",
     conda:
         "../envs/pipeline.yaml"
     threads: 1
@@ -101,8 +104,10 @@ rule sample_validation:
         mem_mb=8000,
         runtime=60 * 24,
         gpu=1,
-    log:
-        f"{RESULTS}/logs/sample_validation/{{dataset}}_{{recipe}}_seed{{seed}}_T{{steps}}.log",
+    params:
+        settings=lambda w: as_settings(stage_settings(config, "sample", dataset=w.dataset)),
+        seed=config["report"]["selection"]["sampling_seed"],
+        n=config["report"]["selection"]["n_samples"],
     shell:
         "OMP_NUM_THREADS={threads} python -m pipeline sample --weights {input.weights:q} --dataset {wildcards.dataset:q} "
         "--steps {wildcards.steps:q} --settings {params.settings:q} --seed {params.seed} --n {params.n} "
@@ -116,8 +121,8 @@ rule fid_validation:
         code=CODE["fid"],
     output:
         layout.validation_fid(RESULTS, "{dataset}", "{recipe}", "{seed}", "{steps}", "{extractor}"),
-    params:
-        settings=lambda w: as_settings(stage_settings(config, "fid", dataset=w.dataset)),
+    log:
+        f"{RESULTS}/logs/fid_validation/{{dataset}}_{{recipe}}_seed{{seed}}_T{{steps}}_{{extractor}}.log",
     conda:
         "../envs/pipeline.yaml"
     threads: 1
@@ -125,8 +130,8 @@ rule fid_validation:
         mem_mb=8000,
         runtime=120,
         gpu=1,
-    log:
-        f"{RESULTS}/logs/fid_validation/{{dataset}}_{{recipe}}_seed{{seed}}_T{{steps}}_{{extractor}}.log",
+    params:
+        settings=lambda w: as_settings(stage_settings(config, "fid", dataset=w.dataset)),
     shell:
         "OMP_NUM_THREADS={threads} python -m pipeline fid --samples {input.samples:q} --reference {input.reference:q} "
         "--settings {params.settings:q} --out {output:q} --no-progress 2> {log:q}"
@@ -139,8 +144,8 @@ rule fid_calibration:
         code=CODE["fid"],
     output:
         layout.calibration_fid(RESULTS, "{dataset}", "{kind}", "{n}", "{extractor}"),
-    params:
-        settings=lambda w: as_settings(stage_settings(config, "fid", dataset=w.dataset)),
+    log:
+        f"{RESULTS}/logs/fid_calibration/{{dataset}}_{{kind}}_n{{n}}_{{extractor}}.log",
     conda:
         "../envs/pipeline.yaml"
     threads: 1
@@ -148,8 +153,8 @@ rule fid_calibration:
         mem_mb=8000,
         runtime=120,
         gpu=1,
-    log:
-        f"{RESULTS}/logs/fid_calibration/{{dataset}}_{{kind}}_n{{n}}_{{extractor}}.log",
+    params:
+        settings=lambda w: as_settings(stage_settings(config, "fid", dataset=w.dataset)),
     shell:
         "OMP_NUM_THREADS={threads} python -m pipeline fid --samples {input.samples:q} --reference {input.reference:q} "
         "--settings {params.settings:q} --out {output:q} --no-progress 2> {log:q}"
@@ -163,8 +168,8 @@ rule metric:
         code=lambda w: CODE[w.metric],
     output:
         layout.metric(RESULTS, "{dataset}", "{recipe}", "{seed}", "{average}", "{metric}"),
-    params:
-        settings=lambda w: as_settings(stage_settings(config, w.metric, dataset=w.dataset)),
+    log:
+        f"{RESULTS}/logs/metric/{{dataset}}_{{recipe}}_seed{{seed}}_{{average}}_{{metric}}.log",
     conda:
         "../envs/pipeline.yaml"
     threads: 1
@@ -172,8 +177,8 @@ rule metric:
         mem_mb=16000,
         runtime=60 * 12,
         gpu=1,
-    log:
-        f"{RESULTS}/logs/metric/{{dataset}}_{{recipe}}_seed{{seed}}_{{average}}_{{metric}}.log",
+    params:
+        settings=lambda w: as_settings(stage_settings(config, w.metric, dataset=w.dataset)),
     shell:
         "OMP_NUM_THREADS={threads} python -m pipeline {wildcards.metric:q} --weights {input.weights:q} --data {input.data:q} "
         "--dataset {wildcards.dataset:q} --settings {params.settings:q} --out {output:q} --no-progress 2> {log:q}"

@@ -11,9 +11,8 @@ rule report:
         figures=[html_report_item(path, "Figures") for path in layout.report_figures(RESULTS)],
         index=layout.report_index(RESULTS),
         index_html=report(layout.report_index_html(RESULTS), caption="../report/index.rst", category="Index"),
-    params:
-        settings=as_settings(stage_settings(config, "report")),
-        out_dir=lambda w, output: os.path.dirname(output.index),
+    log:
+        f"{RESULTS}/logs/report.log",
     conda:
         "../envs/pipeline.yaml"
     threads: 1
@@ -21,8 +20,9 @@ rule report:
         mem_mb=8000,
         runtime=60,
         gpu=0,
-    log:
-        f"{RESULTS}/logs/report.log",
+    params:
+        settings=as_settings(stage_settings(config, "report")),
+        out_dir=lambda w, output: os.path.dirname(output.index),
     shell:
         "OMP_NUM_THREADS={threads} python -m pipeline report --settings {params.settings:q} "
         "--out-dir {params.out_dir:q} 2> {log:q}"

@@ -10,9 +10,8 @@ rule train:
         ema=f"{layout.run_dir(RESULTS, '{dataset}', '{recipe}', '{seed}')}/{layout.WEIGHT_FILES['ema']}",
         swa=f"{layout.run_dir(RESULTS, '{dataset}', '{recipe}', '{seed}')}/{layout.WEIGHT_FILES['swa']}",
         log=layout.train_log(RESULTS, "{dataset}", "{recipe}", "{seed}"),
-    params:
-        settings=lambda w: as_settings(train_settings(config, w.dataset, w.recipe, int(w.seed))),
-        out_dir=lambda w: layout.run_dir(RESULTS, w.dataset, w.recipe, w.seed),
+    log:
+        f"{RESULTS}/logs/train/{{dataset}}_{{recipe}}_seed{{seed}}.log",
     conda:
         "../envs/pipeline.yaml"
     threads: TRAIN_THREADS * TRAIN_PROCESSES
@@ -22,8 +21,9 @@ rule train:
         # One process per GPU; `--set-resources train:gpu=N` changes the count without a rerun.
         gpu=TRAIN_PROCESSES,
         nodes=1,  # torchrun runs the processes of one training run on one node
-    log:
-        f"{RESULTS}/logs/train/{{dataset}}_{{recipe}}_seed{{seed}}.log",
+    params:
+        settings=lambda w: as_settings(train_settings(config, w.dataset, w.recipe, int(w.seed))),
+        out_dir=lambda w: layout.run_dir(RESULTS, w.dataset, w.recipe, w.seed),
     shell:
         "OMP_NUM_THREADS={threads} python -m pipeline train --dataset {wildcards.dataset:q} --recipe {wildcards.recipe:q} "
         "--seed {wildcards.seed:q} --settings {params.settings:q} --data {input.data:q} "
