@@ -65,8 +65,9 @@ def test_plan_keeps_hostile_paths_whole(hostile_workdir):
     quoted_data = "'results/it'\"'\"'s a; touch INJECTED #x/fashion_mnist/data.h5'"
     assert f"--out {quoted_data}" in out
     assert f"--data {quoted_data}" in out
-    # The source path travels inside the settings JSON of prepare, itself one quoted word.
-    assert "--settings '{" in out and "raw it'\"'\"'s a; touch INJECTED #x" in out
+    # The source path travels inside prepare's settings (a YAML flow mapping, where the quote is
+    # doubled), itself one shell word.
+    assert "--settings '{" in out and "raw it'\"'\"''\"'\"'s a; touch INJECTED #x" in out
     assert "INJECTED" not in os.listdir(workdir)
 
 
