@@ -231,3 +231,20 @@ def test_open_source_reads_config_entries_when_none_given(tmp_path):
         from pipeline.data.sources import open_source
 
         open_source("mnist", tmp_path, download_allowed=False, downloads_dir=tmp_path, resolution=16)
+
+
+def test_flat_folder_has_no_labels_and_subfolders_can_be_told_apart(tmp_path):
+    from pipeline.data.sources import open_source
+
+    folders = make_class_folders(tmp_path / "classes", per_class=2)
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    for path in sorted(folders.rglob("*.png")):
+        path.rename(flat / f"{path.parent.name}_{path.name}")
+    entry = {"kind": "image_folder", "channels": 3}
+    source = open_source("custom", flat, download_allowed=False, downloads_dir=tmp_path, resolution=16, entry=entry)
+    assert source.count == 6 and source.label_names is None
+    # count: the size the source must hold, as for the official datasets.
+    with pytest.raises(PipelineError, match="holds 6 images but the official training set has 7"):
+        open_source("custom", flat, download_allowed=False, downloads_dir=tmp_path, resolution=16,
+                    entry={**entry, "count": 7})
