@@ -134,6 +134,11 @@ def section(config: Mapping[str, Any], *keys: str) -> Any:
     for depth, key in enumerate(keys):
         if not isinstance(node, Mapping) or key not in node:
             path = ".".join(keys[: depth + 1])
+            if keys[0] == "datasets" and depth == 1:
+                raise PipelineError(
+                    f"dataset '{key}' is not declared: add an entry datasets.{key} (kind, channels, source, "
+                    f"resolution, preset, batch_size, random_flip) to config.yaml or to an overlay config "
+                    f"file you pass; see the README's 'Add a dataset'.")
             raise PipelineError(f"config has no entry '{path}'; add it to config.yaml or an overlay.")
         node = node[key]
     return node

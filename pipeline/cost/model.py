@@ -27,7 +27,6 @@ from typing import Any, Iterable, Mapping
 
 from pipeline.config import section
 from pipeline.cost.dryrun import Job
-from pipeline.data.sources import DATASETS
 from pipeline.errors import PipelineError
 from pipeline.recipes import resolve_recipe
 
@@ -39,9 +38,7 @@ STARTUP_ONLY_RULES = {"prepare", "calibration_samples", "quantize", "report"}
 
 def model_key(config: Mapping[str, Any], dataset: str) -> str:
     data = section(config, "datasets", dataset)
-    if dataset not in DATASETS:
-        raise PipelineError(f"dataset '{dataset}' is not one the pipeline knows ({', '.join(DATASETS)}).")
-    return f"{data['preset']}/{int(data['resolution'])}px/c{DATASETS[dataset].channels}"
+    return f"{data['preset']}/{int(data['resolution'])}px/c{int(section(config, 'datasets', dataset, 'channels'))}"
 
 
 def recipe_kind(config: Mapping[str, Any], recipe: str) -> str:
@@ -77,7 +74,7 @@ def hvp_key(config: Mapping[str, Any], dataset: str, batch: int) -> str:
 def extract_key(config: Mapping[str, Any], dataset: str) -> str:
     extractor = section(config, "fid", "extractor")
     resolution = int(section(config, "datasets", dataset, "resolution"))
-    return f"extract/{extractor}/{resolution}px/c{DATASETS[dataset].channels}"
+    return f"extract/{extractor}/{resolution}px/c{int(section(config, 'datasets', dataset, 'channels'))}"
 
 
 def fid_fixed_key(config: Mapping[str, Any], n: int) -> str:
@@ -88,7 +85,7 @@ def reference_count(config: Mapping[str, Any], dataset: str) -> int:
     chosen = section(config, "fid", "reference_images")
     if chosen is not None:
         return int(chosen)
-    expected = DATASETS[dataset].expected_count
+    expected = section(config, "datasets", dataset).get("count")
     if expected is None:
         raise PipelineError(f"fid.reference_images is null and {dataset} has no fixed size; set "
                             f"fid.reference_images so the reference's cost is known.")

@@ -11,12 +11,15 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
+from PIL import Image, UnidentifiedImageError
 
 from pipeline.data.base import (ImageBlock, ImageSource, RecordDigest, decode_blocks,
                                 select_count)
 from pipeline.errors import PipelineError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".ppm", ".tif", ".tiff")
+# PIL modes of one channel; every other mode (RGB, RGBA, P, CMYK, ...) is stored as RGB.
+GRAY_MODES = {"1", "L", "LA", "La", "I", "I;16", "I;16B", "I;16L", "F"}
 
 
 def list_images(folder: Path) -> list[Path]:
@@ -34,19 +37,26 @@ class ImageFolderSource(ImageSource):
                           class folders gets the official label numbers this way, as its class
                           names sort in label order). FFHQ's numbered subfolders are not classes.
     :param workers: decoding processes.
+    :param uniform_mode: read every file's header first and refuse a folder that mixes grayscale
+                         and colour images, or whose images have another channel count than
+                         `channels` (a user's folder, where a silent conversion hides a mistake).
     """
 
     kind = "image-folder"
 
     def __init__(self, dataset: str, folder: Path, resolution: int, channels: int,
                  expected_count: int | None, max_images: int | None = None,
-                 class_folders: bool = False, workers: int = 1) -> None:
+                 class_folders: bool = False, workers: int = 1, uniform_mode: bool = False) -> None:
         folder = Path(folder)
         files = list_images(folder)
         if not files:
-            raise PipelineError(f"{folder} holds no image files ({', '.join(IMAGE_SUFFIXES)}).")
+            raise PipelineError(f"{dataset}: {folder} holds no image files ({', '.join(IMAGE_SUFFIXES)}), "
+                                f"neither directly nor in subfolders; put the images there or point "
+                                f"datasets.{dataset}.source at the folder that holds them.")
         count = select_count(f"image folder {folder}", len(files), expected_count, max_images)
         self.files = files[:count]
+        if uniform_mode:
+            check_modes(dataset, folder, self.files, channels)
         self.workers = workers
         self._digest = RecordDigest()
 
@@ -85,3 +95,33 @@ class ImageFolderSource(ImageSource):
             "sha256_of_records": self._digest.hexdigest(), "records": self._digest.records,
             "method": "sha256 over (relative path, file bytes) of each file used, in sorted "
                       "path order, each part preceded by its 8-byte little-endian length"}}
+
+
+def check_modes(dataset: str, folder: Path, files: list[Path], channels: int) -> None:
+    """Refuse grayscale and colour images side by side, or images of another channel count.
+
+    Only headers are read. A file PIL cannot open is left to the decoder, whose error names it.
+    """
+    examples: dict[int, Path] = {}
+    counts: dict[int, int] = {}
+    for path in files:
+        try:
+            with Image.open(path) as image:
+                mode = image.mode
+        except (OSError, SyntaxError, ValueError, UnidentifiedImageError):
+            continue
+        found = 1 if mode in GRAY_MODES else 3
+        examples.setdefault(found, path)
+        counts[found] = counts.get(found, 0) + 1
+    name = {1: "grayscale", 3: "colour"}
+    where = lambda c: examples[c].relative_to(folder).as_posix()  # noqa: E731
+    if len(counts) > 1:
+        raise PipelineError(
+            f"{dataset}: {folder} mixes image modes: {counts[1]} grayscale (e.g. {where(1)}) and "
+            f"{counts[3]} colour (e.g. {where(3)}); convert them all to one mode (e.g. PIL "
+            f"image.convert('RGB')) so datasets.{dataset}.channels describes every image.")
+    if counts and channels not in counts:
+        found = next(iter(counts))
+        raise PipelineError(
+            f"{dataset}: the images in {folder} are {name[found]} ({found} channel(s), e.g. {where(found)}) "
+            f"but datasets.{dataset}.channels is {channels}; set channels: {found} or convert the images.")

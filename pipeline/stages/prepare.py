@@ -17,10 +17,10 @@ import time
 from pathlib import Path
 from typing import Any, Mapping
 
-from pipeline.arguments import positive_int, settings_json
+from pipeline.arguments import path_name, positive_int, settings_json
 from pipeline.config import load_config, section
 from pipeline.data.hdf5 import read_info, write_image_set
-from pipeline.data.sources import DATASETS, open_source
+from pipeline.data.sources import dataset_entry, open_source
 from pipeline.errors import PipelineError
 from pipeline.io.provenance import provenance
 
@@ -28,7 +28,8 @@ logger = logging.getLogger(__name__)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--dataset", required=True, choices=sorted(DATASETS), help="dataset to prepare")
+    parser.add_argument("--dataset", type=path_name, required=True,
+                        help="dataset to prepare (a key of config 'datasets': config.yaml's or an overlay's)")
     parser.add_argument("--config", action="append", default=None, metavar="YAML",
                         help="config file(s), merged in order; none given = the repository's config.yaml")
     parser.add_argument("--settings", "--settings-json", dest="settings_json", type=settings_json, default=None,
@@ -53,9 +54,12 @@ def prepare_settings(config: Mapping[str, Any], dataset: str, source: str | None
                      download: bool | None = None, max_images: int | None = None) -> dict[str, Any]:
     """The settings of one prepare job: config datasets.<dataset> with command-line overrides,
     validated (types and ranges) before any data is touched."""
-    data = section(config, "datasets", dataset)
+    data = dataset_entry(dataset, section(config, "datasets", dataset))
     settings = {
         "dataset": dataset,
+        # The reader and what it checks: kind, channels, count, test_count, class_folders, obtain.
+        **{key: data[key] for key in ("kind", "channels", "count", "test_count", "class_folders", "obtain")
+           if key in data},
         "source": source if source is not None else data.get("source"),
         "download": download if download is not None else data.get("download", False),
         "resolution": section(config, "datasets", dataset, "resolution"),
@@ -94,7 +98,7 @@ def run(args: argparse.Namespace) -> None:
     start = time.perf_counter()
     source = open_source(args.dataset, settings["source"], download_allowed=settings["download"],
                          downloads_dir=results / "downloads", resolution=settings["resolution"],
-                         max_images=settings["max_images"], workers=args.workers)
+                         max_images=settings["max_images"], workers=args.workers, entry=settings)
     attrs = provenance("prepare", settings)
     write_image_set(out, source, attrs, progress=not args.no_progress)
     logger.info(f"prepare: wrote {out} ({source.count:,} images of {source.resolution}x"

@@ -27,7 +27,7 @@ TRAIN_THREADS = config["training"].get("threads_per_process", 2)
 
 
 wildcard_constraints:
-    dataset="|".join(config["datasets"]),
+    dataset="|".join(map(lambda d: d.replace(".", r"\."), config["datasets"])),
     recipe="|".join(map(lambda r: r.replace(".", r"\."), config["recipes"])),
     seed=r"\d+",
     average="none|ema|swa",
