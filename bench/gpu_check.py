@@ -45,12 +45,14 @@ MIN_STEP_SECONDS = 20
 # (name, time limit in seconds, what it measures): the order they run in.
 STEPS: list[tuple[str, int, str]] = [
     ("environment", 30, "device, torch, CUDA, cuDNN and NCCL versions"),
-    ("cuda_tests", 120, "pytest -m cuda (device placement, dtypes, sampler, metrics, resume)"),
-    ("presets", 150, "cifar10/adm64: bf16 and TF32 vs fp32; train images/s, peak memory; sampling images/s"),
-    ("ddp_nccl", 60, "DDP over NCCL, world size 1 (and 2 with two GPUs) vs one process"),
-    ("plan_calibrate", 90, "plan --calibrate on CUDA for config.yaml: GPU-hours per rule"),
+    ("cuda_tests", 100, "pytest -m cuda (device placement, dtypes, sampler, metrics, resume)"),
+    ("presets", 180, "cifar10/adm64: bf16 and TF32 vs fp32; train images/s, peak memory; sampling images/s"),
+    ("ddp_nccl", 45, "DDP over NCCL, world size 1 (and 2 with two GPUs) vs one process"),
+    ("plan_calibrate", 150, "plan --calibrate on CUDA for config.yaml: GPU-hours per rule"),
     ("demo", 600, "the demo DAG with device: cuda, --cores = CPU count: wall time"),
 ]
+DRY_RUN_LIMIT = 150
+DRY_RUN_STEPS = ("environment", "presets", "ddp_nccl")  # the steps a dry run runs on the CPU
 STATUSES = ["planned", "ok", "failed", "timeout", "skipped"]
 JSON_SCHEMA: dict[str, Any] = {
     "type": "object",
@@ -82,6 +84,9 @@ JSON_SCHEMA: dict[str, Any] = {
                     "^sample/": {"type": "object", "required": ["images_per_second", "batch", "steps"]},
                     "^ratio/": {"type": "number", "exclusiveMinimum": 0},
                     "^numerics/": {"type": "object", "required": ["loss_abs_diff", "eps_rel_diff"]},
+                    "^ddp/world": {"type": "object", "oneOf": [
+                        {"required": ["backend", "bit_identical", "weights_apart_over_travelled", "same_trajectory"]},
+                        {"required": ["skipped"]}]},
                 }},
                 "error": {"type": ["string", "null"]},
             }}},
@@ -157,7 +162,8 @@ def read_records(path: Path) -> dict[str, Any]:
 def run_step(run: Run, name: str, extra: list[str]) -> None:
     """Run one step in its own process group, killed at min(its limit, the budget left)."""
     step = run.step(name)
-    limit = min(step["limit_seconds"], run.left())
+    # A dry run's steps are CPU smokes on a possibly shared machine: each gets DRY_RUN_LIMIT.
+    limit = min(DRY_RUN_LIMIT if run.dry_run else step["limit_seconds"], run.left())
     if limit < MIN_STEP_SECONDS:
         step.update(status="skipped", error=f"{run.left():.0f} s of the budget left")
         run.log(f"{name}: skipped, {run.left():.0f} s of the budget left")
@@ -204,6 +210,8 @@ def main() -> int:
     parser.add_argument("--out-dir", type=Path, default=REPO / "docs" / "gpu-check")
     parser.add_argument("--dry-run", action="store_true",
                         help="on a CPU: list the steps, run a CPU smoke of the presets step, check the JSON")
+    parser.add_argument("--steps", nargs="+", choices=[name for name, _, _ in STEPS[1:]],
+                        help="run only these steps (after environment), e.g. `--steps demo` in a second session")
     parser.add_argument("--step", choices=[name for name, _, _ in STEPS], help=argparse.SUPPRESS)
     parser.add_argument("--records", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -218,8 +226,9 @@ def main() -> int:
         run.log(f"plan: {name:<15} limit {limit:>4} s  {what}")
     if args.dry_run:
         run.name_files("dry-run")
-        run_step(run, "environment", ["--dry-run"])
-        run_step(run, "presets", ["--dry-run"])  # the smallest measuring step, as a CPU smoke
+        # The presets step is the smallest that measures: its CPU smoke; ddp_nccl's code over gloo.
+        for name in DRY_RUN_STEPS:
+            run_step(run, name, ["--dry-run"])
         return check_dry_run(run)
 
     # CUDA first: without it nothing else may start.
@@ -232,6 +241,9 @@ def main() -> int:
     run.name_files(re.sub(r"[^a-z0-9]+", "-", env["device_name"].lower()).strip("-"))
     run.save()
     for name, _, _ in STEPS[1:]:
+        if args.steps and name not in args.steps:
+            run.step(name).update(status="skipped", error="not in --steps")
+            continue
         run_step(run, name, [])
     run.log(f"done in {time.monotonic() - run.begin:.0f} s of a {run.result['budget_seconds']:.0f} s budget; "
             f"wrote {run.json_path}")
@@ -243,7 +255,7 @@ def check_dry_run(run: Run) -> int:
 
     result = json.loads(run.json_path.read_text())
     jsonschema.validate(result, JSON_SCHEMA)
-    bad = [s["name"] for s in result["steps"] if s["name"] in ("environment", "presets") and s["status"] != "ok"]
+    bad = [s["name"] for s in result["steps"] if s["name"] in DRY_RUN_STEPS and s["status"] != "ok"]
     if bad:
         run.log(f"dry run: step(s) {bad} did not finish; see {run.log_path}")
         return 1
@@ -286,17 +298,23 @@ def step_environment(record: Recorder, dry_run: bool) -> None:
 
 
 def step_cuda_tests(record: Recorder, dry_run: bool) -> None:
-    result = subprocess.run([sys.executable, "-m", "pytest", "-m", "cuda", "-q", "-rfEs", "-p", "no:cacheprovider",
-                             "tests"], cwd=REPO, capture_output=True, text=True)
-    print(result.stdout[-20000:], result.stderr[-5000:], flush=True)
-    summary = result.stdout.strip().splitlines()[-1] if result.stdout.strip() else ""
-    counts = {word: int(n) for n, word in re.findall(r"(\d+) (passed|failed|skipped|error|errors|deselected)",
-                                                      summary)}
-    record("summary", summary)
-    record("counts", counts)
-    record("failed", re.findall(r"^(?:FAILED|ERROR) (\S+)", result.stdout, flags=re.M))
-    if result.returncode != 0:
-        raise SystemExit(result.returncode)
+    """pytest -m cuda, its counts recorded after every test (a run cut short keeps them)."""
+    command = [sys.executable, "-m", "pytest", "-m", "cuda", "-v", "-rfEs", "-p", "no:cacheprovider", "tests"]
+    proc = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    counts: dict[str, int] = {}
+    failed: list[str] = []
+    for line in proc.stdout:
+        print(line, end="", flush=True)
+        outcome = re.match(r"(tests/\S+) (PASSED|FAILED|SKIPPED|ERROR)", line)
+        if outcome:
+            counts[outcome[2].lower()] = counts.get(outcome[2].lower(), 0) + 1
+            if outcome[2] in ("FAILED", "ERROR"):
+                failed.append(outcome[1])
+            record("counts", counts)
+            record("failed", failed)
+    code = proc.wait()
+    if code != 0:
+        raise SystemExit(code)
 
 
 # Paper batches (config.yaml: cifar10 128, lsun_tower and ffhq 256) and the sampling batch.
@@ -344,7 +362,7 @@ def train_step(forward, diffusion, optimizer, x0, t, noise, autocast) -> float:
     else:
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return float(value)
+    return float(value.detach())
 
 
 def paper_model(preset: str):
@@ -503,22 +521,23 @@ def sample_rates(record, preset, model, steps_list, batch, device) -> None:
 DDP_STEPS, DDP_BATCH = 4, 8
 
 
-def ddp_worker(rank: int, world_size: int, init_file: str, out: str) -> None:
-    """One DDP process over NCCL: its share of each global batch; rank 0 writes weights and losses."""
+def ddp_worker(rank: int, world_size: int, init_file: str, out: str, backend: str) -> None:
+    """One DDP process: its share of each global batch; rank 0 writes weights and losses."""
     import torch
     import torch.distributed as dist
 
-    torch.cuda.set_device(rank)
-    dist.init_process_group("nccl", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
+    if backend == "nccl":
+        torch.cuda.set_device(rank)
+    dist.init_process_group(backend, init_method=f"file://{init_file}", rank=rank, world_size=world_size)
     try:
-        _, weights, losses = ddp_trajectory(rank, world_size)
+        _, weights, losses = ddp_trajectory(rank, world_size, "cuda" if backend == "nccl" else "cpu")
         if rank == 0:
             torch.save({"weights": weights, "losses": losses}, out)
     finally:
         dist.destroy_process_group()
 
 
-def ddp_trajectory(rank: int, world_size: int | None):
+def ddp_trajectory(rank: int, world_size: int | None, device_type: str):
     """(initial weights, final weights, losses) of DDP_STEPS SAM steps of the tiny preset from seed 0.
 
     world_size None: one process without DDP on the whole global batch; else this rank's share of
@@ -530,13 +549,13 @@ def ddp_trajectory(rank: int, world_size: int | None):
     torch.manual_seed(0)
     model, diffusion = paper_model("tiny")
     initial = {k: v.clone() for k, v in model.state_dict().items()}
-    device = torch.device("cuda", rank)
+    device = torch.device("cuda", rank) if device_type == "cuda" else torch.device("cpu")
     model = model.to(device)
     optimizer = paper_optimizer(model, RECIPES["sam"])
     forward = model
     share = slice(0, DDP_BATCH)
     if world_size is not None:
-        forward = torch.nn.parallel.DistributedDataParallel(model, device_ids=[rank])
+        forward = torch.nn.parallel.DistributedDataParallel(model, device_ids=[rank] if device_type == "cuda" else None)
         share = slice(rank * DDP_BATCH // world_size, (rank + 1) * DDP_BATCH // world_size)
     g = torch.Generator().manual_seed(1)
     losses = []
@@ -545,27 +564,34 @@ def ddp_trajectory(rank: int, world_size: int | None):
         t = torch.randint(0, diffusion.num_timesteps, (DDP_BATCH,), generator=g)
         noise = torch.randn(x0.shape, generator=g)
         losses.append(train_step(forward, diffusion, optimizer, x0[share].to(device), t[share].to(device),
-                                 noise[share].to(device), torch.autocast("cuda", enabled=False)))
+                                 noise[share].to(device), torch.autocast(device_type, enabled=False)))
     return initial, {k: v.cpu() for k, v in model.state_dict().items()}, losses
 
 
 def step_ddp_nccl(record: Recorder, dry_run: bool) -> None:
+    """DDP against one process on the same global batch; in a dry run over gloo on the CPU, world size 1."""
     import torch
     import torch.multiprocessing as mp
 
-    start, alone, losses = ddp_trajectory(0, None)
+    device_type, backend = ("cpu", "gloo") if dry_run else ("cuda", "nccl")
+    gpus = 1 if dry_run else torch.cuda.device_count()
+    start, alone, losses = ddp_trajectory(0, None, device_type)
     with tempfile.TemporaryDirectory() as tmp:
-        for world_size in (1, 2):
-            if world_size > torch.cuda.device_count():
-                record(f"ddp/world{world_size}", {"skipped": f"{torch.cuda.device_count()} GPU(s)"})
+        for world_size in (1,) if dry_run else (1, 2):
+            if world_size > gpus:
+                record(f"ddp/world{world_size}", {"skipped": f"{gpus} GPU(s)"})
                 continue
             out = str(Path(tmp) / f"world{world_size}.pt")
-            mp.spawn(ddp_worker, args=(world_size, str(Path(tmp) / f"init{world_size}"), out), nprocs=world_size)
+            worker_args = (world_size, str(Path(tmp) / f"init{world_size}"), out, backend)
+            if world_size == 1:
+                ddp_worker(0, *worker_args)  # a process group of this process alone
+            else:
+                mp.spawn(ddp_worker, args=worker_args, nprocs=world_size)
             got = torch.load(out, weights_only=True)
             travelled = torch.cat([(alone[k] - start[k]).flatten().float() for k in alone]).norm()
             apart = torch.cat([(alone[k] - got["weights"][k]).flatten().float() for k in alone]).norm()
             record(f"ddp/world{world_size}", {
-                "steps": DDP_STEPS, "global_batch": DDP_BATCH, "recipe": RECIPES["sam"],
+                "backend": backend, "steps": DDP_STEPS, "global_batch": DDP_BATCH, "recipe": RECIPES["sam"],
                 "bit_identical": all(torch.equal(alone[k], got["weights"][k]) for k in alone),
                 "weights_apart_over_travelled": float(apart / travelled),
                 "loss_one_process": losses, "loss_ddp_rank0": got["losses"],
@@ -573,24 +599,47 @@ def step_ddp_nccl(record: Recorder, dry_run: bool) -> None:
                 "same_trajectory": float(apart / travelled) < 1e-2})
 
 
-def step_plan_calibrate(record: Recorder, dry_run: bool) -> None:
-    with tempfile.TemporaryDirectory() as tmp:
-        calibration = Path(tmp) / "calibration.json"
-        result = subprocess.run([sys.executable, "-m", "pipeline", "plan", "--configfile", "config.yaml", "--all",
-                                 "--calibrate", "--device", "cuda", "--repeats", "1",
-                                 "--calibration", str(calibration)], cwd=REPO, capture_output=True, text=True)
-        print(result.stdout, result.stderr[-8000:], flush=True)
-        if calibration.exists():
-            record("calibration", json.loads(calibration.read_text()))
+def parse_estimate(text: str) -> tuple[dict[str, dict[str, float]], float | None]:
+    """Per-rule jobs and device-hours, and the total, from the table `pipeline plan` prints."""
     rules = {}
-    for line in result.stdout.splitlines():
+    for line in text.splitlines():
         match = re.match(r"(\S+)\s+(\d+)\s+([\d.]+)\s+[\d.]+%", line)
         if match:
             rules[match[1]] = {"jobs": int(match[2]), "gpu_hours": float(match[3])}
-    total = re.search(r"^total\s+(\d+)\s+([\d.]+)", result.stdout, flags=re.M)
+    total = re.search(r"^total\s+\d+\s+([\d.]+)", text, flags=re.M)
+    return rules, None if total is None else float(total[1])
+
+
+def step_plan_calibrate(record: Recorder, dry_run: bool) -> None:
+    """The paper's plan (config.yaml, every job) timed on this GPU and costed per rule.
+
+    Without the Inception weights in the torch-hub cache (machines without internet), the FD
+    rules are costed with the offline EffNet-Lite0 extractor instead, and the record says so.
+    """
+    from pipeline.errors import PipelineError
+    from pipeline.fidelity.extractors import resolve_inception_weights
+
+    with tempfile.TemporaryDirectory() as tmp:
+        configs = ["config.yaml"]
+        try:
+            resolve_inception_weights(download=False)
+            record("extractor", "inception")
+        except PipelineError:
+            overlay = Path(tmp) / "effnet.yaml"
+            overlay.write_text("fid: {extractor: effnet-lite0}\n")
+            configs.append(str(overlay))
+            record("extractor", "effnet-lite0 (no Inception weights cached here; FD rules costed with it)")
+        calibration = Path(tmp) / "calibration.json"
+        result = subprocess.run([sys.executable, "-m", "pipeline", "plan", "--configfile", *configs, "--all",
+                                 "--calibrate", "--device", "cuda", "--repeats", "1",
+                                 "--calibration", str(calibration)], cwd=REPO, stdout=subprocess.PIPE, text=True)
+        print(result.stdout, flush=True)  # its progress went to stderr, the log, as it came
+        if calibration.exists():
+            record("calibration", json.loads(calibration.read_text()))
+    rules, total = parse_estimate(result.stdout)
     record("gpu_hours_per_rule", rules)
-    if total:
-        record("gpu_hours_total", float(total[2]))
+    if total is not None:
+        record("gpu_hours_total", total)
     if result.returncode != 0:
         raise SystemExit(result.returncode)
 
