@@ -2,6 +2,7 @@
 
     python bench/gpu_check.py [--budget-seconds 480] [--out-dir docs/gpu-check]
     python bench/gpu_check.py --dry-run [--out-dir DIR]    # on a CPU: the plan, a smoke, a format check
+    python bench/gpu_check.py --steps demo --budget-seconds 840  # later: only some steps
 
 Steps, in order of value (each its own process group, killed at its limit; a step starts only
 with at least MIN_STEP_SECONDS of the budget left and gets no more than what is left):
@@ -20,7 +21,8 @@ Writes <out-dir>/<device>.json (the JSON_SCHEMA below; rewritten whenever a step
 measurement, so a run cut short keeps what it measured) and <device>.log (every step's own output,
 as it goes). Nothing here resets or reconfigures the GPU. Without CUDA (and without --dry-run) it
 stops before any work. --dry-run writes dry-run.json and .log: every step listed as planned, the
-environment step and a CPU smoke of the presets step run, and the result checked against the schema.
+environment step, a CPU smoke of the presets step and ddp_nccl's code over gloo run (each with
+DRY_RUN_LIMIT), and the result checked against the schema.
 """
 
 from __future__ import annotations
@@ -207,7 +209,8 @@ def run_step(run: Run, name: str, extra: list[str]) -> None:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--budget-seconds", type=float, default=480, help="wall time for all steps together")
-    parser.add_argument("--out-dir", type=Path, default=REPO / "docs" / "gpu-check")
+    parser.add_argument("--out-dir", type=Path, default=None,
+                        help="default docs/gpu-check (a dry run: a new temporary folder, so docs/ holds GPU runs only)")
     parser.add_argument("--dry-run", action="store_true",
                         help="on a CPU: list the steps, run a CPU smoke of the presets step, check the JSON")
     parser.add_argument("--steps", nargs="+", choices=[name for name, _, _ in STEPS[1:]],
@@ -221,7 +224,9 @@ def main() -> int:
     if args.budget_seconds <= 0:
         parser.error(f"--budget-seconds must be positive, got {args.budget_seconds}")
 
-    run = Run(args.out_dir, args.budget_seconds, args.dry_run)
+    out_dir = args.out_dir or (Path(tempfile.mkdtemp(prefix="gpu-check-dry-run-")) if args.dry_run
+                               else REPO / "docs" / "gpu-check")
+    run = Run(out_dir, args.budget_seconds, args.dry_run)
     for name, limit, what in STEPS:
         run.log(f"plan: {name:<15} limit {limit:>4} s  {what}")
     if args.dry_run:
@@ -238,7 +243,9 @@ def main() -> int:
         print("gpu_check: torch sees no CUDA device here; on a CPU run `python bench/gpu_check.py --dry-run`.",
               file=sys.stderr)
         return 2
-    run.name_files(re.sub(r"[^a-z0-9]+", "-", env["device_name"].lower()).strip("-"))
+    device = re.sub(r"[^a-z0-9]+", "-", env["device_name"].lower()).strip("-")
+    # A partial rerun gets its own files rather than overwriting a full run's.
+    run.name_files(device + "".join(f"-{name}" for name in args.steps or []))
     run.save()
     for name, _, _ in STEPS[1:]:
         if args.steps and name not in args.steps:
