@@ -172,30 +172,34 @@ def run_step(run: Run, name: str, extra: list[str]) -> None:
         run.save()
         return
     run.log(f"{name}: start, limit {limit:.0f} s ({step['what']})")
-    records = Path(tempfile.mkdtemp(prefix="gpu-check-")) / f"{name}.jsonl"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
-    command = [sys.executable, str(Path(__file__).resolve()), "--step", name, "--records", str(records), *extra]
-    log_target = open(run.log_path, "a") if run.log_path else subprocess.DEVNULL
     began, size = time.monotonic(), -1
-    with log_target if run.log_path else contextlib.nullcontext():
-        proc = subprocess.Popen(command, cwd=REPO, env=env, stdout=log_target, stderr=subprocess.STDOUT,
+    # Before the log file is named (the environment step), the step's output goes to this stdout.
+    with tempfile.TemporaryDirectory(prefix="gpu-check-") as tmp, \
+            (open(run.log_path, "a") if run.log_path else contextlib.nullcontext()) as log_file:
+        records = Path(tmp) / f"{name}.jsonl"
+        command = [sys.executable, str(Path(__file__).resolve()), "--step", name, "--records", str(records), *extra]
+        proc = subprocess.Popen(command, cwd=REPO, env=env, stdout=log_file, stderr=subprocess.STDOUT,
                                 start_new_session=True)
-        while True:
-            try:
-                code = proc.wait(timeout=1.0)
-                break
-            except subprocess.TimeoutExpired:
-                code = None
-            if records.exists() and records.stat().st_size != size:
-                size = records.stat().st_size
-                step["results"] = read_records(records)
-                run.save()
-            if time.monotonic() - began > limit:
+        try:
+            while True:
+                try:
+                    code = proc.wait(timeout=1.0)
+                    break
+                except subprocess.TimeoutExpired:
+                    code = None
+                if records.exists() and records.stat().st_size != size:
+                    size = records.stat().st_size
+                    step["results"] = read_records(records)
+                    run.save()
+                if time.monotonic() - began > limit:
+                    break
+        finally:  # at the limit, and when this driver is interrupted or terminated
+            if code is None:
                 os.killpg(proc.pid, signal.SIGKILL)  # the step and everything it started
                 proc.wait()
-                break
+        step["results"] = read_records(records)
     step["seconds"] = round(time.monotonic() - began, 1)
-    step["results"] = read_records(records)
     if code is None:
         step.update(status="timeout", error=f"killed at its limit of {limit:.0f} s")
     elif code != 0:
@@ -227,6 +231,8 @@ def main() -> int:
     out_dir = args.out_dir or (Path(tempfile.mkdtemp(prefix="gpu-check-dry-run-")) if args.dry_run
                                else REPO / "docs" / "gpu-check")
     run = Run(out_dir, args.budget_seconds, args.dry_run)
+    # SIGTERM (a session's time running out) unwinds like Ctrl-C: the running step is killed.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     for name, limit, what in STEPS:
         run.log(f"plan: {name:<15} limit {limit:>4} s  {what}")
     if args.dry_run:
@@ -239,6 +245,10 @@ def main() -> int:
     # CUDA first: without it nothing else may start.
     run_step(run, "environment", [])
     env = run.step("environment")["results"]
+    if run.step("environment")["status"] != "ok":
+        print("gpu_check: the environment step failed (its output is above); nothing else was started.",
+              file=sys.stderr)
+        return 1
     if not env.get("cuda_available"):
         print("gpu_check: torch sees no CUDA device here; on a CPU run `python bench/gpu_check.py --dry-run`.",
               file=sys.stderr)
