@@ -341,14 +341,14 @@ RECIPES = {"adam": "adm", "sam": "sam_rho0.1", "fsgld": "fsgld_adam"}
 MODES = ("fp32", "tf32", "bf16")
 
 
-def set_mode(mode: str):
-    """TF32 switched on only in 'tf32'; returns the autocast context of the mode."""
+def set_mode(mode: str, device_type: str = "cuda"):
+    """TF32 switched on only in 'tf32'; returns the autocast context of the mode (bf16 on `device_type`)."""
     import torch
 
     tf32 = mode == "tf32"
     torch.backends.cuda.matmul.allow_tf32 = tf32
     torch.backends.cudnn.allow_tf32 = tf32
-    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=mode == "bf16")
+    return torch.autocast(device_type, dtype=torch.bfloat16, enabled=mode == "bf16")
 
 
 # Lead: this is the training step of pipeline/stages/train.py (without DDP bookkeeping); point
@@ -421,8 +421,7 @@ def step_presets(record: Recorder, dry_run: bool) -> None:
             t = torch.randint(0, diffusion.num_timesteps, (batch,), generator=g)
             return x0.to(device), t.to(device), torch.randn(x0.shape, generator=g).to(device)
 
-        if not dry_run:
-            numerics(record, preset, model, diffusion, draw(16))
+        numerics(record, preset, model, diffusion, draw(2 if dry_run else 16))  # CPU: bf16 only differs
         for mode in ("fp32",) if dry_run else MODES:
             rates = {}
             for name, recipe in RECIPES.items():
@@ -454,14 +453,22 @@ def synchronize(device) -> None:
 
 
 def numerics(record, preset, model, diffusion, batch) -> None:
-    """bf16 autocast and TF32 against fp32 on one batch, dropout off: loss and eps prediction."""
+    """bf16 autocast and TF32 against fp32 on one batch, dropout off: loss and eps prediction.
+
+    ADM zero-initialises the last layer of each block and the output, so an untrained model
+    predicts eps = 0 exactly; those layers get random weights first (the caller reloads its own).
+    """
     import torch
 
     x0, t, noise = batch
+    with torch.no_grad():
+        for p in model.parameters():
+            if not p.any():
+                p.normal_(0.0, 0.02)
     model.eval()
     outputs = {}
     for mode in MODES:
-        with torch.no_grad(), set_mode(mode):
+        with torch.no_grad(), set_mode(mode, x0.device.type):
             eps = model(diffusion.q_sample(x0, t, noise), t)[:, :x0.shape[1]].float()
             loss = diffusion.training_losses(model, x0, t, noise)["loss"].float().mean()
         outputs[mode] = (float(loss), eps)
@@ -505,6 +512,7 @@ def train_rate(record, key, model, diffusion, recipe, draw, paper_batch, mode, d
             continue
         finally:
             optimizer = x0 = t = noise = None
+            model.zero_grad(set_to_none=True)  # an out-of-memory step may leave gradients behind
             if cuda:
                 torch.cuda.empty_cache()
         record(key, {"images_per_second": round(batch / seconds, 2), "seconds_per_step": round(seconds, 4),

@@ -53,6 +53,8 @@ def test_dry_run_plans_every_step_and_writes_a_valid_result(tmp_path):
         assert measured["images_per_second"] > 0 and measured["batch"] == 2
     assert smoke["ratio/tiny/fp32/sam_over_adam"] > 1  # SAM takes two gradients per step
     assert smoke["sample/tiny/T2"]["images_per_second"] > 0
+    assert smoke["numerics/tiny/tf32_vs_fp32"]["eps_rel_diff"] == 0  # TF32 acts on CUDA only
+    assert 0 < smoke["numerics/tiny/bf16_vs_fp32"]["eps_rel_diff"] < 0.1
     ddp = steps["ddp_nccl"]["results"]["ddp/world1"]
     assert ddp["backend"] == "gloo" and ddp["bit_identical"] and ddp["loss_one_process"] == ddp["loss_ddp_rank0"]
 
