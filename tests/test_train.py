@@ -142,14 +142,17 @@ def test_cuda_options_act_on_cuda_only(data_h5, tmp_path, torch_device):
     train(plain, data_h5, tmp_path / "plain", progress=False)
     train(fast, data_h5, tmp_path / "fast", progress=False)
     a, b = load(tmp_path / "plain" / "weights_raw.pt"), load(tmp_path / "fast" / "weights_raw.pt")
-    with h5py.File(tmp_path / "fast" / "train.h5") as f:
-        assert np.isfinite(f["loss"][()]).all()
+    losses = {}
+    for name in ("plain", "fast"):
+        with h5py.File(tmp_path / name / "train.h5") as f:
+            losses[name] = f["loss"][()]
+    assert np.isfinite(losses["fast"]).all()
     if torch_device.type == "cpu":
         assert all(torch.equal(a[k], b[k]) for k in a)
     else:
         assert any(not torch.equal(a[k], b[k]) for k in a), "bf16 autocast changed nothing on CUDA"
-        # Adam moves each weight by about lr per step whatever the rounding of its gradient.
-        assert max(float((a[k] - b[k]).abs().max()) for k in a) < 4 * 4 * plain["recipe"]["optimizer"]["lr"]
+        # Same batches and draws: the bf16 loss is the fp32 loss up to bf16 rounding (~1%).
+        np.testing.assert_allclose(losses["fast"], losses["plain"], rtol=0.03)
 
 
 def test_non_finite_loss_stops_with_message_and_keeps_checkpoint(data_h5, tmp_path):
