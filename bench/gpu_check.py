@@ -334,9 +334,9 @@ def step_cuda_tests(record: Recorder, dry_run: bool) -> None:
         raise SystemExit(code)
 
 
-# Paper batches (config.yaml: cifar10 128, lsun_tower and ffhq 256) and the sampling batch.
-PRESET_RUNS = [("cifar10", 128), ("adm64", 256)]
-SAMPLING_BATCH, SAMPLING_STEPS = 250, (20, 100)
+# The datasets whose presets and batches (config.yaml: cifar10 128, lsun_tower 256) are measured.
+PAPER_DATASETS = ("cifar10", "lsun_tower")
+SAMPLING_STEPS = (20, 100)
 RECIPES = {"adam": "adm", "sam": "sam_rho0.1", "fsgld": "fsgld_adam"}
 MODES = ("fp32", "tf32", "bf16")
 
@@ -406,8 +406,12 @@ def step_presets(record: Recorder, dry_run: bool) -> None:
     """On CUDA the paper's presets; in a dry run the tiny preset on the CPU, fp32, one timed step."""
     import torch
 
+    from pipeline.config import load_config
+
+    config = load_config([REPO / "config.yaml"])
     device = torch.device("cpu" if dry_run else "cuda")
-    runs = [("tiny", 2)] if dry_run else PRESET_RUNS
+    runs = [("tiny", 2)] if dry_run else [(config["datasets"][name]["preset"], config["datasets"][name]["batch_size"])
+                                          for name in PAPER_DATASETS]
     for preset, paper_batch in runs:
         torch.manual_seed(0)
         model, diffusion = paper_model(preset)
@@ -439,7 +443,7 @@ def step_presets(record: Recorder, dry_run: bool) -> None:
             sample_rates(record, preset, model, (2,), 2, device)
         else:
             set_mode("fp32")
-            sample_rates(record, preset, model, SAMPLING_STEPS, SAMPLING_BATCH, device)
+            sample_rates(record, preset, model, SAMPLING_STEPS, config["sampling"]["batch_size"], device)
         del model
         if not dry_run:
             torch.cuda.empty_cache()
