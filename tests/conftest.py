@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parents[1]
 SNAKEMAKE = [sys.executable, "-m", "snakemake"]
@@ -26,6 +27,17 @@ metrics:
 report:
   negative_control: {recipe: adm, seeds: [100]}
 """
+
+
+# Tests that take the `torch_device` fixture run once per device: on the CPU, and on CUDA (marked
+# `cuda`, so `pytest -m cuda` selects them) where torch sees a GPU.
+CUDA_SKIP = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device; torch sees none")
+DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.cuda, CUDA_SKIP])]
+
+
+@pytest.fixture(params=DEVICES)
+def torch_device(request) -> torch.device:
+    return torch.device(request.param)
 
 
 def run_snakemake(workdir: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:

@@ -40,6 +40,17 @@ def test_cuda_without_a_gpu_is_a_clear_error():
     assert device.resolve_device("auto").type == "cpu"
 
 
+@pytest.mark.cuda
+@pytest.mark.skipif(not device.torch.cuda.is_available(), reason="needs a CUDA device; torch sees none")
+def test_cuda_resolves_to_a_claimed_gpu(tmp_path, monkeypatch):
+    monkeypatch.setenv("PIPELINE_GPU_LOCK_DIR", str(tmp_path))
+    monkeypatch.setattr(device, "_held_locks", {})
+    claimed = device.resolve_device("cuda")
+    assert claimed.type == "cuda" and claimed.index == device.torch.cuda.current_device()
+    assert list(device._held_locks) == [f"gpu-{device.torch.cuda.get_device_properties(claimed.index).uuid}"]
+    assert device.resolve_device("auto") == claimed
+
+
 def test_claim_gpu_takes_the_first_gpu_no_other_process_holds(tmp_path, monkeypatch, capsys):
     """claim_gpu on two stand-in GPUs (this machine has none): locks are named by UUID."""
     from types import SimpleNamespace

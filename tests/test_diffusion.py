@@ -272,10 +272,10 @@ def test_sampler_teacher_forced_reproduces_reference(sampler_ref):
     torch.testing.assert_close(final, recorded["pred_xstart"][-1], rtol=0, atol=1e-6)
 
 
-def test_seeded_sampling_draw_order():
+def test_seeded_sampling_draw_order(torch_device):
     # x_T first, then one draw per step after the model call, including the last step.
     diffusion = create_diffusion(timestep_respacing="6")
-    net = seeded_net(1)
+    net = seeded_net(1).to(torch_device)
     shape = (2, 3, 8, 8)
     seeds = [11, 12]
     generators = [torch.Generator().manual_seed(s) for s in seeds]
@@ -283,6 +283,7 @@ def test_seeded_sampling_draw_order():
     replay = sample_images(net, diffusion, shape, seeds=None, x_T=draws[0],
                            noise_for_step=lambda k: draws[diffusion.num_timesteps - k])
     seeded = sample_images(net, diffusion, shape, seeds=seeds)
+    assert seeded.device.type == torch_device.type and seeded.dtype == torch.float32
     assert torch.equal(seeded, replay)
 
 
@@ -400,13 +401,13 @@ def test_loss_second_moment_history_and_weights():
 # Training
 
 
-def test_training_loss_is_finite_and_falls():
+def test_training_loss_is_finite_and_falls(torch_device):
     diffusion = create_diffusion()
-    net = seeded_net(3)
+    net = seeded_net(3).to(torch_device)
     generator = torch.Generator().manual_seed(4)
-    x_start = torch.randint(0, 256, (4, 3, 8, 8), generator=generator).float() / 127.5 - 1
-    noise = torch.randn(x_start.shape, generator=generator)
-    t = torch.tensor([0, 30, 400, 800])
+    x_start = (torch.randint(0, 256, (4, 3, 8, 8), generator=generator).float() / 127.5 - 1).to(torch_device)
+    noise = torch.randn(x_start.shape, generator=generator).to(torch_device)
+    t = torch.tensor([0, 30, 400, 800], device=torch_device)
     optimizer = torch.optim.Adam(net.parameters(), lr=1e-2)
     history = []
     for _ in range(50):

@@ -136,12 +136,13 @@ def test_running_moments_match_numpy_with_large_offset():
     np.testing.assert_allclose(sigma, np.cov(x, rowvar=False), rtol=1e-7, atol=1e-14)
 
 
-def test_frechet_distance_is_zero_on_identical_sets_and_separates_noise():
+def test_frechet_distance_is_zero_on_identical_sets_and_separates_noise(torch_device):
     tiny = resolve_extractor(TINY)
     data = blobs(400)
-    a = feature_statistics(data[:200], tiny, batch_size=50, cuda=False)
-    b = feature_statistics(data[200:], tiny, batch_size=50, cuda=False)
-    n = feature_statistics(noise(200), tiny, batch_size=50, cuda=False)
+    cuda = torch_device.type == "cuda"
+    a = feature_statistics(data[:200], tiny, batch_size=50, cuda=cuda)
+    b = feature_statistics(data[200:], tiny, batch_size=50, cuda=cuda)
+    n = feature_statistics(noise(200), tiny, batch_size=50, cuda=cuda)
     scale = np.trace(a.sigma)
     assert scale > 0
     assert abs(frechet_distance(a.mu, a.sigma, a.mu, a.sigma)) < 1e-6 * scale

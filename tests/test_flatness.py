@@ -337,7 +337,7 @@ def synthetic_images(n: int, size: int = 8, channels: int = 3, seed: int = 0) ->
     return np.random.default_rng(seed).integers(0, 256, size=(n, size, size, channels), dtype=np.uint8)
 
 
-def test_evaluation_set_is_seeded_prefix_stable_and_loss_matches_training_losses() -> None:
+def test_evaluation_set_is_seeded_prefix_stable_and_loss_matches_training_losses(torch_device) -> None:
     images = synthetic_images(40)
     indices = image_subset(len(images), 12, seed=5)
     assert np.array_equal(indices, image_subset(len(images), 12, seed=5))
@@ -347,9 +347,9 @@ def test_evaluation_set_is_seeded_prefix_stable_and_loss_matches_training_losses
     assert torch.equal(evalset.prefix(6).noise, small.noise) and torch.equal(evalset.prefix(6).t, small.t)
 
     torch.manual_seed(0)
-    model = ConvDenoiser(3)
+    model = ConvDenoiser(3).to(torch_device)
     diffusion = create_diffusion(steps=1000)
-    x0, t, noise = evalset.batch(0, len(evalset), "cpu")
+    x0, t, noise = evalset.batch(0, len(evalset), torch_device)
     reference = diffusion.training_losses(model, x0, t, noise)
     ours = per_sample_loss(model, diffusion, x0, t, noise, "mse+vb")
     torch.testing.assert_close(ours, reference["loss"])

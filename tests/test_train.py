@@ -60,8 +60,8 @@ RECIPES = ["adm", "ip", "sam_rho0.1", "fsgld", "fsgld_adam", "sgd_fsgld_tiny", "
 
 
 @pytest.mark.parametrize("recipe", RECIPES)
-def test_every_recipe_trains_and_writes_three_weights(recipe, data_h5, tmp_path):
-    settings = tiny_settings(recipe)
+def test_every_recipe_trains_and_writes_three_weights(recipe, data_h5, tmp_path, torch_device):
+    settings = tiny_settings(recipe, device=torch_device.type)
     if recipe == "fsgld":  # the faithful SGD base at lr 0.1 is too hot for a 6-step smoke test
         settings["recipe"]["optimizer"]["lr"] = 0.01
     train(settings, data_h5, tmp_path, progress=False)
@@ -96,8 +96,8 @@ def test_swa_is_the_mean_of_its_snapshots(data_h5, tmp_path):
 
 
 @pytest.mark.parametrize("recipe", ["sam_rho0.1", "fsgld_adam"])
-def test_interrupted_run_resumes_bit_identical(recipe, data_h5, tmp_path):
-    settings = tiny_settings(recipe, steps=6)
+def test_interrupted_run_resumes_bit_identical(recipe, data_h5, tmp_path, torch_device):
+    settings = tiny_settings(recipe, steps=6, device=torch_device.type)
     train(settings, data_h5, tmp_path / "whole", progress=False)
     train(settings, data_h5, tmp_path / "parts", progress=False, stop_after=3)
     assert not (tmp_path / "parts" / "weights_raw.pt").exists()
@@ -132,6 +132,27 @@ def test_sigkill_at_any_moment_then_rerun_is_bit_identical(data_h5, tmp_path):
     for name in ("weights_raw.pt", "weights_ema.pt", "weights_swa.pt"):
         a, b = load(tmp_path / "whole" / name), load(tmp_path / "killed" / name)
         assert all(torch.equal(a[k], b[k]) for k in a), name
+
+
+def test_cuda_options_act_on_cuda_only(data_h5, tmp_path, torch_device):
+    """bf16 autocast and channels-last: ignored on the CPU (bit-identical), close to fp32 on CUDA."""
+    plain = tiny_settings("adm", steps=4, device=torch_device.type)
+    fast = tiny_settings("adm", steps=4, device=torch_device.type, cuda={"bf16": True, "channels_last": True,
+                                                                         "compile": False})
+    train(plain, data_h5, tmp_path / "plain", progress=False)
+    train(fast, data_h5, tmp_path / "fast", progress=False)
+    a, b = load(tmp_path / "plain" / "weights_raw.pt"), load(tmp_path / "fast" / "weights_raw.pt")
+    losses = {}
+    for name in ("plain", "fast"):
+        with h5py.File(tmp_path / name / "train.h5") as f:
+            losses[name] = f["loss"][()]
+    assert np.isfinite(losses["fast"]).all()
+    if torch_device.type == "cpu":
+        assert all(torch.equal(a[k], b[k]) for k in a)
+    else:
+        assert any(not torch.equal(a[k], b[k]) for k in a), "bf16 autocast changed nothing on CUDA"
+        # Same batches and draws: the bf16 loss is the fp32 loss up to bf16 rounding (~1%).
+        np.testing.assert_allclose(losses["fast"], losses["plain"], rtol=0.03)
 
 
 def test_non_finite_loss_stops_with_message_and_keeps_checkpoint(data_h5, tmp_path):

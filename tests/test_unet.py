@@ -208,11 +208,11 @@ def test_math_attention_supports_hessian_vector_products() -> None:
     torch.testing.assert_close(hvp, finite_difference, rtol=1e-4, atol=1e-6 * hvp.abs().max().item())
 
 
-def test_attention_backends_agree_with_gradients() -> None:
-    model = randomize_(build_unet("tiny"), seed=3)
+def test_attention_backends_agree_with_gradients(torch_device) -> None:
+    model = randomize_(build_unet("tiny"), seed=3).to(torch_device)
     generator = torch.Generator().manual_seed(4)
-    x = torch.randn(2, 3, 16, 16, generator=generator)
-    t = torch.tensor([10, 400])
+    x = torch.randn(2, 3, 16, 16, generator=generator).to(torch_device)
+    t = torch.tensor([10, 400], device=torch_device)
     results = {}
     for backend in BACKENDS:
         model.set_attention_backend(backend)
