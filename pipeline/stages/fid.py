@@ -100,6 +100,12 @@ def evaluate(samples: str | Path, reference: str | Path, out: str | Path | None 
     kid_value, kid_reps = kid_replicates(stats.kid_features, ref.stats.kid_features, kid_bootstrap,
                                          bootstrap_seed)
 
+    numbers = {"FD": value, "KID mean": kid_mean, "KID std": kid_std, "KID value": kid_value,
+               "FD bootstrap replicates": fd_reps, "KID bootstrap replicates": kid_reps}
+    for label, number in numbers.items():
+        if not np.isfinite(number).all():
+            raise PipelineError(f"fid: the {label} of {samples} against {reference} is not finite, so "
+                                f"nothing is written; the features hold NaN or inf: check both files.")
     attrs = provenance("fid", settings or {})
     attrs.update({
         "metric_name": extractor.metric_name,
