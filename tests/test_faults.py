@@ -11,6 +11,7 @@ import contextlib
 import errno
 import json
 import os
+import shutil
 import subprocess
 import sys
 import uuid
@@ -31,7 +32,7 @@ from pipeline.fidelity.stats import FeatureStats, H5Images, image_shape, read_re
 from pipeline.io.atomic import atomic_path
 from pipeline.io.checkpoint import load_checkpoint, load_weights
 from pipeline.io.hashing import file_sha256
-from pipeline.io.integrity import DamagedFile, save_torch, sealed_h5
+from pipeline.io.integrity import DamagedFile, artifact_sha256, save_torch, sealed_h5
 from pipeline.nn.presets import build_unet
 from pipeline.settings import train_settings
 from pipeline.stages.sample import sample_to_file
@@ -729,14 +730,35 @@ def test_identical_runs_write_identical_weights_and_samples(train_data, tmp_path
     for run in runs:
         train(tiny_train_settings(steps=2), train_data, run, progress=False)
         time.sleep(1.1)  # the old seal stamped the current time (2 s resolution in zip)
-    for name in ("weights_raw.pt", "weights_swa.pt"):
-        if (runs[0] / name).exists():
-            assert (runs[0] / name).read_bytes() == (runs[1] / name).read_bytes(), name
+    names = sorted(p.name for p in runs[0].glob("weights_*.pt"))
+    assert "weights_raw.pt" in names and names == sorted(p.name for p in runs[1].glob("weights_*.pt"))
+    for name in names:
+        assert (runs[0] / name).read_bytes() == (runs[1] / name).read_bytes(), name
+    # Sampling each run's weights at the same paths (paths are settings): equal content, equal
+    # weights_sha256, and the same identity for fid to record, though the times differ.
     settings = {**sample_settings(), "n_samples": 2, "diffusion": dict(tiny_train_settings()["diffusion"])}
-    hashes = []
+    place = tmp_path / "sample"
+    place.mkdir()
+    records = []
     for run in runs:
-        sample_to_file(settings, run / "weights_raw.pt", run / "samples.h5", run / "grid.png", 2, progress=False)
-        with h5py.File(run / "samples.h5") as f:
-            hashes.append((f.attrs["weights_sha256"], f["images"].attrs["content_sha256"],
-                           f["seeds"].attrs["content_sha256"]))
-    assert hashes[0] == hashes[1]
+        shutil.copyfile(run / "weights_raw.pt", place / "weights_raw.pt")
+        sample_to_file(settings, place / "weights_raw.pt", place / "samples.h5", place / "grid.png", 2,
+                       progress=False)
+        with h5py.File(place / "samples.h5") as f:
+            records.append((f.attrs["weights_sha256"], f["images"].attrs["content_sha256"],
+                            f["seeds"].attrs["content_sha256"], artifact_sha256(place / "samples.h5", ""),
+                            f.attrs["created_utc"]))
+        time.sleep(1.1)
+    assert records[0][:4] == records[1][:4] and records[0][4] != records[1][4]
+
+
+def test_artifact_identity_leaves_out_host_and_time_only(tmp_path):
+    identities = []
+    for name, host, created, count in (("a", "node1", "2026-01-01", 3), ("b", "node2", "2026-02-02", 3),
+                                       ("c", "node1", "2026-01-01", 4)):
+        with sealed_h5(tmp_path / f"{name}.h5") as f:
+            f.create_dataset("images", data=np.zeros((3, 4, 4, 1), np.uint8))
+            f.attrs.update(host=host, created_utc=created, wall_seconds=len(name), count=count)
+        identities.append(artifact_sha256(tmp_path / f"{name}.h5", ""))
+    assert identities[0] == identities[1] != identities[2]
+    assert artifact_sha256(tmp_path / "a.h5", "") != file_sha256(tmp_path / "a.h5")

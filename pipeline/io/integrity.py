@@ -180,6 +180,29 @@ def _discard_h5(f: h5py.File, tmp: Path) -> None:
         f.close()
 
 
+def artifact_sha256(path: str | os.PathLike, fix: str) -> str:
+    """The identity of an artifact that a downstream file records: equal for two identical runs.
+
+    For a sealed HDF5 file, SHA-256 of its dataset hashes and its root attributes except the
+    volatile ones (host, time, durations: `VOLATILE_ATTRS`), as canonical JSON; the file is
+    verified first, so the stored dataset hashes are its contents. Any other file (sealed torch
+    files are byte-reproducible): SHA-256 of its bytes.
+    """
+    from pipeline.io.hashing import file_sha256
+    from pipeline.io.provenance import VOLATILE_ATTRS
+
+    path = Path(path)
+    if not h5py.is_hdf5(path):
+        return file_sha256(path)
+    with open_verified_h5(path, fix) as f:
+        identity = {
+            "datasets": {dataset.name: str(dataset.attrs[CONTENT_ATTR]) for dataset in _datasets(f)},
+            "attrs": {key: _plain(f.attrs[key]) for key in sorted(f.attrs)
+                      if key != ATTRS_ATTR and key not in VOLATILE_ATTRS},
+        }
+    return hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()
+
+
 # ------------------------------------------------------------------------------------------
 # zip containers: torch.save files and np.savez chunks.
 

@@ -13,6 +13,9 @@ from typing import Any, Mapping
 import yaml
 
 PACKAGE = "flatness-pipeline"
+# Attributes that differ between two identical runs (where, when, how long). They describe the
+# run, not the artifact: `artifact_sha256`, the hash a downstream file records, leaves them out.
+VOLATILE_ATTRS = frozenset({"host", "created_utc", "wall_seconds", "wall_time_s", "sampling_seconds"})
 
 
 def package_version() -> str:

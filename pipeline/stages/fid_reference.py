@@ -25,10 +25,10 @@ import torch_fidelity
 from pipeline.arguments import int_at_least, nonnegative_int, path_name, positive_int, settings_json
 from pipeline.config import load_config
 from pipeline.errors import PipelineError
-from pipeline.fidelity.extractors import (BUILTIN_EXTRACTORS, INCEPTION, Extractor, file_sha256,
-                                         resolve_extractor)
+from pipeline.fidelity.extractors import BUILTIN_EXTRACTORS, INCEPTION, Extractor, resolve_extractor
 from pipeline.fidelity.stats import (DEFAULT_KID_ROWS, H5Images, feature_statistics, h5_attrs,
                                      image_shape, write_reference)
+from pipeline.io.integrity import artifact_sha256
 from pipeline.io.provenance import provenance
 
 logger = logging.getLogger(__name__)
@@ -72,7 +72,7 @@ def build_reference(data: str | Path, extractor: Extractor, out: str | Path, *,
         "seed": seed,
         "torch_fidelity_version": torch_fidelity.__version__,
         "data_path": str(data),
-        "data_sha256": file_sha256(data),
+        "data_sha256": artifact_sha256(data, "delete it and rerun prepare"),
         "data_attrs_json": json.dumps(h5_attrs(data), sort_keys=True, default=str),
         "wall_time_s": time.time() - start,
     })
