@@ -189,7 +189,7 @@ def artifact_sha256(path: str | os.PathLike, fix: str) -> str:
     files are byte-reproducible): SHA-256 of its bytes.
     """
     from pipeline.io.hashing import file_sha256
-    from pipeline.io.provenance import VOLATILE_ATTRS
+    from pipeline.io.provenance import stable_attrs
 
     path = Path(path)
     if not h5py.is_hdf5(path):
@@ -197,8 +197,7 @@ def artifact_sha256(path: str | os.PathLike, fix: str) -> str:
     with open_verified_h5(path, fix) as f:
         identity = {
             "datasets": {dataset.name: str(dataset.attrs[CONTENT_ATTR]) for dataset in _datasets(f)},
-            "attrs": {key: _plain(f.attrs[key]) for key in sorted(f.attrs)
-                      if key != ATTRS_ATTR and key not in VOLATILE_ATTRS},
+            "attrs": stable_attrs({key: _plain(f.attrs[key]) for key in f.attrs if key != ATTRS_ATTR}),
         }
     return hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()
 

@@ -57,6 +57,12 @@ def provenance(stage: str, settings: Mapping[str, Any] | None = None, **extra: A
     return attrs
 
 
+def stable_attrs(attrs: Mapping[str, Any]) -> dict[str, Any]:
+    """`attrs` without the volatile ones: what a downstream file may copy of its input's attributes
+    and still be the same for two identical runs."""
+    return {key: value for key, value in attrs.items() if key not in VOLATILE_ATTRS}
+
+
 def write_attrs(h5obj: Any, attrs: Mapping[str, Any]) -> None:
     """Store a flat mapping as HDF5 attributes (values must already be scalars or strings)."""
     for key, value in attrs.items():

@@ -40,7 +40,7 @@ from pipeline.fidelity.stats import (DEFAULT_KID_ROWS, H5Images, feature_statist
                                      h5_attrs, h5_safe_attrs, image_shape, kernel_distance,
                                      read_reference)
 from pipeline.io.integrity import artifact_sha256, sealed_h5
-from pipeline.io.provenance import provenance, write_attrs
+from pipeline.io.provenance import provenance, stable_attrs, write_attrs
 from pipeline.progress import Progress
 
 logger = logging.getLogger(__name__)
@@ -141,7 +141,7 @@ def evaluate(samples: str | Path, reference: str | Path, out: str | Path | None 
         "torch_fidelity_version": torch_fidelity.__version__,
         "samples_path": str(samples),
         "samples_sha256": artifact_sha256(samples, "delete it and rerun the sample rule"),
-        "samples_attrs_json": json.dumps(h5_attrs(samples), sort_keys=True, default=str),
+        "samples_attrs_json": json.dumps(stable_attrs(h5_attrs(samples)), sort_keys=True, default=str),
         "reference_path": str(reference),
         "reference_sha256": artifact_sha256(reference, "delete it and rerun fid-reference"),
         "reference_data_sha256": ref.attrs.get("data_sha256", ""),

@@ -29,7 +29,7 @@ from pipeline.fidelity.extractors import BUILTIN_EXTRACTORS, INCEPTION, Extracto
 from pipeline.fidelity.stats import (DEFAULT_KID_ROWS, H5Images, feature_statistics, h5_attrs,
                                      image_shape, write_reference)
 from pipeline.io.integrity import artifact_sha256
-from pipeline.io.provenance import provenance
+from pipeline.io.provenance import provenance, stable_attrs
 
 logger = logging.getLogger(__name__)
 
@@ -73,7 +73,7 @@ def build_reference(data: str | Path, extractor: Extractor, out: str | Path, *,
         "torch_fidelity_version": torch_fidelity.__version__,
         "data_path": str(data),
         "data_sha256": artifact_sha256(data, "delete it and rerun prepare"),
-        "data_attrs_json": json.dumps(h5_attrs(data), sort_keys=True, default=str),
+        "data_attrs_json": json.dumps(stable_attrs(h5_attrs(data)), sort_keys=True, default=str),
         "wall_time_s": time.time() - start,
     })
     out = Path(out)
