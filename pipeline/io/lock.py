@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Iterable
 
 from pipeline.errors import PipelineError
+from pipeline.io.atomic import pid_alive
 
 TIMEOUT_VARIABLE = "PIPELINE_LOCK_TIMEOUT"
 POLL_SECONDS = 0.5
@@ -68,16 +69,6 @@ def check_writable(folder: Path) -> None:
     raise OSError(code, os.strerror(code), str(folder))
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def _read_holder(fd: int) -> dict:
     try:
         os.lseek(fd, 0, os.SEEK_SET)
@@ -93,7 +84,7 @@ def describe_holder(holder: dict) -> str:
     text = (f"PID {holder.get('pid', '?')} on host {holder.get('host', '?')} since "
             f"{holder.get('since', '?')} ({holder.get('command', '?')})")
     if holder.get("host") == platform.node() and isinstance(holder.get("pid"), int) \
-            and not _pid_alive(holder["pid"]):
+            and not pid_alive(holder["pid"]):
         text += ", a dead PID: a child process it started still holds the lock; end that process"
     return text
 
@@ -133,8 +124,8 @@ def _open_locked(path: Path, deadline: float | None) -> int:
 def _record(fd: int, path: Path) -> None:
     stale = _read_holder(fd)
     if stale.get("pid") is not None:
-        logger.info("%s: taking over the lock record of %s, which ended without releasing it",
-                    path, describe_holder(stale).split(",")[0])
+        logger.info("%s: taking over the lock record of PID %s on host %s, which ended without "
+                    "releasing it", path, stale.get("pid"), stale.get("host", "?"))
     record = {"host": platform.node(), "pid": os.getpid(),
               "since": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
               "command": " ".join(sys.argv[:8])[:300]}
