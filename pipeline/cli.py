@@ -20,6 +20,7 @@ from typing import Sequence
 
 from pipeline import progress
 from pipeline.errors import PipelineError, disk_error_message
+from pipeline.io.lock import claim_stage_outputs, release_outputs
 
 # Order = order of the study: data, training, evaluation, metrics, report.
 STAGES = {
@@ -110,6 +111,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         every = getattr(args, "progress_every", None)
         progress.configure(progress.interval_from_environment() if every is None else every)
+        claim_stage_outputs(args)
         args._run(args)
     except PipelineError as err:
         print(f"error: {err}", file=sys.stderr)
@@ -120,6 +122,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(f"error: {message}", file=sys.stderr)
         return 2
+    finally:
+        release_outputs()
     # The stage's own summary says what it wrote; this line closes every log with the wall time
     # (once: under torchrun every process shares the log, and RANK 0 speaks for them).
     if os.environ.get("RANK", "0") == "0":

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import json
 import os
+import shutil
 import subprocess
 import sys
 import uuid
@@ -30,7 +32,7 @@ from pipeline.fidelity.stats import FeatureStats, H5Images, image_shape, read_re
 from pipeline.io.atomic import atomic_path
 from pipeline.io.checkpoint import load_checkpoint, load_weights
 from pipeline.io.hashing import file_sha256
-from pipeline.io.integrity import DamagedFile, save_torch, sealed_h5
+from pipeline.io.integrity import DamagedFile, artifact_sha256, save_torch, sealed_h5
 from pipeline.nn.presets import build_unet
 from pipeline.settings import train_settings
 from pipeline.stages.sample import sample_to_file
@@ -484,3 +486,279 @@ def test_damaged_sample_run_key_restarts_the_scratch_folder(sample_weights, tmp_
     assert sample_to_file(sample_settings(), sample_weights, out, out.with_suffix(".png"), 3,
                           progress=False) == [0, 1, 2]
     assert "discarding" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------------
+# Non-finite weights and results: refused at load, never written (issue 25, point 1).
+
+MEASURES = ("lpf", "perturbation", "surface", "hessian", "exposure")
+
+
+@pytest.fixture(scope="module")
+def rgb_data(tmp_path_factory) -> Path:
+    """A prepared-looking data.h5: 8 RGB 16x16 images with consistent attributes."""
+    path = tmp_path_factory.mktemp("rgb") / "data.h5"
+    images = np.random.default_rng(2).integers(0, 256, (8, 16, 16, 3), dtype=np.uint8)
+    with sealed_h5(path) as f:
+        f.create_dataset("images", data=images)
+        f.attrs.update(resolution=16, channels=3, count=8)
+    return path
+
+
+def poisoned_weights(folder: Path, value: float) -> tuple[Path, str]:
+    """Tiny-UNet weights, sealed properly, with one element of one tensor set to `value`."""
+    state = build_unet("tiny", in_channels=3).state_dict()
+    name = next(k for k, t in state.items() if t.is_floating_point() and t.dim() > 1)
+    state[name].view(-1)[3] = value
+    path = folder / "weights_raw.pt"
+    save_torch(state, path)
+    return path, name
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+@pytest.mark.parametrize("stage", ("sample", *MEASURES))
+def test_non_finite_weights_are_refused_by_every_reader(tmp_path, rgb_data, capsys, stage, value):
+    weights, tensor = poisoned_weights(tmp_path, value)
+    out = tmp_path / stage / "out.h5"
+    if stage == "sample":
+        settings = {**sample_settings(), "n_samples": 2}
+        argv = ["sample", "--weights", str(weights), "--dataset", "test", "--steps", "2",
+                "--settings", json.dumps(settings), "--out", str(out)]
+    else:
+        argv = [stage, "--weights", str(weights), "--data", str(rgb_data), "--preset", "tiny",
+                "--config", str(REPO / "config.yaml"), "--device", "cpu", "--out", str(out)]
+    capsys.readouterr()
+    assert cli_main([*argv, "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert one_line(err) and str(weights) in err and f"'{tensor}'" in err and "NaN or infinite" in err
+    assert not out.parent.exists(), "nothing is written, not even the output folder"
+
+
+def test_sampling_that_overflows_writes_nothing(sample_weights, tmp_path, monkeypatch):
+    import pipeline.stages.sample as sample_stage
+
+    monkeypatch.setattr(sample_stage, "sample_images", lambda *a, **k: torch.full((2, 3, 16, 16), float("nan")))
+    out = tmp_path / "samples.h5"
+    with pytest.raises(PipelineError, match=r"NaN or infinite pixels in images 0\.\.1") as caught:
+        sample_to_file(sample_settings(), sample_weights, out, out.with_suffix(".png"), 3, progress=False)
+    assert one_line(str(caught.value)) and not out.exists()
+
+
+def test_non_finite_measure_results_are_not_written(tmp_path):
+    from pipeline.stages.metric_common import refuse_non_finite
+
+    # NaN where it means "undefined" (a spread over one draw) is a result; inf never is.
+    refuse_non_finite("lpf", tmp_path / "x.h5", {"absolute/stderr": np.nan, "loss": 1.0, "n": np.arange(3)})
+    for arrays in ({"absolute/lpf": np.float64("nan")}, {"losses": np.array([1.0, np.inf])},
+                   {"trace_stderr": np.inf}):
+        with pytest.raises(PipelineError, match=r"result '.*' holds 1 NaN or infinite value\(s\)") as caught:
+            refuse_non_finite("lpf", tmp_path / "x.h5", arrays)
+        assert str(tmp_path / "x.h5") in str(caught.value) and one_line(str(caught.value))
+
+
+def test_non_finite_fd_is_never_written(tmp_path, capsys):
+    from test_fidelity import TINY, blobs, write_images  # registers the tiny extractor
+
+    from pipeline.fidelity import resolve_extractor
+    from pipeline.io.integrity import seal_h5
+    from pipeline.stages.fid_reference import build_reference
+
+    data = write_images(tmp_path / "data.h5", blobs(40, seed=0), dataset="synthetic")
+    reference = build_reference(data, resolve_extractor(TINY), tmp_path / "fid_ref_tiny.h5",
+                                kid_rows=30, batch_size=40)
+    samples = write_images(tmp_path / "samples.h5", blobs(30, seed=5))
+    with h5py.File(reference, "a") as f:  # sealed again: intact, but its mean is not a number
+        f["mu"][0] = np.nan
+        seal_h5(f)
+    out = tmp_path / "fid_tiny.h5"
+    capsys.readouterr()
+    assert cli_main(["fid", "--samples", str(samples), "--reference", str(reference), "--out", str(out),
+                     "--kid-subsets", "2", "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]  # after the progress lines
+    assert err.startswith("error: fid: the FD of") and "not finite" in err and not out.exists()
+
+
+# ------------------------------------------------------------------------------------------
+# data.h5 that disagrees with itself (issue 25, point 2).
+
+def write_data(path: Path, images: np.ndarray, labels: np.ndarray | None = None, **attrs) -> Path:
+    with sealed_h5(path) as f:
+        f.create_dataset("images", data=images)
+        if labels is not None:
+            f.create_dataset("labels", data=labels)
+        f.attrs.update(attrs)
+    return path
+
+
+@pytest.mark.parametrize("case, expected", [
+    ("rgb_says_gray", r"'images' has shape \(6, 16, 16, 3\) \(channels 3\) but the file's attribute says channels=1"),
+    ("short_labels", r"'labels' has shape \(1,\) for 6 images in 'images'; one label per image"),
+    ("channels_first", r"shape \(6, 3, 16, 16\), which is channels-first \(N, C, H, W\)"),
+    ("count", r"\(count 6\) but the file's attribute says count=7"),
+    ("resolution", r"\(resolution 16\) but the file's attribute says resolution=32"),
+])
+def test_data_h5_that_disagrees_with_itself_is_refused(tmp_path, case, expected):
+    rgb = np.zeros((6, 16, 16, 3), np.uint8)
+    path = tmp_path / "data.h5"
+    if case == "rgb_says_gray":
+        write_data(path, rgb, channels=1, resolution=16, count=6)
+    elif case == "short_labels":
+        write_data(path, rgb, np.arange(1), channels=3, count=6)
+    elif case == "channels_first":
+        write_data(path, rgb.transpose(0, 3, 1, 2).copy(), channels=3)
+    elif case == "count":
+        write_data(path, rgb, count=7)
+    else:
+        write_data(path, rgb, resolution=32)
+    with pytest.raises(PipelineError, match=expected) as caught:
+        open_image_set(path)
+    assert str(path) in str(caught.value) and "prepare" in str(caught.value) and one_line(str(caught.value))
+    from pipeline.data.loader import TrainingBatches
+
+    with pytest.raises(PipelineError, match=expected):  # training reads it through the same check
+        TrainingBatches(path, batch_size=2, seed=0)
+
+
+# ------------------------------------------------------------------------------------------
+# Two writers of the same outputs; writability before compute (issue 25, points 3 and 6).
+
+HOLD_LOCK = """
+import sys, time
+from pipeline.io.lock import claim_outputs
+claim_outputs(folders=[sys.argv[1]])
+print("held", flush=True)
+time.sleep(120)
+"""
+
+
+def pipeline_env(**extra: str) -> dict:
+    return {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", **extra}
+
+
+def test_second_writer_names_the_holder_and_a_dead_holder_frees_the_lock(train_data, tmp_path):
+    run_dir = tmp_path / "results" / "run"
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(run_dir)], cwd=tmp_path, env=pipeline_env(),
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        other = tmp_path / "checkout2"  # another working directory naming the same results folder
+        other.mkdir()
+        argv = [sys.executable, "-m", "pipeline", "train", "--dataset", "fashion_mnist", "--recipe", "adm",
+                "--settings", json.dumps(tiny_train_settings(steps=2)), "--data", str(train_data),
+                "--out-dir", str(run_dir), "--no-progress"]
+        done = subprocess.run(argv, cwd=other, env=pipeline_env(PIPELINE_LOCK_TIMEOUT="1"),
+                              capture_output=True, text=True, timeout=300)
+        assert done.returncode == 2, done.stderr[-2000:]
+        last = done.stderr.strip().splitlines()[-1]
+        assert f"PID {holder.pid} on host" in last and str(run_dir / ".lock") in last
+        assert "Traceback" not in done.stderr and not list(run_dir.glob("*.pt"))
+    finally:
+        holder.kill()  # SIGKILL: no cleanup, the lock file and its record stay behind
+        holder.wait()
+    assert (run_dir / ".lock").exists()
+    done = subprocess.run(argv, cwd=other, env=pipeline_env(PIPELINE_LOCK_TIMEOUT="1"),
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert f"taking over the lock record of PID {holder.pid}" in done.stderr
+    assert (run_dir / "weights_raw.pt").exists() and not (run_dir / ".lock").exists()
+
+
+def test_two_concurrent_trainings_of_one_run_do_not_interleave(train_data, tmp_path):
+    run_dir = tmp_path / "shared" / "run"
+    argv = [sys.executable, "-m", "pipeline", "train", "--dataset", "fashion_mnist", "--recipe", "adm",
+            "--settings", json.dumps(tiny_train_settings(steps=4)), "--data", str(train_data),
+            "--out-dir", str(run_dir), "--no-progress"]
+    jobs = []
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+        jobs.append(subprocess.Popen(argv, cwd=tmp_path / name, env=pipeline_env(), stderr=subprocess.PIPE,
+                                     text=True))
+    errs = [job.communicate(timeout=300)[1] for job in jobs]
+    assert [job.returncode for job in jobs] == [0, 0], errs
+    assert any("waiting for" in err and "locked by PID" in err for err in errs), errs
+    alone = tmp_path / "alone"
+    train(tiny_train_settings(steps=4), train_data, alone, progress=False)
+    assert (run_dir / "weights_raw.pt").read_bytes() == (alone / "weights_raw.pt").read_bytes()
+
+
+def test_read_only_run_folder_is_refused_before_the_compute(tmp_path, rgb_data, capsys):
+    weights, _ = poisoned_weights(tmp_path, 0.0)
+    where = Path(f"/tmp/pipeline-ro-{uuid.uuid4().hex[:8]}")
+    where.mkdir()
+    if os.geteuid() == 0:
+        mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(where)],
+                                 capture_output=True, text=True)
+        if mounted.returncode != 0:
+            where.rmdir()
+            pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.strip()}")
+        (where / "run").mkdir()
+        subprocess.run(["mount", "-o", "remount,ro", str(where)], check=True)
+    else:
+        (where / "run").mkdir()
+        (where / "run").chmod(0o555)
+    try:
+        calls = []
+        import pipeline.flatness.model_setup as model_setup
+
+        real = model_setup.load_weights
+        model_setup.load_weights = lambda path: calls.append(path) or real(path)
+        try:
+            code = cli_main(["lpf", "--weights", str(weights), "--data", str(rgb_data), "--preset", "tiny",
+                             "--config", str(REPO / "config.yaml"), "--device", "cpu",
+                             "--out", str(where / "run" / "lpf.h5"), "--no-progress"])
+        finally:
+            model_setup.load_weights = real
+        err = capsys.readouterr().err
+        assert code == 2 and one_line(err) and f"{where / 'run'}: " in err, err
+        assert ("Read-only" in err or "Permission denied" in err) and calls == [], "refused before loading"
+    finally:
+        if os.geteuid() == 0:
+            subprocess.run(["umount", str(where)], check=False)
+        else:
+            (where / "run").chmod(0o755)
+            (where / "run").rmdir()
+        where.rmdir()
+
+
+# ------------------------------------------------------------------------------------------
+# Byte-reproducible artifacts (issue 25, point 7).
+
+def test_identical_runs_write_identical_weights_and_samples(train_data, tmp_path):
+    import time
+
+    runs = [tmp_path / "one", tmp_path / "two"]
+    for run in runs:
+        train(tiny_train_settings(steps=2), train_data, run, progress=False)
+        time.sleep(1.1)  # the old seal stamped the current time (2 s resolution in zip)
+    names = sorted(p.name for p in runs[0].glob("weights_*.pt"))
+    assert "weights_raw.pt" in names and names == sorted(p.name for p in runs[1].glob("weights_*.pt"))
+    for name in names:
+        assert (runs[0] / name).read_bytes() == (runs[1] / name).read_bytes(), name
+    # Sampling each run's weights at the same paths (paths are settings): equal content, equal
+    # weights_sha256, and the same identity for fid to record, though the times differ.
+    settings = {**sample_settings(), "n_samples": 2, "diffusion": dict(tiny_train_settings()["diffusion"])}
+    place = tmp_path / "sample"
+    place.mkdir()
+    records = []
+    for run in runs:
+        shutil.copyfile(run / "weights_raw.pt", place / "weights_raw.pt")
+        sample_to_file(settings, place / "weights_raw.pt", place / "samples.h5", place / "grid.png", 2,
+                       progress=False)
+        with h5py.File(place / "samples.h5") as f:
+            records.append((f.attrs["weights_sha256"], f["images"].attrs["content_sha256"],
+                            f["seeds"].attrs["content_sha256"], artifact_sha256(place / "samples.h5", ""),
+                            f.attrs["created_utc"]))
+        time.sleep(1.1)
+    assert records[0][:4] == records[1][:4] and records[0][4] != records[1][4]
+
+
+def test_artifact_identity_leaves_out_host_and_time_only(tmp_path):
+    identities = []
+    for name, host, created, count in (("a", "node1", "2026-01-01", 3), ("b", "node2", "2026-02-02", 3),
+                                       ("c", "node1", "2026-01-01", 4)):
+        with sealed_h5(tmp_path / f"{name}.h5") as f:
+            f.create_dataset("images", data=np.zeros((3, 4, 4, 1), np.uint8))
+            f.attrs.update(host=host, created_utc=created, wall_seconds=len(name), count=count)
+        identities.append(artifact_sha256(tmp_path / f"{name}.h5", ""))
+    assert identities[0] == identities[1] != identities[2]
+    assert artifact_sha256(tmp_path / "a.h5", "") != file_sha256(tmp_path / "a.h5")

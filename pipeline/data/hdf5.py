@@ -137,10 +137,52 @@ def open_image_set(path: str | Path) -> h5py.File:
                             f"written by `python -m pipeline prepare`.")
     try:  # once per file and process: one sequential read of every dataset
         verify_h5(f, path, "delete it and rerun `python -m pipeline prepare` for its dataset")
+        check_consistent(f, path)
     except PipelineError:
         f.close()
         raise
     return f
+
+
+def check_consistent(f: h5py.File, path: str | Path) -> None:
+    """The datasets agree with each other and with the file's own attributes (those present):
+    (N, H, W, C) layout, resolution, channels, count, test_count and one label per image.
+
+    A sealed file can still disagree with itself when it was written by another tool (or an
+    older prepare): training would then build a model of the wrong width without a word.
+    :raises PipelineError: naming the mismatch, the values found and the fix.
+    """
+    fix = "delete it and rerun `python -m pipeline prepare` for its dataset"
+    attrs = {key: f.attrs[key] for key in ("resolution", "channels", "count", "test_count") if key in f.attrs}
+    for images_name, labels_name, count_key in (("images", "labels", "count"),
+                                                 (TEST_IMAGES, TEST_LABELS, "test_count")):
+        if images_name not in f:
+            if labels_name in f:
+                raise PipelineError(f"{path} holds '{labels_name}' without '{images_name}'; {fix}.")
+            if attrs.get(count_key, 0) and images_name == TEST_IMAGES:
+                raise PipelineError(f"{path} says {count_key}={int(attrs[count_key])} but holds no "
+                                    f"'{images_name}'; {fix}.")
+            continue
+        images = f[images_name]
+        shape = tuple(int(n) for n in images.shape)
+        if images.ndim != 4 or images.dtype != np.uint8:
+            raise PipelineError(f"{path}: '{images_name}' is {images.dtype} of shape {shape}, not uint8 "
+                                f"(N, H, W, C); {fix}.")
+        n, height, width, channels = shape
+        if channels not in (1, 3) and height in (1, 3) and width == channels:
+            raise PipelineError(f"{path}: '{images_name}' has shape {shape}, which is channels-first "
+                                f"(N, C, H, W); data.h5 holds (N, H, W, C) images; {fix}.")
+        if height != width:
+            raise PipelineError(f"{path}: '{images_name}' are {height}x{width} (shape {shape}); the "
+                                f"pipeline needs square images; {fix}.")
+        expected = {"channels": channels, "resolution": height, count_key: n}
+        for key, found in expected.items():
+            if key in attrs and int(attrs[key]) != found:
+                raise PipelineError(f"{path}: '{images_name}' has shape {shape} ({key} {found}) but the "
+                                    f"file's attribute says {key}={int(attrs[key])}; {fix}.")
+        if labels_name in f and tuple(f[labels_name].shape) != (n,):
+            raise PipelineError(f"{path}: '{labels_name}' has shape {tuple(f[labels_name].shape)} for "
+                                f"{n} images in '{images_name}'; one label per image is needed; {fix}.")
 
 
 def read_rows(dataset: h5py.Dataset, indices: np.ndarray) -> np.ndarray:

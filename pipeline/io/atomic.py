@@ -37,7 +37,8 @@ def atomic_path(final: str | os.PathLike) -> Iterator[Path]:
 
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether process `pid` runs on this host (one we may not signal counts as running)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -63,7 +64,7 @@ def remove_stale_temporaries(folder: str | os.PathLike, name_regex: str) -> list
         return removed
     for entry in folder.iterdir():
         match = pattern.fullmatch(entry.name)
-        if match and int(match[1]) != os.getpid() and not _pid_alive(int(match[1])):
+        if match and int(match[1]) != os.getpid() and not pid_alive(int(match[1])):
             entry.unlink(missing_ok=True)
             removed.append(entry)
     return removed

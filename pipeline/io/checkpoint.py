@@ -39,7 +39,8 @@ def load_checkpoint(path: str | Path) -> dict[str, Any] | None:
 
 
 def load_weights(path: str | Path) -> dict[str, torch.Tensor]:
-    """A plain state_dict saved by the train or quantize stage, checked against its hash."""
+    """A plain state_dict saved by the train or quantize stage, checked against its hash, every
+    floating tensor finite."""
     path = Path(path)
     if not path.is_file():
         raise PipelineError(f"weights file {path} does not exist; run the train stage first.")
@@ -47,4 +48,17 @@ def load_weights(path: str | Path) -> dict[str, torch.Tensor]:
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise PipelineError(f"weights file {path} is not a plain state_dict of tensors; delete it and "
                             f"rerun the rule that makes it (train or quantize).")
+    refuse_non_finite(state, path)
     return state
+
+
+def refuse_non_finite(state: dict[str, torch.Tensor], path: str | Path) -> None:
+    """One pass over a state_dict: :raises PipelineError: naming the file and the first tensor
+    holding NaN or inf (sealed properly, such weights would sample black images and NaN losses)."""
+    for name, tensor in state.items():
+        if tensor.is_floating_point() or tensor.is_complex():
+            if not bool(torch.isfinite(tensor).all()):
+                bad = int((~torch.isfinite(tensor)).sum())
+                raise PipelineError(f"weights file {path}: tensor '{name}' holds {bad} NaN or infinite "
+                                    f"value(s) of {tensor.numel()}; the run that wrote it diverged: "
+                                    f"retrain it (lower the learning rate) or delete it.")

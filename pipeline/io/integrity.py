@@ -13,6 +13,8 @@ contents, written inside the file (so they are renamed into place with it) and c
   `.content_sha256` holds the hash of every other record (name and bytes). torch.load and np.load
   ignore the extra record, so a weights file stays a plain state_dict for any other tool.
   `verify_zip` reads every record once; zipfile also checks each record's CRC-32 on the way.
+  The record carries a fixed date, so a sealed torch file is byte-identical between identical
+  runs (time and host belong in HDF5 provenance attributes, never in a weights file).
 
 A failed check raises `DamagedFile`, a PipelineError naming the file, what is wrong and the fix.
 torch files are only ever read with weights_only=True (`load_torch`): no pickle in them can run code.
@@ -39,6 +41,7 @@ CONTENT_ATTR = "content_sha256"
 ATTRS_ATTR = "attrs_sha256"
 ZIP_RECORD = ".content_sha256"
 SLAB_BYTES = 32 << 20
+ZIP_DATE_TIME = (1980, 1, 1, 0, 0, 0)  # the earliest date a zip entry can hold
 
 _VERIFIED: set[tuple[str, int, int, int]] = set()
 
@@ -177,6 +180,28 @@ def _discard_h5(f: h5py.File, tmp: Path) -> None:
         f.close()
 
 
+def artifact_sha256(path: str | os.PathLike, fix: str) -> str:
+    """The identity of an artifact that a downstream file records: equal for two identical runs.
+
+    For a sealed HDF5 file, SHA-256 of its dataset hashes and its root attributes except the
+    volatile ones (host, time, durations: `VOLATILE_ATTRS`), as canonical JSON; the file is
+    verified first, so the stored dataset hashes are its contents. Any other file (sealed torch
+    files are byte-reproducible): SHA-256 of its bytes.
+    """
+    from pipeline.io.hashing import file_sha256
+    from pipeline.io.provenance import stable_attrs
+
+    path = Path(path)
+    if not h5py.is_hdf5(path):
+        return file_sha256(path)
+    with open_verified_h5(path, fix) as f:
+        identity = {
+            "datasets": {dataset.name: str(dataset.attrs[CONTENT_ATTR]) for dataset in _datasets(f)},
+            "attrs": stable_attrs({key: _plain(f.attrs[key]) for key in f.attrs if key != ATTRS_ATTR}),
+        }
+    return hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()
+
+
 # ------------------------------------------------------------------------------------------
 # zip containers: torch.save files and np.savez chunks.
 
@@ -196,7 +221,11 @@ def seal_zip(path: str | os.PathLike) -> None:
     with zipfile.ZipFile(path, "a") as archive:
         first = archive.namelist()[0]
         folder = first.split("/")[0] + "/" if "/" in first else ""
-        archive.writestr(folder + ZIP_RECORD, _zip_sha256(archive))
+        # A fixed date (torch's own records carry one too): the file's bytes are a function of
+        # its contents, so identical runs write identical files and hashes of them agree.
+        record = zipfile.ZipInfo(folder + ZIP_RECORD, date_time=ZIP_DATE_TIME)
+        record.external_attr = 0o644 << 16
+        archive.writestr(record, _zip_sha256(archive))
 
 
 def verify_zip(path: str | os.PathLike, fix: str) -> None:

@@ -13,6 +13,9 @@ from typing import Any, Mapping
 import yaml
 
 PACKAGE = "flatness-pipeline"
+# Attributes that differ between two identical runs (where, when, how long). They describe the
+# run, not the artifact: `artifact_sha256`, the hash a downstream file records, leaves them out.
+VOLATILE_ATTRS = frozenset({"host", "created_utc", "wall_seconds", "wall_time_s", "sampling_seconds"})
 
 
 def package_version() -> str:
@@ -52,6 +55,12 @@ def provenance(stage: str, settings: Mapping[str, Any] | None = None, **extra: A
     for key, value in extra.items():
         attrs[key] = value if isinstance(value, (str, int, float, bool)) else json.dumps(to_plain(value))
     return attrs
+
+
+def stable_attrs(attrs: Mapping[str, Any]) -> dict[str, Any]:
+    """`attrs` without the volatile ones: what a downstream file may copy of its input's attributes
+    and still be the same for two identical runs."""
+    return {key: value for key, value in attrs.items() if key not in VOLATILE_ATTRS}
 
 
 def write_attrs(h5obj: Any, attrs: Mapping[str, Any]) -> None:

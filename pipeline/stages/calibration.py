@@ -14,7 +14,7 @@ Writes samples.h5 in the `sample` stage's format, so the `fid` stage evaluates i
 "images" uint8 (N, H, W, C); "seeds" int64 (N,) for static (image i's generator seed) or
 "source_rows" int64 (N,) for floor (the rows of the data.h5 dataset named by the source_dataset
 attribute); attributes kind, n, n_requested, seed, source, source_dataset, resolution, channels,
-data (path), data_sha256 and provenance.
+data (path), data_sha256 (`artifact_sha256`: the same for two identical prepare runs) and provenance.
 """
 
 from __future__ import annotations
@@ -36,8 +36,7 @@ from pipeline.diffusion.sampler import to_uint8
 from pipeline.errors import PipelineError
 from pipeline.fidelity.stats import reference_rows, select_rows
 from pipeline.io import provenance, write_attrs
-from pipeline.io.integrity import sealed_h5
-from pipeline.io.hashing import file_sha256
+from pipeline.io.integrity import artifact_sha256, sealed_h5
 from pipeline.progress import Progress
 from pipeline.stages.fid_reference import REFERENCE_SEED
 
@@ -121,7 +120,7 @@ def write_calibration_samples(data: str | Path, kind: str, n: int, seed: int, ou
         raise PipelineError(f"{data} holds only {len(images)} held-out image(s); an FD needs at least 2.")
     attrs = {"kind": kind, "n": int(len(images)), "n_requested": int(n), "seed": int(seed), **where,
              "resolution": image_shape[0], "channels": image_shape[2], "data": str(data),
-             "data_sha256": file_sha256(data)}
+             "data_sha256": artifact_sha256(data, "delete it and rerun prepare")}
     with sealed_h5(out) as f:
         f.create_dataset("images", data=images, chunks=(min(len(images), 256), *image_shape),
                          compression="gzip", compression_opts=4)

@@ -36,12 +36,11 @@ from pipeline.config import load_config
 from pipeline.errors import PipelineError
 from pipeline.fidelity.bootstrap import fd_replicates, kid_replicates
 from pipeline.fidelity.extractors import resolve_extractor
-from pipeline.io.hashing import file_sha256
 from pipeline.fidelity.stats import (DEFAULT_KID_ROWS, H5Images, feature_statistics, frechet_distance,
                                      h5_attrs, h5_safe_attrs, image_shape, kernel_distance,
                                      read_reference)
-from pipeline.io.integrity import sealed_h5
-from pipeline.io.provenance import provenance, write_attrs
+from pipeline.io.integrity import artifact_sha256, sealed_h5
+from pipeline.io.provenance import provenance, stable_attrs, write_attrs
 from pipeline.progress import Progress
 
 logger = logging.getLogger(__name__)
@@ -100,6 +99,12 @@ def evaluate(samples: str | Path, reference: str | Path, out: str | Path | None 
     kid_value, kid_reps = kid_replicates(stats.kid_features, ref.stats.kid_features, kid_bootstrap,
                                          bootstrap_seed)
 
+    numbers = {"FD": value, "KID mean": kid_mean, "KID std": kid_std, "KID value": kid_value,
+               "FD bootstrap replicates": fd_reps, "KID bootstrap replicates": kid_reps}
+    for label, number in numbers.items():
+        if not np.isfinite(number).all():
+            raise PipelineError(f"fid: the {label} of {samples} against {reference} is not finite, so "
+                                f"nothing is written; the features hold NaN or inf: check both files.")
     attrs = provenance("fid", settings or {})
     attrs.update({
         "metric_name": extractor.metric_name,
@@ -135,10 +140,10 @@ def evaluate(samples: str | Path, reference: str | Path, out: str | Path | None 
         "seed": seed,
         "torch_fidelity_version": torch_fidelity.__version__,
         "samples_path": str(samples),
-        "samples_sha256": file_sha256(samples),
-        "samples_attrs_json": json.dumps(h5_attrs(samples), sort_keys=True, default=str),
+        "samples_sha256": artifact_sha256(samples, "delete it and rerun the sample rule"),
+        "samples_attrs_json": json.dumps(stable_attrs(h5_attrs(samples)), sort_keys=True, default=str),
         "reference_path": str(reference),
-        "reference_sha256": file_sha256(reference),
+        "reference_sha256": artifact_sha256(reference, "delete it and rerun fid-reference"),
         "reference_data_sha256": ref.attrs.get("data_sha256", ""),
         "wall_time_s": time.time() - start,
     })

@@ -24,12 +24,13 @@ import torch_fidelity
 
 from pipeline.arguments import int_at_least, nonnegative_int, path_name, positive_int, settings_json
 from pipeline.config import load_config
+from pipeline.data.hdf5 import open_image_set
 from pipeline.errors import PipelineError
-from pipeline.fidelity.extractors import (BUILTIN_EXTRACTORS, INCEPTION, Extractor, file_sha256,
-                                         resolve_extractor)
+from pipeline.fidelity.extractors import BUILTIN_EXTRACTORS, INCEPTION, Extractor, resolve_extractor
 from pipeline.fidelity.stats import (DEFAULT_KID_ROWS, H5Images, feature_statistics, h5_attrs,
                                      image_shape, write_reference)
-from pipeline.io.provenance import provenance
+from pipeline.io.integrity import artifact_sha256
+from pipeline.io.provenance import provenance, stable_attrs
 
 logger = logging.getLogger(__name__)
 
@@ -50,6 +51,7 @@ def build_reference(data: str | Path, extractor: Extractor, out: str | Path, *,
     """Compute the reference statistics of data.h5's images with `extractor` and write `out`."""
     start = time.time()
     data = Path(data)
+    open_image_set(data).close()  # the same checks as training's: the file agrees with its attributes
     source = H5Images(data)
     n_source, height, width, channels = image_shape(source)
     stats = feature_statistics(source, extractor, max_images=max_images, kid_rows=kid_rows,
@@ -72,8 +74,8 @@ def build_reference(data: str | Path, extractor: Extractor, out: str | Path, *,
         "seed": seed,
         "torch_fidelity_version": torch_fidelity.__version__,
         "data_path": str(data),
-        "data_sha256": file_sha256(data),
-        "data_attrs_json": json.dumps(h5_attrs(data), sort_keys=True, default=str),
+        "data_sha256": artifact_sha256(data, "delete it and rerun prepare"),
+        "data_attrs_json": json.dumps(stable_attrs(h5_attrs(data)), sort_keys=True, default=str),
         "wall_time_s": time.time() - start,
     })
     out = Path(out)

@@ -183,6 +183,7 @@ def write_results(ctx: MeasureContext, args: argparse.Namespace, arrays: Mapping
     # Plain str, not str subclasses (torch.__version__ is one): h5py maps those to fixed-width
     # numpy unicode, which HDF5 cannot store.
     attrs = {key: str(value) if isinstance(value, str) else value for key, value in attrs.items()}
+    refuse_non_finite(ctx.name, args.out, arrays)
     with sealed_h5(args.out) as f:
         for key, value in arrays.items():
             f.create_dataset(key, data=np.asarray(value))
@@ -191,6 +192,27 @@ def write_results(ctx: MeasureContext, args: argparse.Namespace, arrays: Mapping
                if np.ndim(value) == 0 and np.issubdtype(np.asarray(value).dtype, np.number)]
     logger.info("%s: wrote %s in %s: %s", ctx.name, args.out, duration(time.time() - ctx.started),
                 ", ".join(scalars[:SUMMARY_SCALARS]) or f"{len(arrays)} arrays")
+
+
+def may_be_undefined(key: str) -> bool:
+    """Results that are NaN by definition in a degenerate case: a spread over one draw (stderr,
+    std) and radii relative to a zero parameter norm."""
+    leaf = key.rsplit("/", 1)[-1]
+    return leaf.endswith(("stderr", "_std")) or leaf == "relative_radii"
+
+
+def refuse_non_finite(name: str, out: str | Path, arrays: Mapping[str, Any]) -> None:
+    """:raises PipelineError: a result holds inf, or NaN where NaN means no more than "undefined"
+    would not apply: such a file would carry a number that is not one."""
+    for key, value in arrays.items():
+        values = np.asarray(value)
+        if not np.issubdtype(values.dtype, np.number):
+            continue
+        bad = np.isinf(values) if may_be_undefined(key) else ~np.isfinite(values)
+        if bad.any():
+            raise PipelineError(f"{name}: result '{key}' holds {int(bad.sum())} NaN or infinite value(s) "
+                                f"of {values.size}, so {out} is not written; the model's outputs "
+                                f"overflowed: check the weights (sample them) or lower the perturbation.")
 
 
 def ticker(bar: Progress) -> Callable[[], None]:

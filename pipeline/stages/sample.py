@@ -129,6 +129,9 @@ def sample_range(model: UNetModel, diffusion: GaussianDiffusion, seed: int, star
         hi = min(lo + batch_size, stop)
         x = sample_images(model, diffusion, (hi - lo, channels, image_size, image_size),
                           image_seeds(seed, lo, hi), clip_denoised=True)
+        if not bool(torch.isfinite(x).all()):  # would become black pixels, then a finite FD
+            raise PipelineError(f"sampling produced NaN or infinite pixels in images {lo}..{hi - 1}; "
+                                f"nothing is written: the weights' outputs overflow, check or retrain them.")
         parts.append(to_uint8(x).permute(0, 2, 3, 1).cpu().numpy())
         if on_batch is not None:
             on_batch(hi - lo)

@@ -41,6 +41,7 @@ from pipeline.io import provenance, write_attrs
 from pipeline.io.atomic import atomic_path, remove_stale_temporaries
 from pipeline.io.integrity import save_torch, sealed_h5
 from pipeline.io.checkpoint import load_checkpoint, save_checkpoint
+from pipeline.io.lock import claim_outputs
 from pipeline.nn.presets import build_unet
 from pipeline.optim.averages import EMA, SWA
 from pipeline.optim.fsgld import FSGLD
@@ -431,6 +432,8 @@ def run(args: argparse.Namespace) -> None:
         raise PipelineError(f"{data} does not exist; run `python -m pipeline prepare --dataset "
                             f"{args.dataset}` first.")
     out_dir = Path(args.out_dir or results / args.dataset / args.recipe / f"seed{args.seed}")
+    if "WORLD_SIZE" not in os.environ:  # torchrun's processes: the launcher holds the claim
+        claim_outputs(folders=[out_dir])  # writable and locked before any compute (pipeline.io.lock)
     train(settings, data, out_dir, stop_after=args.stop_after, progress=not args.no_progress)
 
 
