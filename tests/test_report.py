@@ -504,7 +504,11 @@ def test_table3_marks_and_table4_names_its_scheme(one_seed) -> None:
     _, out, _ = one_seed
     t3 = read_table(out, "table3_lpf")
     lpf_columns = [c for c in t3.columns if c.startswith("LPF")]
-    assert lpf_columns == ["LPF absolute σ=0.005", "LPF absolute σ=0.01", "LPF filter σ=0.005", "LPF filter σ=0.01"]
+    assert lpf_columns == ["LPF absolute σ=0.005", "LPF absolute σ=0.01", "LPF filter σ=0.005", "LPF filter σ=0.01",
+                           "LPF - loss absolute", "LPF - loss filter"]
+    # LPF's increase over the loss: the fixture's loss is 0.9 x its LPF value, so ADM's increase is 0.1 of it.
+    increase = LPF["adm"] + lpf_wiggle("adm", "none") - 0.9 * LPF["adm"]
+    assert cell(t3, "LPF - loss absolute", algorithm="ADM") == value_text(*t_bounds(increase))
     assert list(t3["algorithm"])[:3] == ["ADM", "+EMA", "+SWA"]
     # The sweep's sigma: the fixture's draws there are the main draws minus SWEEP_DROP.
     swept = LPF["adm"] + lpf_wiggle("adm", "none") - SWEEP_DROP
@@ -611,8 +615,8 @@ def test_evidence_banner_only_below_the_thresholds(one_seed) -> None:
 
 
 def lpf_rows(claims, claim_id: str, **row: str):
-    """The rows of one claim on the absolute and filter LPF."""
-    mask = (claims["id"] == claim_id) & claims["measure"].str.startswith("LPF")
+    """The rows of one claim on the absolute and filter LPF (not on LPF's increase over the loss)."""
+    mask = (claims["id"] == claim_id) & claims["measure"].str.match(r"LPF (absolute|filter)")
     for key, value in row.items():
         mask &= claims[key] == value
     rows = claims.loc[mask]
@@ -730,7 +734,8 @@ def test_metrics_outside_the_study_leave_their_columns_out(tmp_path) -> None:
     assert "C4" not in set(claims["id"])  # no exposure files, no exposure claim
     # fSGLD's C1 rests on the filter LPF alone when Hessian and perturbation are not measured.
     fsgld = claims[(claims["id"] == "C1") & (claims["algorithm"] == "+fSGLD (Adam base, ext.)")]
-    assert list(fsgld["measure"]) == ["LPF filter (sigma 0.01): +fSGLD (Adam base, ext.) - ADM"]
+    assert list(fsgld["measure"]) == ["LPF filter (sigma 0.01): +fSGLD (Adam base, ext.) - ADM",
+                                      "LPF increase over the loss filter (sigma 0.01): +fSGLD (Adam base, ext.) - ADM"]
 
 
 def test_two_seeds_effnet_never_meets_paper_fid(tmp_path) -> None:
