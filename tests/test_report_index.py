@@ -117,3 +117,19 @@ def test_rules_are_stated_once_by_kind(report) -> None:
         assert text.count(f"R{i}: {kind}") == 1
     assert all(rule not in text for rule in claims["rule"] if re.search(r"[+-]\d", rule))
     assert set(labels.str.split(" ").str[0]) == {f"R{i}" for i in range(1, len(kinds) + 1)}
+
+
+def test_training_curves_draw_every_run_in_every_panel(tmp_path) -> None:
+    from pipeline.report.collect import TRAINING_CURVES, collect
+    from pipeline.report.figures import training_curves, training_runs
+    from pipeline.report.study import Study
+
+    settings = make_study(tmp_path, seeds=(0, 1), control_seeds=(100,), samples=False, metrics=("lpf",))
+    study = Study(dict(settings))
+    fig = training_curves(study, collect(study), {})
+    axes = fig.get_axes()
+    assert len(axes) == len(TRAINING_CURVES) * len(study.datasets)
+    # 4 recipes x 2 seeds + the control's run, each in every panel, on a log scale.
+    assert len(training_runs(study)) == 9
+    assert all(len(ax.get_lines()) == 9 and ax.get_yscale() == "log" for ax in axes)
+    assert [ax.get_ylabel() for ax in axes][0] == "training loss"

@@ -296,7 +296,8 @@ def training_runs(study: Study) -> list[tuple[str, int, str]]:
 def training_curves(study: Study, data: Collected, choices: Choices) -> Figure:
     title = f"Training curves: every run, trailing mean over 1/{SMOOTHING} of the steps"
     colours = _colours(study)
-    fig = Figure(figsize=(5.0 * len(study.datasets) + 1.0, 2.6 * len(TRAINING_CURVES) + 1.4), layout="constrained")
+    fig = Figure(figsize=(max(8.0, 5.0 * len(study.datasets) + 1.0), 2.6 * len(TRAINING_CURVES) + 1.6),
+                 layout="constrained")
     fig.suptitle(title)
     axes = fig.subplots(len(TRAINING_CURVES), len(study.datasets), squeeze=False, sharex="col")
     labelled: dict[str, object] = {}
@@ -316,9 +317,8 @@ def training_curves(study: Study, data: Collected, choices: Choices) -> Figure:
             axes[row, col].set_yscale("log")
             axes[row, col].grid(alpha=0.3)
     seeds = ", ".join(map(str, study.seeds))
-    fig.legend(list(labelled.values()), [f"{label} (one line per seed)" for label in labelled],
-               loc="outside lower center", fontsize=8, ncol=min(3, len(labelled)),
-               title=f"study seeds {seeds}")
+    fig.legend(list(labelled.values()), list(labelled), loc="outside lower center", fontsize=8,
+               ncol=min(2, len(labelled)), title=f"one line per run: study seeds {seeds}", title_fontsize=8)
     return fig
 
 
