@@ -6,6 +6,7 @@ control runs) with the standard library's HTML parser: no string search for mark
 
 from __future__ import annotations
 
+import base64
 import re
 from html.parser import HTMLParser
 
@@ -83,9 +84,12 @@ def test_every_table_and_figure_is_on_the_page(report) -> None:
     assert page.tables_in["tables"] == len(layout.REPORT_TABLES) - 1
     assert page.tables_in["claims"] == 1 and page.tables_in["answers"] == 1
     for name in layout.REPORT_FIGURES:
-        assert f"{name}.png" in page.images and f"{name}.pdf" in page.links and f"#{name}" in page.links
+        assert f"{name}.png" in page.links and f"{name}.pdf" in page.links and f"#{name}" in page.links
         assert (out / f"{name}.png").is_file()
     assert len(page.captions) == len(layout.REPORT_FIGURES) and all(len(c) > 40 for c in page.captions)
+    # Each figure inline as its own PNG, so the page shows it wherever it is opened.
+    assert [base64.b64decode(src.split(",", 1)[1]) for src in page.images] == [
+        (out / f"{name}.png").read_bytes() for name in layout.REPORT_FIGURES]
     # The sections in reading order, each in the table of contents.
     order = [i for i in page.ids if i in ("contents", "answers", "claims", "tables", "figures", "choices")]
     assert order == ["contents", "answers", "claims", "tables", "figures", "choices"]

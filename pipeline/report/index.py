@@ -12,8 +12,10 @@ describes the numbers actually in the tables rather than the config of the day.
 
 from __future__ import annotations
 
+import base64
 import datetime
 import html
+from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import pandas as pd
@@ -279,8 +281,15 @@ def tables_html(tables: Sequence[Table]) -> str:
     return "\n".join(parts)
 
 
-def figures_html(figures: Mapping[str, str]) -> str:
-    return "\n".join(f'<figure id="{name}">\n<img src="{name}.png" alt="{html.escape(caption)}">\n'
+def png_source(path: Path) -> str:
+    """A PNG as a data URI: the page then shows its figures wherever it is opened, the Snakemake report's
+    frame included."""
+    return "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode("ascii")
+
+
+def figures_html(figures: Mapping[str, str], sources: Mapping[str, str]) -> str:
+    return "\n".join(f'<figure id="{name}">\n<img src="{sources.get(name, name + ".png")}" '
+                     f'alt="{html.escape(caption)}">\n'
                      f"<figcaption>{html.escape(caption)} ({_downloads(name, ('png', 'pdf'))})</figcaption>\n</figure>"
                      for name, caption in figures.items())
 
@@ -298,11 +307,11 @@ def contents_html(sections: Sequence[tuple[str, str]], tables: Sequence[Table], 
 
 
 def index_html(study: Study, data: Collected, choices: Choices, tables: Sequence[Table],
-               figures: Mapping[str, str]) -> str:
+               figures: Mapping[str, str], sources: Mapping[str, str] | None = None) -> str:
     """The report as one page: answers, claims, every table inline, every figure with its caption, open choices.
 
-    Figures are linked as <img src="name.png"> beside the page (the Snakemake report, which shows this
-    page from a data URI, lists each PNG as its own entry instead).
+    :param sources: figure name -> image source (png_source's data URI); a figure not in it is linked
+        as name.png beside the page.
     """
     claims = _claims(tables)
     banner = evidence_banner(study, data)
@@ -317,7 +326,7 @@ def index_html(study: Study, data: Collected, choices: Choices, tables: Sequence
     sections = []
     if claims is not None:
         sections += [("answers", "Answers", answers_html(study, claims)), ("claims", "Claims", claims_html(claims))]
-    sections += [("tables", "Tables", tables_html(tables)), ("figures", "Figures", figures_html(figures)),
+    sections += [("tables", "Tables", tables_html(tables)), ("figures", "Figures", figures_html(figures, sources or {})),
                  ("choices", "Choices the paper leaves open, as this run made them",
                   f"<p>{html.escape(prose.OPEN_CHOICES_INTRO)}</p>\n"
                   + html_list([item.split(". ", 1)[1] for item in open_choices(study, data, choices)], ordered=True))]
