@@ -61,8 +61,9 @@ class OneLineErrorParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
-class DefaultsOnceFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Appends "(default: ...)" unless the help text already states it, or it is None or an off switch."""
+class DefaultsOnceFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """Appends "(default: ...)" unless the help text already states it, or it is None or an off switch; the
+    description (the stage's docstring) is printed as written, so its example commands stay one per line."""
 
     def _get_help_string(self, action: argparse.Action) -> str:
         text = action.help or ""
@@ -91,10 +92,12 @@ def build_parser(stage: str | None = None) -> argparse.ArgumentParser:
             name, help=_summary(name), description=doc,
             formatter_class=DefaultsOnceFormatter)
         module.add_arguments(stage_parser)
+        # Name --no-progress only where the stage has it.
+        switch = " or with --no-progress" if "--no-progress" in stage_parser._option_string_actions else ""
         stage_parser.add_argument(
             "--progress-every", type=float, default=argparse.SUPPRESS, metavar="SECONDS",
-            help=f"seconds between plain progress lines in logs (without a terminal or with "
-                 f"--no-progress); default ${progress.INTERVAL_VARIABLE}, else {progress.DEFAULT_INTERVAL:g}")
+            help=f"seconds between plain progress lines in logs (without a terminal{switch}); default "
+                 f"${progress.INTERVAL_VARIABLE}, else {progress.DEFAULT_INTERVAL:g}")
         stage_parser.set_defaults(_run=module.run)
     return parser
 

@@ -112,7 +112,24 @@ def report_dir(results: str) -> str:
 REPORT_TABLES = ("table1_adm_vs_sam", "table2_fid", "table3_lpf", "table4_quantization",
                  "rho_sweep", "claims")
 REPORT_FIGURES = ("fig1_loss_surface", "fig2_samples_fp32_int8", "fig5_loss_vs_perturbation",
-                  "fig6_eps_norm")
+                  "fig6_eps_norm", "training_curves")
+
+
+# How the Snakemake HTML report names each table and figure (its label, shown instead of the path).
+REPORT_TITLES = {
+    "table1_adm_vs_sam": "Table 1: ADM vs +SAM",
+    "table2_fid": "Table 2: FD and KID",
+    "table3_lpf": "Tables 3 and 5: flatness",
+    "table4_quantization": "Table 4: quantization",
+    "rho_sweep": "SAM's rho sweep",
+    "claims": "Claims: effects and verdicts",
+    "fig1_loss_surface": "Fig. 1: loss surfaces",
+    "fig2_samples_fp32_int8": "Figs. 2 and 4: samples fp32 and quantized",
+    "fig5_loss_vs_perturbation": "Figs. 5, 7, 8: loss vs perturbation",
+    "fig6_eps_norm": "Figs. 6, 7, 8: eps-norm",
+    "training_curves": "Training curves",
+    "index": "The report (answers, claims, tables, figures)",
+}
 
 
 def report_tables(results: str) -> list[str]:

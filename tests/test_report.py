@@ -66,7 +66,9 @@ LPF_AVERAGE_OFFSET = {"none": 0.0, "ema": 0.002, "swa": 0.002}
 FILTER_FACTOR = 2.0  # filter-normalised LPF = 2 x the absolute one, draw by draw
 SWEEP_SIGMA, SWEEP_DROP = 0.005, 0.001  # the sweep's other sigma; its draws are the main ones minus this
 HESSIAN_TOP = {"adm": 50.0, "sam_rho0.1": 8.0, "sam_rho0.01": 10.0, "fsgld_adam": 30.0}
-HESSIAN_CONVERGED = {"adm": True, "sam_rho0.1": True, "sam_rho0.01": True, "fsgld_adam": False}
+# (eigenvalue, trace) converged: ADM's trace and fSGLD's eigenvalue stop at max_iter, each alone.
+HESSIAN_CONVERGED = {"adm": (True, False), "sam_rho0.1": (True, True), "sam_rho0.01": (True, True),
+                     "fsgld_adam": (False, True)}
 GAP = {"adm": 11.0, "sam_rho0.1": 4.0, "sam_rho0.01": 3.0, "fsgld_adam": 8.0}
 DRAWS = 4
 T_975_DF3 = 3.182446305284263  # Student t quantile 0.975 with 3 df (tables), for t over 4 draws
@@ -129,7 +131,8 @@ def write_lpf(path: str, value: float, recipe: str, average: str = "none") -> No
     """The lpf stage's layout: the absolute scaling at the top level and in absolute/, the filter
     scaling in filter/, each with draw_losses at sigma and over the sweep (sigma 0.005 and 0.01)."""
     absolute = value + lpf_wiggle(recipe, average)
-    loss = value - 0.01
+    # The unperturbed loss scales with LPF, so LPF's increase over it orders the recipes as LPF does.
+    loss = 0.9 * value
     sigmas = np.array([SWEEP_SIGMA, 0.01])
     arrays: dict[str, object] = {"sigma": 0.01, "loss": loss, "sweep/sigma": sigmas}
     for prefix, draws in (("", absolute), ("absolute/", absolute), ("filter/", FILTER_FACTOR * absolute)):
@@ -167,11 +170,11 @@ def write_surface(path: str, curvature: float) -> None:
         "layout": "losses[i, j] = L(theta + x[i] * delta + y[j] * eta)"})
 
 
-def write_hessian(path: str, top: float, converged: bool = True) -> None:
+def write_hessian(path: str, top: float, converged: tuple[bool, bool] = (True, True)) -> None:
     _write_metric(path, "hessian", {**hessian_stage.DEFAULTS, "batch": 4, "max_iter": 3}, {
-        "loss": 0.05, "top_eigenvalue": top, "eigenvalue_iterations": 3, "eigenvalue_converged": converged,
+        "loss": 0.05, "top_eigenvalue": top, "eigenvalue_iterations": 3, "eigenvalue_converged": converged[0],
         "eigenvalue_history": np.array([top / 2, top, top]), "trace": 20 * top, "trace_stderr": 1.0,
-        "trace_samples": np.array([19 * top, 21 * top]), "trace_converged": True, "hessian_vector_products": 5,
+        "trace_samples": np.array([19 * top, 21 * top]), "trace_converged": converged[1], "hessian_vector_products": 5,
     }, {"loss_terms": "mse+vb", "evaluation_set": EVALSET})
 
 
@@ -413,7 +416,8 @@ def test_every_listed_output_exists_and_is_of_its_kind(one_seed) -> None:
     assert "int8 = 8-bit per tensor, symmetric" in index and GAP_CONVENTION in index
     assert "+SAM uses rho=0.1" in index and "constant over each run" in index
     assert "Caution: 8 samples per model" in index  # the fixture's FIDs use 8 samples
-    assert "3 of 12 estimates stopped at max_iter" in index  # fSGLD's three averages
+    # Per estimate: fSGLD's three eigenvalues and ADM's three traces stopped at max_iter.
+    assert "of 12 estimates each, 3 top eigenvalue(s) and 3 trace(s) stopped at max_iter" in index
 
 
 def test_small_sample_warning_only_below_ten_thousand() -> None:
@@ -487,7 +491,9 @@ def test_one_seed_cells_are_draw_level_intervals(one_seed) -> None:
     draws = LPF["adm"] + lpf_wiggle("adm", "none")
     assert cell(t1, "LPF absolute", algorithm="ADM") == value_text(*t_bounds(draws))
     assert cell(t1, "LPF filter", algorithm="ADM") == value_text(*t_bounds(FILTER_FACTOR * draws))
-    assert cell(t1, "Hessian trace", algorithm="ADM") == value_text(1000.0, 1000 - 1.959963985, 1000 + 1.959963985)
+    # ADM's trace stopped at max_iter in the fixture (†), its eigenvalue converged.
+    assert cell(t1, "Hessian trace", algorithm="ADM") == value_text(1000.0, 1000 - 1.959963985,
+                                                                      1000 + 1.959963985) + " †"
     # No draw-level error for the top eigenvalue: the bare value.
     assert cell(t1, "Hessian top eigenvalue", algorithm="ADM") == "50"
     assert "One training seed: these intervals leave out the seed-to-seed variation" in (
@@ -498,7 +504,11 @@ def test_table3_marks_and_table4_names_its_scheme(one_seed) -> None:
     _, out, _ = one_seed
     t3 = read_table(out, "table3_lpf")
     lpf_columns = [c for c in t3.columns if c.startswith("LPF")]
-    assert lpf_columns == ["LPF absolute σ=0.005", "LPF absolute σ=0.01", "LPF filter σ=0.005", "LPF filter σ=0.01"]
+    assert lpf_columns == ["LPF absolute σ=0.005", "LPF absolute σ=0.01", "LPF filter σ=0.005", "LPF filter σ=0.01",
+                           "LPF - loss absolute", "LPF - loss filter"]
+    # LPF's increase over the loss: the fixture's loss is 0.9 x its LPF value, so ADM's increase is 0.1 of it.
+    increase = LPF["adm"] + lpf_wiggle("adm", "none") - 0.9 * LPF["adm"]
+    assert cell(t3, "LPF - loss absolute", algorithm="ADM") == value_text(*t_bounds(increase))
     assert list(t3["algorithm"])[:3] == ["ADM", "+EMA", "+SWA"]
     # The sweep's sigma: the fixture's draws there are the main draws minus SWEEP_DROP.
     swept = LPF["adm"] + lpf_wiggle("adm", "none") - SWEEP_DROP
@@ -507,10 +517,14 @@ def test_table3_marks_and_table4_names_its_scheme(one_seed) -> None:
         for sigma in ("0.005", "0.01"):
             assert cell(t3, f"LPF absolute σ={sigma}", algorithm=algorithm).endswith(" §")
             assert "§" not in cell(t3, f"LPF filter σ={sigma}", algorithm=algorithm)
-        # fSGLD's Hessian estimates did not converge in the fixture.
+        # fSGLD's eigenvalue did not converge in the fixture, its trace did: only the eigenvalue is marked.
         assert cell(t3, "Hessian top eigenvalue", algorithm=algorithm) == "30 †"
+        assert "†" not in cell(t3, "Hessian trace", algorithm=algorithm)
+    for algorithm in ["ADM", "+EMA", "+SWA"]:
+        # ADM's trace stopped at max_iter, its eigenvalue converged.
+        assert "†" not in cell(t3, "Hessian top eigenvalue", algorithm=algorithm)
         assert cell(t3, "Hessian trace", algorithm=algorithm).endswith(" †")
-    for algorithm in ["ADM", "+SAM", "+SAM+SWA"]:
+    for algorithm in ["+SAM", "+SAM+SWA"]:
         assert not any(mark in cell(t3, column, algorithm=algorithm)
                        for column in t3.columns for mark in ("§", "†"))
     assert "§ marks fSGLD's absolute LPF" in (out / "table3_lpf.md").read_text()
@@ -601,8 +615,8 @@ def test_evidence_banner_only_below_the_thresholds(one_seed) -> None:
 
 
 def lpf_rows(claims, claim_id: str, **row: str):
-    """The rows of one claim on the absolute and filter LPF."""
-    mask = (claims["id"] == claim_id) & claims["measure"].str.startswith("LPF")
+    """The rows of one claim on the absolute and filter LPF (not on LPF's increase over the loss)."""
+    mask = (claims["id"] == claim_id) & claims["measure"].str.match(r"LPF (absolute|filter)")
     for key, value in row.items():
         mask &= claims[key] == value
     rows = claims.loc[mask]
@@ -720,7 +734,8 @@ def test_metrics_outside_the_study_leave_their_columns_out(tmp_path) -> None:
     assert "C4" not in set(claims["id"])  # no exposure files, no exposure claim
     # fSGLD's C1 rests on the filter LPF alone when Hessian and perturbation are not measured.
     fsgld = claims[(claims["id"] == "C1") & (claims["algorithm"] == "+fSGLD (Adam base, ext.)")]
-    assert list(fsgld["measure"]) == ["LPF filter (sigma 0.01): +fSGLD (Adam base, ext.) - ADM"]
+    assert list(fsgld["measure"]) == ["LPF filter (sigma 0.01): +fSGLD (Adam base, ext.) - ADM",
+                                      "LPF increase over the loss filter (sigma 0.01): +fSGLD (Adam base, ext.) - ADM"]
 
 
 def test_two_seeds_effnet_never_meets_paper_fid(tmp_path) -> None:

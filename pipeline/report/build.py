@@ -11,7 +11,7 @@ from pipeline.io.atomic import atomic_path
 from pipeline.report.claims import claims_table
 from pipeline.report.collect import MAKER, collect
 from pipeline.report.figures import FIGURE_BUILDERS, save_figure, samples_needed
-from pipeline.report.index import FIGURE_CAPTIONS, index_html, index_markdown
+from pipeline.report.index import FIGURE_CAPTIONS, index_html, index_markdown, png_source
 from pipeline.report.render import write_table
 from pipeline.report.study import Study, select_sam
 from pipeline.report.tables import TABLE_BUILDERS
@@ -44,8 +44,11 @@ def build_report(settings: Mapping[str, Any], out_dir: str | Path) -> list[Path]
 
     ordered = [by_name[n] for n in layout.REPORT_TABLES]
     captions = {name: FIGURE_CAPTIONS[name] for name in layout.REPORT_FIGURES}
-    for index, render in ((out_dir / "index.md", index_markdown), (out_dir / "index.html", index_html)):
+    sources = {name: png_source(out_dir / f"{name}.png") for name in layout.REPORT_FIGURES}
+    pages = {out_dir / "index.md": index_markdown(study, data, choices, ordered, captions),
+             out_dir / "index.html": index_html(study, data, choices, ordered, captions, sources)}
+    for index, text in pages.items():
         with atomic_path(index) as tmp:
-            tmp.write_text(render(study, data, choices, ordered, captions), encoding="utf-8")
+            tmp.write_text(text, encoding="utf-8")
         written.append(index)
     return written

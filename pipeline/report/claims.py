@@ -60,18 +60,23 @@ class _Context:
         self.rows: list[dict[str, str]] = []
 
     # -- measures --------------------------------------------------------------------------
-    def lpf_measures(self) -> list[tuple[str, ArmOf]]:
+    def lpf_measures(self, increase: bool = False) -> list[tuple[str, ArmOf]]:
+        """LPF per scaling; increase=True: LPF minus the unperturbed loss, since a recipe with a higher base
+        loss can have the higher LPF although its loss rises less under the noise. The increase serves
+        directional claims only: the equivalence margins are relative to LPF itself."""
         if not has_metric(self.study, self.data, "lpf"):
             return []
         sigma = float(self.data.lpf.loc[self.data.lpf["main"], "sigma"].iloc[0])
         scalings = sorted(set(self.data.lpf["scaling"]), key=lambda s: s != "absolute")
-        return [(f"LPF {scaling} (sigma {sigma:g})",
-                 lambda recipe, average, scaling=scaling: lpf_arm(self.data, self.dataset, recipe, average, scaling))
+        name = "LPF increase over the loss" if increase else "LPF"
+        return [(f"{name} {scaling} (sigma {sigma:g})",
+                 lambda recipe, average, scaling=scaling: lpf_arm(self.data, self.dataset, recipe, average, scaling,
+                                                                  increase=increase))
                 for scaling in scalings]
 
     def flatness_measures(self, recipe: str) -> list[tuple[str, ArmOf]]:
-        """LPF for SAM; for fSGLD only what its training does not optimise."""
-        measures = self.lpf_measures()
+        """LPF (and its increase over the loss) for SAM; for fSGLD only what its training does not optimise."""
+        measures = self.lpf_measures() + self.lpf_measures(increase=True)
         if self.study.describe(recipe).get("fsgld") is None:
             return measures
         measures = [m for m in measures if "absolute" not in m[0]]
@@ -259,7 +264,7 @@ def _c10_rho(c: _Context) -> None:
             continue
         strong, weak = max(group, key=c.study.rho), min(group, key=c.study.rho)
         claim = f"a larger rho makes {label} flatter"
-        for measure, arm in c.lpf_measures():
+        for measure, arm in c.lpf_measures() + c.lpf_measures(increase=True):
             eff = c.compare([arm(strong, c.raw), arm(weak, c.raw)], difference, between_runs=True)
             c.add("C10", claim, f"{label} rho {c.study.rho(strong):g} vs {c.study.rho(weak):g}",
                   f"{weights_name(c.raw)} weights", f"{measure}: rho {c.study.rho(strong):g} - rho {c.study.rho(weak):g}",
@@ -272,7 +277,7 @@ def _positive_control(c: _Context) -> None:
         return
     strongest = max(sams, key=c.study.rho)
     claim = f"positive control: SAM at its largest rho ({c.study.rho(strongest):g}) is flatter than ADM"
-    for measure, arm in c.lpf_measures():
+    for measure, arm in c.lpf_measures() + c.lpf_measures(increase=True):
         eff = c.compare([arm(strongest, c.raw), arm(c.base, c.raw)], difference, between_runs=True)
         c.add("PC", claim, f"{c.study.label(strongest)} rho {c.study.rho(strongest):g}", f"{weights_name(c.raw)} weights",
               f"{measure}: rho {c.study.rho(strongest):g} - ADM", eff, eff and verdict(eff, "lower"))

@@ -1,6 +1,7 @@
 """Read the report's inputs: FID files, metric files, training logs (and sample images for Fig. 2).
 
-Paths come from pipeline.layout, so the report finds exactly what the rules wrote. Scalars go
+The files are those of pipeline.study_files, the list the report rule takes as its inputs, so the
+report reads exactly what the rules wrote. Scalars go
 into long pandas frames, one row per file (exposure: per file and T'); the curves and grids the
 figures need are read by the `read_*` functions on demand. A missing or unreadable input is a
 PipelineError naming the file and the rule that makes it.
@@ -19,73 +20,20 @@ import numpy as np
 import pandas as pd
 import yaml
 
-from pipeline import layout
 from pipeline.errors import PipelineError
 from pipeline.io.integrity import verify_h5
 from pipeline.report.study import Study
+from pipeline.study_files import MAKER, Input, report_inputs
 
-# The rule (workflow/rules/*.smk) and command behind each kind of input.
-MAKER = {
-    "fid": "rule fid (python -m pipeline fid)",
-    "validation": "rule fid_validation (python -m pipeline fid)",
-    "metric": "rule metric (python -m pipeline {name})",
-    "train": "rule train (python -m pipeline train)",
-    "sample": "rule sample (python -m pipeline sample)",
-    "calibration": "rule fid_calibration (python -m pipeline fid, on rule calibration_samples' images)",
-}
 # Scalar attributes of the metric files that record a convention (SPEC section 12).
 CONVENTION_ATTRS = ("loss_terms", "noise", "gap_convention", "directions_kind", "std_convention",
                     "normalisation", "eigenvalue_method", "trace_method", "loss_gradient")
 
 
-@dataclasses.dataclass(frozen=True)
-class Input:
-    path: str
-    kind: str
-    key: dict[str, Any]
-    name: str = ""
-
-    @property
-    def maker(self) -> str:
-        return MAKER[self.kind].format(name=self.name)
-
-
 def required_inputs(study: Study) -> list[Input]:
-    """Every file the report rule lists as input, in the rule's order."""
-    inputs = []
-    results = study.results
-    for run in _runs(study):
-        for average, precision, steps in study.variants():
-            inputs.append(Input(layout.fid(results, *run.values(), average, precision, steps, study.extractor),
-                                "fid", {**run, "average": average, "precision": precision, "steps": steps}))
-    selection_steps = study.selection_steps
-    for run in _runs(study):
-        if selection_steps is not None and study.describe(run["recipe"]).get("sam") is not None:
-            inputs.append(Input(layout.validation_fid(results, *run.values(), selection_steps, study.extractor),
-                                "validation", {**run, "average": "none", "precision": "fp32",
-                                               "steps": selection_steps}))
-    for run in _runs(study):
-        inputs.append(Input(layout.train_log(results, *run.values()), "train", dict(run)))
-        for name in study.metrics:
-            for average in study.metric_averages(name):
-                inputs.append(Input(layout.metric(results, *run.values(), average, name), "metric",
-                                    {**run, "average": average}, name))
-    for dataset in study.datasets:
-        for kind in layout.CALIBRATION_KINDS:
-            inputs.append(Input(layout.calibration_fid(results, dataset, kind, study.n_samples, study.extractor),
-                                "calibration", {"dataset": dataset, "kind": kind, "n": study.n_samples}))
-    # The negative control's runs: raw fp32 at the smallest T', and LPF (rows with seeds outside study.seeds).
-    recipe, steps = study.negative_control_recipe, min(study.steps)
-    for dataset in study.datasets:
-        for seed in study.negative_control_seeds:
-            run = {"dataset": dataset, "recipe": recipe, "seed": seed}
-            inputs.append(Input(layout.fid(results, dataset, recipe, seed, "none", "fp32", steps, study.extractor),
-                                "fid", {**run, "average": "none", "precision": "fp32", "steps": steps}))
-            inputs.append(Input(layout.train_log(results, dataset, recipe, seed), "train", dict(run)))
-            if "lpf" in study.metrics:
-                inputs.append(Input(layout.metric(results, dataset, recipe, seed, "none", "lpf"), "metric",
-                                    {**run, "average": "none"}, "lpf"))
-    return inputs
+    """Every file the report reads scalars from: the study's enumeration less the samples (Fig. 2 reads
+    those on demand)."""
+    return [item for item in report_inputs(study.settings) if item.kind != "sample"]
 
 
 def check_inputs(inputs: list[Input]) -> None:
@@ -97,13 +45,6 @@ def check_inputs(inputs: list[Input]) -> None:
     more = f"\n  ... and {len(missing) - 12} more" if len(missing) > 12 else ""
     raise PipelineError(f"the report is missing {len(missing)} of its {len(inputs)} input files:\n{shown}{more}\n"
                         f"Run the workflow (snakemake --cores all) or the named stages first.")
-
-
-def _runs(study: Study) -> Iterator[dict[str, Any]]:
-    for dataset in study.datasets:
-        for recipe in study.recipes:
-            for seed in study.seeds:
-                yield {"dataset": dataset, "recipe": recipe, "seed": seed}
 
 
 @dataclasses.dataclass
@@ -118,7 +59,8 @@ class Collected:
         rather than the sweep), loss, lpf, difference, stderr, draw_losses (array, aligned across files).
     perturbation: dataset, recipe, seed, average, radius (the largest), increases (per-direction loss
         increase at it, aligned across files), increase (their mean).
-    hessian: dataset, recipe, seed, average, top_eigenvalue, trace, trace_stderr, converged.
+    hessian: dataset, recipe, seed, average, top_eigenvalue, trace, trace_stderr, eigenvalue_converged,
+        trace_converged (each estimate its own flag: power iteration can converge while Hutchinson does not).
     exposure: dataset, recipe, seed, average, steps, gap_l2_mean, gap_l2_mean_stderr, gap_l2_sum,
         gap_sq_mean, reference_l2.
     train: dataset, recipe, seed, steps (logged), swa_snapshots, lr_first, lr_last, settings (YAML).
@@ -232,7 +174,8 @@ def _lpf_rows(f: h5py.File) -> list[dict[str, Any]]:
 def _hessian_rows(f: h5py.File) -> list[dict[str, Any]]:
     return [{"top_eigenvalue": _scalar(f, "top_eigenvalue"), "trace": _scalar(f, "trace"),
              "trace_stderr": _scalar(f, "trace_stderr"),
-             "converged": bool(f["eigenvalue_converged"][()]) and bool(f["trace_converged"][()])}]
+             "eigenvalue_converged": bool(f["eigenvalue_converged"][()]),
+             "trace_converged": bool(f["trace_converged"][()])}]
 
 
 def _exposure_rows(f: h5py.File) -> list[dict[str, Any]]:
@@ -311,6 +254,15 @@ def read_exposure_curves(path: str) -> dict[int, dict[str, np.ndarray]]:
                                   "sampling": np.asarray(group["sampling/l2_mean"][...], dtype=np.float64),
                                   "reference_l2": reference}
     return curves
+
+
+TRAINING_CURVES = ("loss", "mse", "vb", "grad_norm")
+
+
+def read_training_curves(path: str) -> dict[str, np.ndarray]:
+    """Per-step training curves of one run's train.h5: each of TRAINING_CURVES as (steps,)."""
+    with _open(path, MAKER["train"]) as f:
+        return {key: np.asarray(f[key][...], dtype=np.float64) for key in TRAINING_CURVES}
 
 
 def read_samples(path: str, count: int) -> np.ndarray:

@@ -68,8 +68,11 @@ class Effect:
         return not (self.between_runs and self.basis != "seeds")
 
     def cell(self, digits: int = 4) -> str:
-        """"-0.0123 [-0.0201, -0.004513]" (an unbounded side prints as -inf / inf)."""
+        """"-0.0123 [-0.0201, -0.004513]"; "-34.71 (no interval)" when neither side is bounded (a measure
+        without draw-level uncertainty); one unbounded side prints as -inf / inf."""
         iv = self.interval
+        if not (math.isfinite(iv.low) or math.isfinite(iv.high)):
+            return f"{iv.estimate:+.{digits}g} (no interval)"
         return f"{iv.estimate:+.{digits}g} [{_bound(iv.low, digits)}, {_bound(iv.high, digits)}]"
 
 
@@ -232,14 +235,22 @@ def calibration_reading(data, dataset: str, kind: str, column: str) -> Reading |
     return Reading(float(row[column]), replicates, BOOTSTRAP if replicates is not None else NONE)
 
 
-def lpf_arm(data, dataset: str, recipe: str, average: str, scaling: str, sigma: float | None = None) -> Arm:
-    """LPF at `sigma` (None: the configured one) with its Monte-Carlo draws, shared by every model."""
+def lpf_arm(data, dataset: str, recipe: str, average: str, scaling: str, sigma: float | None = None,
+            increase: bool = False) -> Arm:
+    """LPF at `sigma` (None: the configured one) with its Monte-Carlo draws, shared by every model.
+
+    increase=True: LPF minus the unperturbed loss (per draw too), so that a model whose base loss is
+    higher does not look sharper for that alone.
+    """
     def arm(seed: int) -> Reading | None:
         key = dict(dataset=dataset, recipe=recipe, seed=seed, average=average, scaling=scaling)
         row = _row(data.lpf, **key, main=True) if sigma is None else _row(data.lpf, **key, sigma=sigma)
         if row is None:
             return None
-        return Reading(float(row["lpf"]), np.asarray(row["draw_losses"], dtype=np.float64), DRAWS)
+        draws = np.asarray(row["draw_losses"], dtype=np.float64)
+        if increase:
+            return Reading(float(row["difference"]), draws - float(row["loss"]), DRAWS)
+        return Reading(float(row["lpf"]), draws, DRAWS)
     return arm
 
 

@@ -8,6 +8,9 @@ fig5_loss_vs_perturbation Figs. 5, 7, 8 (right): loss and loss increase against 
                           random weight perturbation, every algorithm, one column per dataset.
 fig6_eps_norm             Figs. 6, 7, 8 (left): mean ||eps_theta||_2 per timestep on training
                           inputs and along the sampling chain, one panel per dataset and T'.
+training_curves           (not in the paper) loss, mse, vb and gradient norm per training step
+                          of every run, smoothed, one column per dataset: a diverging or
+                          unfinished run shows here.
 
 Figures are built on matplotlib.figure.Figure directly (Agg canvas, no pyplot state). With
 several seeds, curves and surfaces are means over seeds and bands are the std over seeds; with
@@ -29,8 +32,8 @@ from matplotlib.patches import Patch
 
 from pipeline import layout
 from pipeline.io.atomic import atomic_path
-from pipeline.report.collect import (Collected, read_exposure_curves, read_perturbation, read_samples,
-                                     read_surface)
+from pipeline.report.collect import (TRAINING_CURVES, Collected, read_exposure_curves, read_perturbation,
+                                     read_samples, read_surface, read_training_curves)
 from pipeline.report.study import Study, algorithm_label
 from pipeline.report.tables import Choices, raw_average
 
@@ -266,11 +269,65 @@ def fig6_eps_norm(study: Study, data: Collected, choices: Choices) -> Figure:
     return fig
 
 
+# ------------------------------------------------------------------------------------------
+# Training curves (not in the paper): every run, every seed.
+
+CURVE_LABELS = {"loss": "training loss", "mse": r"$L_{\mathrm{simple}}$ (mse)", "vb": r"$L_{\mathrm{vb}}$",
+                "grad_norm": r"gradient norm $\|g\|_2$"}
+# Points per smoothing window: a trailing mean over steps / SMOOTHING steps.
+SMOOTHING = 50
+
+
+def smooth(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(steps, trailing mean over a window of len / SMOOTHING steps); steps count from 1."""
+    window = max(1, len(values) // SMOOTHING)
+    kernel = np.ones(window) / window
+    return np.arange(window, len(values) + 1), np.convolve(values, kernel, mode="valid")
+
+
+def training_runs(study: Study) -> list[tuple[str, int, str]]:
+    """(recipe, seed, label) of every run the report reads a train.h5 of: the study's and the control's."""
+    runs = [(recipe, seed, study.label(recipe)) for recipe in study.recipes for seed in study.seeds]
+    control = study.negative_control_recipe
+    runs += [(control, seed, f"{study.label(control)}, negative control") for seed in study.negative_control_seeds]
+    return runs
+
+
+def training_curves(study: Study, data: Collected, choices: Choices) -> Figure:
+    title = f"Training curves: every run, trailing mean over 1/{SMOOTHING} of the steps"
+    colours = _colours(study)
+    fig = Figure(figsize=(max(8.0, 5.0 * len(study.datasets) + 1.0), 2.6 * len(TRAINING_CURVES) + 1.6),
+                 layout="constrained")
+    fig.suptitle(title)
+    axes = fig.subplots(len(TRAINING_CURVES), len(study.datasets), squeeze=False, sharex="col")
+    labelled: dict[str, object] = {}
+    for col, dataset in enumerate(study.datasets):
+        for recipe, seed, label in training_runs(study):
+            curves = read_training_curves(layout.train_log(study.results, dataset, recipe, seed))
+            control = label.endswith("negative control")
+            for row, key in enumerate(TRAINING_CURVES):
+                steps, values = smooth(curves[key])
+                (line,) = axes[row, col].plot(steps, values, color="0.45" if control else colours[recipe],
+                                              linestyle="--" if control else "-", linewidth=0.9)
+                labelled.setdefault(label, line)
+        axes[0, col].set_title(dataset)
+        axes[-1, col].set_xlabel("training step")
+        for row, key in enumerate(TRAINING_CURVES):
+            axes[row, col].set_ylabel(CURVE_LABELS[key])
+            axes[row, col].set_yscale("log")
+            axes[row, col].grid(alpha=0.3)
+    seeds = ", ".join(map(str, study.seeds))
+    fig.legend(list(labelled.values()), list(labelled), loc="outside lower center", fontsize=8,
+               ncol=min(2, len(labelled)), title=f"one line per run: study seeds {seeds}", title_fontsize=8)
+    return fig
+
+
 FIGURE_BUILDERS: dict[str, Callable[[Study, Collected, Choices], Figure]] = {
     "fig1_loss_surface": fig1_loss_surface,
     "fig2_samples_fp32_int8": fig2_samples,
     "fig5_loss_vs_perturbation": fig5_loss_vs_perturbation,
     "fig6_eps_norm": fig6_eps_norm,
+    "training_curves": training_curves,
 }
 
 

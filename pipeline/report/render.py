@@ -139,11 +139,18 @@ def to_latex(table: Table) -> str:
 HTML_STYLE = """
 body { font-family: system-ui, sans-serif; font-size: 14px; margin: 1em; color: #111; }
 p, li { max-width: 70em; line-height: 1.4; }
-table { border-collapse: collapse; margin: 0.5em 0 1em; }
-th, td { border: 1px solid #ccc; padding: 3px 6px; vertical-align: top; }
+.wide { max-width: 100%; overflow-x: auto; }
+table { border-collapse: collapse; margin: 0.5em 0 1em; font-size: 12px; }
+th, td { border: 1px solid #ccc; padding: 3px 5px; vertical-align: top; }
 th { background: #eee; }
-td.text { text-align: left; max-width: 32em; }
+td.text { text-align: left; max-width: 24em; }
 td.number { text-align: right; white-space: nowrap; }
+figure { margin: 1em 0 2em; }
+figure img { max-width: 100%; height: auto; border: 1px solid #ddd; }
+figcaption { max-width: 70em; font-style: italic; }
+nav ol ol { font-size: 13px; }
+.counts { font-size: 16px; }
+table.answers td:nth-child(4) { max-width: 52em; }
 tr:nth-child(even) td { background: #f7f7f7; }
 blockquote { border-left: 4px solid #c33; margin: 0.5em 0; padding: 0.2em 0.8em; background: #fdf3f3; }
 """

@@ -145,7 +145,8 @@ def _hessian_cell(study: Study, data: Collected, dataset: str, recipe: str, aver
     cell = _value(study, hessian_arm(data, dataset, recipe, average, column))
     rows = data.hessian[(data.hessian.dataset == dataset) & (data.hessian.recipe == recipe)
                         & (data.hessian.average == average)]
-    return f"{cell} †" if cell and not bool(rows["converged"].all()) else cell
+    flag = {"top_eigenvalue": "eigenvalue_converged", "trace": "trace_converged"}[column]
+    return f"{cell} †" if cell and not bool(rows[flag].all()) else cell
 
 
 HESSIAN_NOTE = ("Hessian: largest-magnitude eigenvalue (power iteration) and trace (Hutchinson, interval from its "
@@ -234,7 +235,8 @@ def lpf_note(study: Study, data: Collected) -> str:
             f"a column names another. absolute: i.i.d. N(0, sigma^2) on every parameter; filter: each filter's "
             f"noise scaled by that filter's norm (Bisla et al.'s measure, invariant to rescaling a filter before a "
             f"normalisation). § marks fSGLD's absolute LPF: fSGLD trains on the loss under this very noise, so "
-            f"there it measures its own objective, not flatness.")
+            f"there it measures its own objective, not flatness. LPF - loss: LPF minus the unperturbed loss at the "
+            f"main sigma, how much the loss rises under the noise (a higher base loss alone raises LPF, not this).")
 
 
 # ------------------------------------------------------------------------------------------
@@ -318,6 +320,9 @@ def table3(study: Study, data: Collected, choices: Choices) -> Table:
                     for sigma in sigmas:
                         row[f"LPF {scaling} σ={sigma:g}"] = _lpf_cell(study, data, dataset, recipe, average, scaling,
                                                                       sigma)
+                for scaling in _scalings(data) if with_lpf else ():
+                    row[f"LPF - loss {scaling}"] = _value(study, lpf_arm(data, dataset, recipe, average, scaling,
+                                                                         increase=True))
                 if with_lpf and study.show_paper_numbers and any(d in paper.LPF for d in study.datasets):
                     value = paper.paper_lpf(dataset, algorithm) if show_paper else None
                     row["paper LPF"] = paper_number(value, decimals=3)

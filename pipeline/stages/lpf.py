@@ -9,7 +9,7 @@ the same for every model; model in eval mode, float32.
 
 Output layout (HDF5):
 
-* top level, as before and read by the report: the absolute scaling's `sigma`, `loss`, `lpf`,
+* top level, the values the report reads: the absolute scaling's `sigma`, `loss`, `lpf`,
   `difference`, `stderr`, `draw_losses` (M,), and `sweep/{sigma, lpf, difference, stderr}` (S,),
   `sweep/draw_losses` (S, M); "absolute" must therefore be one of the scalings.
 * per scaling, a group `<scaling>/` (`absolute/`, `filter/`) with what depends on the scaling:

@@ -42,6 +42,7 @@ from pipeline.io.atomic import atomic_path, remove_stale_temporaries
 from pipeline.io.integrity import save_torch, sealed_h5
 from pipeline.io.checkpoint import load_checkpoint, save_checkpoint
 from pipeline.io.lock import claim_outputs
+from pipeline.layout import WEIGHT_FILES as WEIGHTS
 from pipeline.nn.presets import build_unet
 from pipeline.optim.averages import EMA, SWA
 from pipeline.optim.fsgld import FSGLD
@@ -50,7 +51,6 @@ from pipeline.progress import Progress, duration
 from pipeline.recipes import Recipe, base_optimizer_class, recipe_from_description
 from pipeline.settings import train_settings
 
-WEIGHTS = {"none": "weights_raw.pt", "ema": "weights_ema.pt", "swa": "weights_swa.pt"}
 LOG_FIELDS = ("loss", "mse", "vb", "grad_norm", "lr")
 # Refreshed at every checkpoint for `cat` on a cluster; not an output, so not in the Snakemake rule.
 STATUS_FILE = "status.json"

@@ -12,7 +12,8 @@ from pipeline import layout
 from pipeline.precision import PRECISION_REGEX, QUANTIZED_REGEX
 from pipeline.cli import STAGES
 from pipeline.codedeps import source_files
-from pipeline.settings import METRICS, metric_averages, stage_settings, study_variants, train_settings
+from pipeline.settings import METRICS, stage_settings, train_settings
+from pipeline.study_files import rule_inputs
 
 # Jobs run `python -m pipeline ...`: put the interpreter that runs Snakemake (the venv's) first
 # on PATH, here and in every job Snakemake spawns, locally or on a cluster node.
@@ -67,64 +68,21 @@ def as_settings(value):
     return yaml.safe_dump(value, default_flow_style=True, width=float("inf"), sort_keys=True).strip()
 
 
-def all_runs():
-    for dataset in STUDY["datasets"]:
-        for recipe in STUDY["recipes"]:
-            for seed in STUDY["seeds"]:
-                yield dict(dataset=dataset, recipe=recipe, seed=seed)
-
-
-def all_scored():
-    """Every (run, average, precision, T') that is sampled and scored."""
-    for run in all_runs():
-        for average, precision, steps in study_variants(STUDY):
-            yield dict(run, average=average, precision=precision), steps
-
-
 def variant_weights(w):
     return layout.weights(RESULTS, w.dataset, w.recipe, w.seed, w.average, w.precision)
 
 
 def report_inputs():
-    fids, metrics, logs, samples = [], [], [], []
-    validation = []
-    selection = config["report"]["sam_selection"]
-    if selection.startswith("best_fid_"):
-        steps = int(selection.removeprefix("best_fid_"))
-        for run in all_runs():
-            if (config["recipes"].get(run["recipe"]) or {}).get("sam") is not None:
-                validation.append(layout.validation_fid(RESULTS, *run.values(), steps, EXTRACTOR))
-    for v, steps in all_scored():
-        fids.append(layout.fid(RESULTS, *v.values(), steps, EXTRACTOR))
-        samples.append(layout.samples(RESULTS, *v.values(), steps))
-    # The negative control: the same recipe with other seeds, raw fp32 at the smallest T', and LPF.
-    control = config["report"]["negative_control"]
-    for dataset in STUDY["datasets"]:
-        for seed in control["seeds"]:
-            run = dict(dataset=dataset, recipe=control["recipe"], seed=seed)
-            fids.append(layout.fid(RESULTS, *run.values(), "none", "fp32", min(STUDY["sampling_steps"]), EXTRACTOR))
-            logs.append(layout.train_log(RESULTS, *run.values()))
-            if "lpf" in STUDY["metrics"]:
-                metrics.append(layout.metric(RESULTS, *run.values(), "none", "lpf"))
-    for run in all_runs():
-        logs.append(layout.train_log(RESULTS, *run.values()))
-        for name in STUDY["metrics"]:
-            for average in metric_averages(STUDY, name):
-                metrics.append(layout.metric(RESULTS, *run.values(), average, name))
-    # Floor and static FD of every dataset, with the models' N: the reading scale of the FID rows.
-    calibration = [
-        layout.calibration_fid(RESULTS, dataset, kind, config["sampling"]["n_samples"], EXTRACTOR)
-        for dataset in STUDY["datasets"]
-        for kind in layout.CALIBRATION_KINDS
-    ]
-    return dict(
-        fid=fids,
-        validation=validation,
-        metrics=metrics,
-        logs=logs,
-        samples=samples,
-        calibration=calibration,
-        code=CODE["report"],
+    """The study's files the report reads (pipeline/study_files.py, the list the report stage checks)."""
+    return dict(**rule_inputs(stage_settings(config, "report")), code=CODE["report"])
+
+
+# `snakemake --report` for a results folder without a report (most often: the overlay the run used was
+# not passed): one line naming it, rather than a "Missing metadata" warning per output first.
+if any(arg.startswith("--report") for arg in sys.argv) and not os.path.exists(layout.report_index_html(RESULTS)):
+    raise WorkflowError(
+        f"snakemake --report: {layout.report_index_html(RESULTS)} does not exist; pass the config files the run "
+        f"used, e.g. snakemake --report report.html --configfile config/demo.yaml"
     )
 
 
@@ -133,9 +91,12 @@ def report_outputs():
 
 
 def html_report_item(path, category):
-    """`path` marked for `snakemake --report` with its caption (workflow/report/<name>.rst) if the HTML
-    report can show it inline (.html, .png), else left unmarked."""
+    """`path` marked for `snakemake --report` with its caption (workflow/report/<name>.rst) and its title
+    (layout.REPORT_TITLES, listed instead of the path) if the HTML report can show it inline (.html,
+    .png), else left unmarked."""
     name, ext = os.path.splitext(os.path.basename(path))
     if ext not in (".html", ".png"):
         return path
-    return report(path, caption=f"../report/{name}.rst", category=category)
+    return report(
+        path, caption=f"../report/{name}.rst", category=category, labels={"title": layout.REPORT_TITLES[name]}
+    )

@@ -64,29 +64,6 @@ rule sample:
         "--grid {output.grid:q} --no-progress 2> {log:q}"
 
 
-rule fid:
-    input:
-        samples=rules.sample.output.samples,
-        reference=layout.fid_reference(RESULTS, "{dataset}", "{extractor}"),
-        code=CODE["fid"],
-    output:
-        layout.fid(RESULTS, "{dataset}", "{recipe}", "{seed}", "{average}", "{precision}", "{steps}", "{extractor}"),
-    log:
-        f"{RESULTS}/logs/fid/{{dataset}}_{{recipe}}_seed{{seed}}_{{average}}_{{precision}}_T{{steps}}_{{extractor}}.log",
-    conda:
-        "../envs/pipeline.yaml"
-    threads: 1
-    resources:
-        mem_mb=8000,
-        runtime=120,
-        gpu=1,
-    params:
-        settings=lambda w: as_settings(stage_settings(config, "fid", dataset=w.dataset)),
-    shell:
-        "OMP_NUM_THREADS={threads} python -m pipeline fid --samples {input.samples:q} --reference {input.reference:q} "
-        "--settings {params.settings:q} --out {output:q} --no-progress 2> {log:q}"
-
-
 # The rho behind the +SAM rows is chosen on samples drawn with another seed (report.selection).
 rule sample_validation:
     input:
@@ -114,50 +91,53 @@ rule sample_validation:
         "--out {output.samples:q} --grid {output.grid:q} --no-progress 2> {log:q}"
 
 
-rule fid_validation:
-    input:
-        samples=rules.sample_validation.output.samples,
-        reference=layout.fid_reference(RESULTS, "{dataset}", "{extractor}"),
-        code=CODE["fid"],
-    output:
+# FD of three kinds of samples, one command: the study's samples (fid), the selection samples that
+# choose SAM's rho (fid_validation), and the calibration floor and static sets (fid_calibration).
+# Each entry: samples, FD file, the job's name in its log file.
+FD_JOBS = {
+    "fid": (
+        layout.samples(RESULTS, "{dataset}", "{recipe}", "{seed}", "{average}", "{precision}", "{steps}"),
+        layout.fid(RESULTS, "{dataset}", "{recipe}", "{seed}", "{average}", "{precision}", "{steps}", "{extractor}"),
+        "{dataset}_{recipe}_seed{seed}_{average}_{precision}_T{steps}_{extractor}",
+    ),
+    "fid_validation": (
+        layout.validation_samples(RESULTS, "{dataset}", "{recipe}", "{seed}", "{steps}"),
         layout.validation_fid(RESULTS, "{dataset}", "{recipe}", "{seed}", "{steps}", "{extractor}"),
-    log:
-        f"{RESULTS}/logs/fid_validation/{{dataset}}_{{recipe}}_seed{{seed}}_T{{steps}}_{{extractor}}.log",
-    conda:
-        "../envs/pipeline.yaml"
-    threads: 1
-    resources:
-        mem_mb=8000,
-        runtime=120,
-        gpu=1,
-    params:
-        settings=lambda w: as_settings(stage_settings(config, "fid", dataset=w.dataset)),
-    shell:
-        "OMP_NUM_THREADS={threads} python -m pipeline fid --samples {input.samples:q} --reference {input.reference:q} "
-        "--settings {params.settings:q} --out {output:q} --no-progress 2> {log:q}"
-
-
-rule fid_calibration:
-    input:
-        samples=rules.calibration_samples.output[0],
-        reference=layout.fid_reference(RESULTS, "{dataset}", "{extractor}"),
-        code=CODE["fid"],
-    output:
+        "{dataset}_{recipe}_seed{seed}_T{steps}_{extractor}",
+    ),
+    "fid_calibration": (
+        layout.calibration_samples(RESULTS, "{dataset}", "{kind}", "{n}"),
         layout.calibration_fid(RESULTS, "{dataset}", "{kind}", "{n}", "{extractor}"),
-    log:
-        f"{RESULTS}/logs/fid_calibration/{{dataset}}_{{kind}}_n{{n}}_{{extractor}}.log",
-    conda:
-        "../envs/pipeline.yaml"
-    threads: 1
-    resources:
-        mem_mb=8000,
-        runtime=120,
-        gpu=1,
-    params:
-        settings=lambda w: as_settings(stage_settings(config, "fid", dataset=w.dataset)),
-    shell:
-        "OMP_NUM_THREADS={threads} python -m pipeline fid --samples {input.samples:q} --reference {input.reference:q} "
-        "--settings {params.settings:q} --out {output:q} --no-progress 2> {log:q}"
+        "{dataset}_{kind}_n{n}_{extractor}",
+    ),
+}
+
+
+for fd_rule, (fd_samples, fd_out, fd_job) in FD_JOBS.items():
+
+    rule:
+        name:
+            fd_rule
+        input:
+            samples=fd_samples,
+            reference=layout.fid_reference(RESULTS, "{dataset}", "{extractor}"),
+            code=CODE["fid"],
+        output:
+            fd_out,
+        log:
+            f"{RESULTS}/logs/{fd_rule}/{fd_job}.log",
+        conda:
+            "../envs/pipeline.yaml"
+        threads: 1
+        resources:
+            mem_mb=8000,
+            runtime=120,
+            gpu=1,
+        params:
+            settings=lambda w: as_settings(stage_settings(config, "fid", dataset=w.dataset)),
+        shell:
+            "OMP_NUM_THREADS={threads} python -m pipeline fid --samples {input.samples:q} --reference {input.reference:q} "
+            "--settings {params.settings:q} --out {output:q} --no-progress 2> {log:q}"
 
 
 # Which metrics need a GPU on the cluster: all of them run the UNet many times.

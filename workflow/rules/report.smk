@@ -10,7 +10,7 @@ rule report:
         tables=[html_report_item(path, "Tables") for path in layout.report_tables(RESULTS)],
         figures=[html_report_item(path, "Figures") for path in layout.report_figures(RESULTS)],
         index=layout.report_index(RESULTS),
-        index_html=report(layout.report_index_html(RESULTS), caption="../report/index.rst", category="Index"),
+        index_html=html_report_item(layout.report_index_html(RESULTS), "Index"),
     log:
         f"{RESULTS}/logs/report.log",
     conda:
