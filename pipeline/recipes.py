@@ -85,13 +85,20 @@ def resolve_recipe(config: Mapping[str, Any], name: str) -> Recipe:
     if optimizer["name"] == "adamw" and momentum != 0.0:
         raise PipelineError(f"recipe '{name}': optimizer.momentum = {momentum} has no effect on adamw "
                             f"(its betas play that role); set it to 0 or use name: sgd.")
-    if fsgld is not None and optimizer["name"] == "sgd" and momentum != 0.0:
-        raise PipelineError(f"recipe '{name}': fSGLD's SGD base has no momentum (the Langevin dynamics "
-                            f"it samples are first order); set optimizer.momentum: 0.")
+    recipe = Recipe(name=name, optimizer=optimizer, ip_gamma=ip_gamma, sam=sam, fsgld=fsgld)
+    check_fsgld_base(recipe)
     if fsgld is not None and fsgld["antithetic"] and fsgld["n_pert"] != 2:
         raise PipelineError(f"recipe '{name}': fsgld.antithetic pairs +eps with -eps, so it needs "
                             f"fsgld.n_pert: 2, got {fsgld['n_pert']}.")
-    return Recipe(name=name, optimizer=optimizer, ip_gamma=ip_gamma, sam=sam, fsgld=fsgld)
+    return recipe
+
+
+def check_fsgld_base(recipe: Recipe) -> None:
+    """fSGLD on an SGD base takes no momentum (also checked where a recipe comes from --settings)."""
+    momentum = float(recipe.optimizer.get("momentum") or 0.0)
+    if recipe.fsgld is not None and recipe.optimizer["name"] == "sgd" and momentum != 0.0:
+        raise PipelineError(f"recipe '{recipe.name}': fSGLD's SGD base has no momentum (the Langevin dynamics "
+                            f"it samples are first order); set optimizer.momentum: 0.")
 
 
 def base_optimizer_class(recipe: Recipe) -> tuple[type, dict[str, Any]]:

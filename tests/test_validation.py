@@ -174,7 +174,9 @@ def test_metric_config_with_zero_draws_is_refused(tmp_path, capsys):
     bad = write(tmp_path, "metrics:\n  lpf: {draws: 0}\n")
     status, err = run_stage(capsys, "lpf", "--weights", str(tmp_path / "w.pt"), "--out", str(tmp_path / "o.h5"),
                             "--dataset", "fashion_mnist", "--config", bad)
-    assert_one_line(status, err, f"error: invalid config ({bad}): metrics.lpf.draws: 0 is less than the minimum of 1")
+    # config.yaml is merged first, as under Snakemake: the message names both files.
+    assert_one_line(status, err, f"error: invalid config ({DEFAULT_CONFIG}, {bad}): metrics.lpf.draws: 0 is less "
+                                 f"than the minimum of 1")
 
 
 def test_metric_settings_json_slice_is_validated(tmp_path, capsys):
@@ -208,7 +210,7 @@ LPF = ("lpf", "--weights", "w.pt", "--out", "o.h5")
      "(expected the node content, but found '<stream end>' at line 1, column 2)"),
     ((*TRAIN, "--settings", ""),
      "python -m pipeline train: error: argument --settings/--settings-json: is empty; pass a mapping such as "
-     "'{steps: 10}' or leave the flag out to read --config"),
+     "'{steps: 10}' or leave the flag out to read the config files"),
     ((*TRAIN, "--settings", "[1]"),
      "python -m pipeline train: error: argument --settings/--settings-json: must be a mapping, got list"),
     ((*TRAIN, "--settings", '{"steps": NaN}'),
@@ -279,7 +281,7 @@ def test_help_shows_defaults_the_text_does_not_state():
     parser = build_parser("train")
     help_text = re.sub(r"\s+", " ", parser._subparsers._group_actions[0].choices["train"].format_help())
     assert "training seed (default: 0)" in help_text
-    assert help_text.count("(default: config.yaml)") == 1
+    assert "merged in order over config.yaml" in help_text and "(default: None)" not in help_text
 
 
 def test_settings_json_returns_the_text_unchanged():

@@ -22,8 +22,8 @@ from typing import Any, Mapping
 
 import torch_fidelity
 
-from pipeline.arguments import int_at_least, nonnegative_int, path_name, positive_int, settings_json
-from pipeline.config import load_config
+from pipeline.arguments import add_config_arguments, int_at_least, nonnegative_int, path_name, positive_int
+from pipeline.settings import read_settings
 from pipeline.errors import PipelineError
 from pipeline.fidelity.extractors import (BUILTIN_EXTRACTORS, INCEPTION, Extractor, file_sha256,
                                          resolve_extractor)
@@ -81,21 +81,10 @@ def build_reference(data: str | Path, extractor: Extractor, out: str | Path, *,
     return out
 
 
-def fid_settings(args: argparse.Namespace) -> dict[str, Any]:
-    """The config's `fid:` slice: --settings-json (what the Snakemake rule passes) or --config."""
-    if args.settings_json:
-        return json.loads(args.settings_json)
-    return dict(load_config(args.config).get("fid") or {})
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", default=None, help="data.h5 (default: {results}/{dataset}/data.h5)")
     parser.add_argument("--dataset", type=path_name, default=None, help="dataset name, for the default --data")
-    parser.add_argument("--config", action="append", default=None, metavar="YAML",
-                        help="config file(s), merged in order (default: config.yaml)")
-    parser.add_argument("--settings", "--settings-json", dest="settings_json", type=settings_json, default=None,
-                        metavar="MAPPING", help="the config's fid: slice as JSON or a YAML flow mapping (what the Snakemake rule passes); "
-                             "replaces --config for the fid settings")
+    add_config_arguments(parser, "the config's fid: entries (pipeline.settings.FidReferenceSettings)", reads="fid")
     parser.add_argument("--extractor", default=None,
                         help=f"feature extractor: {', '.join(BUILTIN_EXTRACTORS)} or effnet-lite0-<S>px "
                              f"(default: fid.extractor, else {INCEPTION})")
@@ -116,7 +105,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> None:
-    fid = fid_settings(args)
+    fid, _ = read_settings(args, "fid_reference")
     if args.data is not None:
         data = Path(args.data)
     elif args.dataset is not None:
