@@ -25,7 +25,7 @@ from pipeline.config import (DEFAULT_CONFIG, load_config, read_yaml, schema_docu
 from pipeline.errors import PipelineError
 from pipeline.nn.preset_table import PRESET_TABLE
 from pipeline.precision import CLIP, parse_precision, precision_scheme
-from pipeline.recipes import resolve_recipe
+from pipeline.recipes import Recipe, resolve_recipe
 
 # A schema path: "training.steps" walks `properties`; "#dataset.preset" starts at `definitions`.
 MISSING = dataclasses.MISSING
@@ -431,6 +431,75 @@ def study_variants(study: Mapping[str, Any]) -> list[tuple[str, str, int]]:
             for average in study["averages"]
             for precision in study_precisions(study, average)
             for steps in study_steps(study, precision)]
+
+
+# ------------------------------------------------------------------------------------------
+# Absurd sizes: a rough price of each training run, without a calibration.
+
+# Sustained training throughput assumed per device when nothing was measured (FLOP/s): a few
+# CPU cores, one fast data-center GPU. `device: auto` is priced as cuda, the faster, so a
+# warning means the run is too long even there.
+DEFAULT_FLOPS_PER_SECOND = {"cpu": 1.0e11, "cuda": 5.0e13}
+# Days past which a training run is called absurd: the estimate is rough (a factor of 2 either
+# way), so well beyond the train rule's 7-day runtime resource.
+DEFAULT_MAX_EXPECTED_DAYS = 30.0
+# The residual blocks' convolutions leave out the decoder's wider (concatenated) inputs,
+# attention and normalization: the demo preset measures 34 GFLOP per step at batch 32 where the
+# convolutions alone count 16.
+UNCOUNTED_FACTOR = 2.0
+
+
+def training_flops_per_image(preset: str) -> float:
+    """FLOPs of one training image (forward and backward) through a preset's UNet, roughly.
+
+    Each level of resolution r and width c has num_res_blocks residual blocks going down and
+    num_res_blocks + 1 coming up, each two 3x3 convolutions: 2 x 9 c^2 r^2 multiply-adds; the
+    backward pass costs twice the forward.
+    """
+    table = PRESET_TABLE[preset]
+    blocks = 2 * table["num_res_blocks"] + 1
+    macs = sum(blocks * 2 * 9 * (table["model_channels"] * mult) ** 2 * (table["image_size"] // 2 ** level) ** 2
+               for level, mult in enumerate(table["channel_mult"]))
+    return 3 * 2 * macs * UNCOUNTED_FACTOR
+
+
+def gradient_passes(recipe: Recipe) -> int:
+    """Forward-backward passes of one step: SAM adds its ascent pass, fSGLD takes n_pert draws."""
+    if recipe.sam is not None:
+        return 2
+    if recipe.fsgld is not None:
+        return int(recipe.fsgld["n_pert"])
+    return 1
+
+
+def size_warnings(config: Mapping[str, Any]) -> list[str]:
+    """One line when the longest training run of the study is absurd for its resources (else none).
+
+    Steps x batch x FLOPs per image x passes, priced at DEFAULT_FLOPS_PER_SECOND for the config's
+    device over training.processes, against training.max_expected_days (null: never warn).
+    """
+    limit = config["training"].get("max_expected_days", DEFAULT_MAX_EXPECTED_DAYS)
+    if limit is None:
+        return []
+    device = "cpu" if config["device"] == "cpu" else "cuda"
+    rate = DEFAULT_FLOPS_PER_SECOND[device] * config["training"].get("processes", 1)
+    steps = config["training"]["steps"]
+    runs = []
+    for dataset in config["study"]["datasets"]:
+        entry = config["datasets"][dataset]
+        for name in config["study"]["recipes"]:
+            flops = (steps * entry["batch_size"] * training_flops_per_image(entry["preset"])
+                     * gradient_passes(resolve_recipe(config, name)))
+            runs.append((flops / rate / 86400, f"{dataset}/{name}", entry["batch_size"], entry["preset"]))
+    too_long = sorted((run for run in runs if run[0] > limit), reverse=True)
+    if not too_long:
+        return []
+    days, run, batch, preset = too_long[0]
+    others = f" (and {len(too_long) - 1} more run(s))" if len(too_long) > 1 else ""
+    return [f"training {run}{others}: {steps} steps at batch {batch} on preset {preset} would take about "
+            f"{days:,.0f} days at a default {DEFAULT_FLOPS_PER_SECOND[device]:.0e} FLOP/s on {device}, beyond "
+            f"training.max_expected_days = {limit:g}; lower training.steps, or set training.max_expected_days "
+            f"(null silences this)."]
 
 
 def planning_problems(config: Mapping[str, Any], configfiles: Sequence[str | Path]) -> list[str]:
