@@ -200,7 +200,7 @@ class FidReferenceSettings(StageSettings):
     Every key is optional: the stage falls back on its flags, then on built-in defaults.
     """
 
-    extractor: str = setting("fid.extractor", OMITTED)
+    extractor: str = setting(None, OMITTED)  # resolve_extractor knows the names (tests register more)
     inception_weights: str | None = setting("fid.inception_weights", OMITTED)
     reference_images: int | None = setting("fid.reference_images", OMITTED)
     batch_size: int = setting("fid.batch_size", OMITTED)

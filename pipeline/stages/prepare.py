@@ -22,6 +22,7 @@ from pipeline.data.hdf5 import read_info, write_image_set
 from pipeline.data.sources import DATASETS, open_source
 from pipeline.errors import PipelineError
 from pipeline.io.provenance import provenance
+from pipeline.settings import read_settings
 
 logger = logging.getLogger(__name__)
 
