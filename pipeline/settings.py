@@ -27,7 +27,6 @@ from pipeline.nn.preset_table import PRESET_TABLE
 from pipeline.precision import CLIP, parse_precision, precision_scheme
 from pipeline.recipes import Recipe, resolve_recipe
 
-# A schema path: "training.steps" walks `properties`; "#dataset.preset" starts at `definitions`.
 MISSING = dataclasses.MISSING
 
 
@@ -42,7 +41,11 @@ OMITTED: Any = _Omitted()
 
 
 def setting(schema: str | None, default: Any = MISSING) -> Any:
-    """A settings field checked against the schema entry at `schema` (None: by its Python type)."""
+    """A settings field checked against the schema entry at `schema` (None: by its Python type).
+
+    `schema` walks the schema's `properties` ("training.steps"), or starts at its `definitions`
+    with a '#' ("#dataset.preset").
+    """
     return dataclasses.field(default=default, metadata={"schema": schema})
 
 
@@ -107,7 +110,8 @@ def field_problems(cls: type, field: dataclasses.Field, value: Any) -> list[str]
     """What is wrong with one field's value, as lines naming the key."""
     path = field.metadata.get("schema")
     if path is not None:
-        return [f"{field.name}: {error.message}" for error in _field_validator(path).iter_errors(value)]
+        return [f"{'.'.join(map(str, [field.name, *error.absolute_path]))}: {error.message}"
+                for error in _field_validator(path).iter_errors(value)]
     allowed = field_types(cls, field.name)
     if not isinstance(value, allowed) or (isinstance(value, bool) and bool not in allowed):
         return [f"{field.name}: {value!r} is not of type {field.type}"]
