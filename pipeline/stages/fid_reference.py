@@ -105,11 +105,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> None:
-    fid, _ = read_settings(args, "fid_reference")
+    fid, config = read_settings(args, "fid_reference")
     if args.data is not None:
         data = Path(args.data)
     elif args.dataset is not None:
-        data = Path(load_config(args.config).get("results", "results")) / args.dataset / "data.h5"
+        data = Path((config or {}).get("results", "results")) / args.dataset / "data.h5"
     else:
         raise PipelineError("give --data PATH or --dataset NAME.")
     if not data.is_file():
