@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import operator
 import types
 import typing
 from pathlib import Path
@@ -171,18 +172,40 @@ class SampleSettings(ModelSettings):
     seed: int = setting("sampling.seed")
 
 
-@dataclasses.dataclass(frozen=True)
-class PrepareSettings(StageSettings):
-    """One dataset's entry under `datasets:`, with its name."""
+def _json_types(node: Mapping[str, Any]) -> set[str]:
+    """The JSON types a schema entry allows, through $ref and allOf."""
+    while "$ref" in node or "allOf" in node:
+        if "$ref" in node:
+            target = schema_document()["definitions"][node["$ref"].rsplit("/", 1)[1]]
+            node = {**target, **{k: v for k, v in node.items() if k != "$ref"}}
+        else:
+            node = {**node["allOf"][0], **{k: v for k, v in node.items() if k != "allOf"}}
+    kinds = node["type"]
+    return {kinds} if isinstance(kinds, str) else set(kinds)
 
-    dataset: str = setting(None)
-    source: str | None = setting("#dataset.source")
-    download: bool = setting("#dataset.download")
-    resolution: int = setting("#dataset.resolution")
-    max_images: int | None = setting("#dataset.max_images")
-    preset: str = setting("#dataset.preset")
-    batch_size: int = setting("#dataset.batch_size")
-    random_flip: bool = setting("#dataset.random_flip")
+
+_PYTHON_TYPE = {"integer": int, "number": float, "boolean": bool, "string": str, "object": dict, "array": list,
+                "null": type(None)}
+
+
+def _settings_from_schema(name: str, path: str, leading: Sequence[tuple[str, type]], doc: str) -> type:
+    """A settings dataclass whose fields are the schema entry's keys (required ones first), so the
+    two cannot disagree; `leading`: fields of the stage's own before them (not in the entry)."""
+    entry = schema_node(path)
+    required = set(entry.get("required", []))
+    fields = [(key, kind, setting(None)) for key, kind in leading]
+    for key in sorted(entry["properties"], key=lambda k: k not in required):
+        kind = functools.reduce(operator.or_, sorted((_PYTHON_TYPE[t] for t in
+                                                      _json_types(entry["properties"][key])), key=str))
+        fields.append((key, kind, setting(f"{path}.{key}", MISSING if key in required else OMITTED)))
+    cls = dataclasses.make_dataclass(name, fields, bases=(StageSettings,), frozen=True, namespace={"__doc__": doc})
+    cls.__module__ = __name__
+    return cls
+
+
+# One dataset's entry under `datasets:` with its name: whatever keys the schema gives an entry.
+PrepareSettings = _settings_from_schema("PrepareSettings", "#dataset", [("dataset", str)],
+                                        "One dataset's entry under `datasets:`, with its name.")
 
 
 @dataclasses.dataclass(frozen=True)
