@@ -422,6 +422,10 @@ def config_files(args: Any) -> list[Path]:
     config.yaml is left out under --no-default-config, or when the list already starts with it.
     """
     given = [Path(p) for p in (getattr(args, "configfiles", None) or [])]
+    for path in given:
+        if "=" in path.name and not path.exists():
+            raise PipelineError(f"--configfile/--config take YAML files here, not Snakemake's KEY=VALUE ({path}); "
+                                f"write the values into an overlay file and pass it with --configfile.")
     if getattr(args, "no_default_config", False):
         if not given:
             raise PipelineError("--no-default-config needs --configfile FILE [FILE ...]: the config to use "

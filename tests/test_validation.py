@@ -336,6 +336,9 @@ DEMO = REPO / "config" / "demo.yaml"
      "seed, batch_size, random_flip, steps, log_every, checkpoint_every, schedule_sampler, ema, swa, cuda, recipe."),
     ((*TRAIN, "--settings", "{}", "--configfile", str(DEMO)),
      "error: pass --settings or --configfile, not both: --settings holds what the config files would resolve to."),
+    ((*TRAIN, "--config", "device=cuda"),
+     "error: --configfile/--config take YAML files here, not Snakemake's KEY=VALUE (device=cuda); write the values "
+     "into an overlay file and pass it with --configfile."),
     ((*TRAIN, "--no-default-config"),
      "error: --no-default-config needs --configfile FILE [FILE ...]: the config to use instead of config.yaml."),
 ])
