@@ -29,7 +29,6 @@ import torch
 
 from pipeline.arguments import add_config_arguments, int_at_least, nonnegative_int, positive_int
 from pipeline import seeding
-from pipeline.settings import read_settings
 from pipeline.data.hdf5 import TEST_IMAGES, open_image_set, read_rows
 from pipeline.diffusion.sampler import to_uint8
 from pipeline.errors import PipelineError
@@ -38,6 +37,7 @@ from pipeline.io import provenance, write_attrs
 from pipeline.io.integrity import sealed_h5
 from pipeline.io.hashing import file_sha256
 from pipeline.progress import Progress
+from pipeline.settings import read_settings
 from pipeline.stages.fid_reference import REFERENCE_SEED
 
 logger = logging.getLogger(__name__)

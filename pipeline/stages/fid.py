@@ -32,7 +32,6 @@ import numpy as np
 import torch_fidelity
 
 from pipeline.arguments import add_config_arguments, int_at_least, nonnegative_int, positive_int
-from pipeline.settings import read_settings
 from pipeline.errors import PipelineError
 from pipeline.fidelity.bootstrap import fd_replicates, kid_replicates
 from pipeline.fidelity.extractors import resolve_extractor
@@ -43,6 +42,7 @@ from pipeline.fidelity.stats import (DEFAULT_KID_ROWS, H5Images, feature_statist
 from pipeline.io.integrity import sealed_h5
 from pipeline.io.provenance import provenance, write_attrs
 from pipeline.progress import Progress
+from pipeline.settings import read_settings
 
 logger = logging.getLogger(__name__)
 

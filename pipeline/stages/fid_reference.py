@@ -23,13 +23,13 @@ from typing import Any, Mapping
 import torch_fidelity
 
 from pipeline.arguments import add_config_arguments, int_at_least, nonnegative_int, path_name, positive_int
-from pipeline.settings import read_settings
 from pipeline.errors import PipelineError
 from pipeline.fidelity.extractors import (BUILTIN_EXTRACTORS, INCEPTION, Extractor, file_sha256,
                                          resolve_extractor)
 from pipeline.fidelity.stats import (DEFAULT_KID_ROWS, H5Images, feature_statistics, h5_attrs,
                                      image_shape, write_reference)
 from pipeline.io.provenance import provenance
+from pipeline.settings import read_settings
 
 logger = logging.getLogger(__name__)
 

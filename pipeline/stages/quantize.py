@@ -36,7 +36,6 @@ import numpy as np
 import torch
 
 from pipeline.arguments import add_config_arguments, positive_float
-from pipeline.settings import read_settings
 from pipeline.errors import PipelineError
 from pipeline.io.hashing import file_sha256
 from pipeline.io import atomic_path, provenance, write_attrs
@@ -45,6 +44,7 @@ from pipeline.io.checkpoint import load_weights
 from pipeline.precision import CLIP, MINMAX, precision_scheme
 from pipeline.quant import (DEFAULT_CLIP, QuantizedStateDict, checked_clip, clip_levels, clip_quantize_state_dict,
                             clip_step, code_range, dequantize, parse_precision, quantize_state_dict)
+from pipeline.settings import read_settings
 
 logger = logging.getLogger(__name__)
 
