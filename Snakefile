@@ -6,10 +6,12 @@
 #   snakemake --cores all                                  # the paper, on a GPU machine
 #   snakemake --profile profiles/slurm                     # the paper, on a SLURM cluster
 
+import sys
+
 from snakemake.exceptions import WorkflowError
 from snakemake.utils import min_version
 
-from pipeline.settings import planning_problems
+from pipeline.settings import planning_problems, size_warnings
 
 min_version("9.0")
 
@@ -30,6 +32,9 @@ envvars:
 _problems = planning_problems(config, workflow.configfiles)
 if _problems:
     raise WorkflowError("invalid config:\n  - " + "\n  - ".join(_problems))
+# An absurd but valid size (training.steps: 10000000) is said before any job starts.
+for _warning in size_warnings(config):
+    print(f"warning: {_warning}", file=sys.stderr)
 
 
 include: "workflow/rules/common.smk"

@@ -91,7 +91,7 @@ def settings_json(text: str) -> str:
     Snakemake report); checked for duplicate keys and finite numbers, returned as canonical JSON."""
     if not text.strip():
         raise argparse.ArgumentTypeError("is empty; pass a mapping such as '{steps: 10}' or leave the flag "
-                                         "out to read --config")
+                                         "out to read the config files")
     try:
         value = json.loads(text, parse_constant=_refuse_constant, object_pairs_hook=_unique_keys)
     except ValueError as json_error:
@@ -112,6 +112,27 @@ def settings_json(text: str) -> str:
     if problems:
         raise argparse.ArgumentTypeError(problems[0])
     return json.dumps(value, sort_keys=True)
+
+
+def add_config_arguments(parser: argparse.ArgumentParser, settings_help: str | None, reads: str = "") -> None:
+    """The one way every stage takes its config: config files as Snakemake merges them, or --settings.
+
+    `settings_help`: what the stage's --settings mapping holds (None: no --settings, and config.yaml
+    always comes first, as under Snakemake: plan); `reads`: which config keys the stage reads.
+    """
+    group = parser.add_argument_group("config")
+    group.add_argument("--configfile", "--config", dest="configfiles", nargs="+", action="extend", default=None,
+                       metavar="YAML",
+                       help="config files merged in order over config.yaml, as Snakemake's --configfile (the "
+                            "flag may repeat; --config is the older spelling)" + (f"; {reads}" if reads else ""))
+    if settings_help is None:
+        return
+    group.add_argument("--no-default-config", action="store_true",
+                       help="do not merge config.yaml first: the --configfile files are the whole config")
+    group.add_argument("--settings", "--settings-json", dest="settings_json", type=settings_json, default=None,
+                       metavar="MAPPING",
+                       help=f"{settings_help}, as JSON or a YAML flow mapping (what the Snakemake rule passes); "
+                            f"replaces the config files")
 
 
 def _unique_keys(pairs: list[tuple[str, object]]) -> dict:

@@ -1,7 +1,7 @@
 """Loading and validating the workflow's YAML config, under Snakemake and outside it.
 
 Snakemake merges `config.yaml` with `--configfile` overlays; `load_config` does the same merge
-(later files win, mappings merged key by key) so `python -m pipeline <stage> --config ...` sees
+(later files win, mappings merged key by key) so `python -m pipeline <stage> --configfile ...` sees
 exactly what the rule would have passed. Both paths read YAML with a loader that refuses
 duplicate keys, check every number is finite and validate against the same JSON schema
 (workflow/schemas/config.schema.yaml), each problem reported as one line.
@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import copy
 import functools
-import json
 import math
 import re
 from pathlib import Path
@@ -69,7 +68,10 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
         raise PipelineError(f"config file {path} does not exist; pass an existing YAML file "
                             f"(the repository's defaults are in {DEFAULT_CONFIG}).")
     try:
-        layer = yaml.load(path.read_text(), Loader=_UniqueKeyLoader) or {}
+        layer = yaml.load(path.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader) or {}
+    except UnicodeDecodeError as err:
+        raise PipelineError(f"config file {path} is not UTF-8 text (byte {err.start} cannot be decoded); "
+                            f"save it as UTF-8.") from None
     except _DuplicateKeyError as err:
         raise PipelineError(f"config file {path}: key '{err.key}' appears twice (lines {err.first_line} and "
                             f"{err.line}); keep one of them.") from None
@@ -112,22 +114,6 @@ def load_config(paths: Sequence[str | Path] | None = None) -> dict[str, Any]:
     return config
 
 
-def config_slice_from_json(text: str, *keys: str) -> dict[str, Any]:
-    """A config slice passed as --settings (canonical JSON after parsing), validated like a config file.
-
-    `keys`: where the slice sits in a whole config (("fid",) for the fid: slice; none when the
-    slice is itself config-shaped).
-    """
-    value = json.loads(text)
-    whole: Any = value
-    for key in reversed(keys):
-        whole = {key: whole}
-    problems = validation_problems(whole, complete=False)
-    if problems:
-        raise PipelineError("invalid --settings: " + "; ".join(problems))
-    return value
-
-
 def section(config: Mapping[str, Any], *keys: str) -> Any:
     """config[k1][k2]... with an error that names the missing key path."""
     node: Any = config
@@ -159,10 +145,16 @@ def nonfinite_problems(value: Any, path: str = "") -> list[str]:
 
 
 @functools.lru_cache(maxsize=1)
+def schema_document() -> dict[str, Any]:
+    """workflow/schemas/config.schema.yaml, read once."""
+    return yaml.safe_load(SCHEMA.read_text())
+
+
+@functools.lru_cache(maxsize=1)
 def _schema_validator():
     import jsonschema  # 0.15 s to import: paid only by runs that validate a config
 
-    schema = yaml.safe_load(SCHEMA.read_text())
+    schema = schema_document()
     return jsonschema.validators.validator_for(schema)(schema)
 
 
@@ -195,7 +187,7 @@ def _describe(error) -> str:
                       if key not in named and not any(re.search(p, str(key)) for p in patterns)]
         allowed = ", ".join(sorted(named)) or " or ".join(patterns)
         return f"{where}: unknown key(s) {', '.join(unexpected)}; allowed: {allowed}"
-    if error.validator == "not" and set(error.validator_value) == {"required"}:
+    if error.validator == "not" and "required" in error.validator_value:
         return f"{where}: may not hold {' and '.join(error.validator_value['required'])} together"
     # jsonschema's own wording names the value and the rule ("'mnist' is not one of [...]").
     return f"{where}: {_short(error.message, limit=200)}"

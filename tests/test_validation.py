@@ -150,8 +150,8 @@ def write(tmp_path: Path, text: str) -> str:
 
 @pytest.mark.parametrize("text, problem", [
     ("training:\n  optimizr: {lr: 1}\n",
-     "training: unknown key(s) optimizr; allowed: checkpoint_every, cuda, diffusion, ema, log_every, optimizer, "
-     "processes, schedule_sampler, steps, swa, threads_per_process"),
+     "training: unknown key(s) optimizr; allowed: checkpoint_every, cuda, diffusion, ema, log_every, "
+     "max_expected_days, optimizer, processes, schedule_sampler, steps, swa, threads_per_process"),
     ("recipes:\n  sam_rho0.1: {sam: {rho: abc}}\n", "recipes.sam_rho0.1.sam.rho: 'abc' is not of type 'number'"),
     ("recipes:\n  fsgld: {fsgld: {eta: .nan}}\n",
      "recipes.fsgld.fsgld.eta = nan: numbers must be finite; write a finite value"),
@@ -174,7 +174,9 @@ def test_metric_config_with_zero_draws_is_refused(tmp_path, capsys):
     bad = write(tmp_path, "metrics:\n  lpf: {draws: 0}\n")
     status, err = run_stage(capsys, "lpf", "--weights", str(tmp_path / "w.pt"), "--out", str(tmp_path / "o.h5"),
                             "--dataset", "fashion_mnist", "--config", bad)
-    assert_one_line(status, err, f"error: invalid config ({bad}): metrics.lpf.draws: 0 is less than the minimum of 1")
+    # config.yaml is merged first, as under Snakemake: the message names both files.
+    assert_one_line(status, err, f"error: invalid config ({DEFAULT_CONFIG}, {bad}): metrics.lpf.draws: 0 is less "
+                                 f"than the minimum of 1")
 
 
 def test_metric_settings_json_slice_is_validated(tmp_path, capsys):
@@ -208,7 +210,7 @@ LPF = ("lpf", "--weights", "w.pt", "--out", "o.h5")
      "(expected the node content, but found '<stream end>' at line 1, column 2)"),
     ((*TRAIN, "--settings", ""),
      "python -m pipeline train: error: argument --settings/--settings-json: is empty; pass a mapping such as "
-     "'{steps: 10}' or leave the flag out to read --config"),
+     "'{steps: 10}' or leave the flag out to read the config files"),
     ((*TRAIN, "--settings", "[1]"),
      "python -m pipeline train: error: argument --settings/--settings-json: must be a mapping, got list"),
     ((*TRAIN, "--settings", '{"steps": NaN}'),
@@ -279,7 +281,7 @@ def test_help_shows_defaults_the_text_does_not_state():
     parser = build_parser("train")
     help_text = re.sub(r"\s+", " ", parser._subparsers._group_actions[0].choices["train"].format_help())
     assert "training seed (default: 0)" in help_text
-    assert help_text.count("(default: config.yaml)") == 1
+    assert "merged in order over config.yaml" in help_text and "(default: None)" not in help_text
 
 
 def test_settings_json_returns_the_text_unchanged():
@@ -307,3 +309,216 @@ def test_settings_yaml_flow_round_trips_to_the_same_json():
              "path": "it's a; touch {x} #", "looks_numeric": "1e5", "looks_null": "null"}
     flow = yaml.safe_dump(value, default_flow_style=True, width=float("inf"), sort_keys=True).strip()
     assert '"' not in flow and json.loads(settings_json(flow)) == value
+
+
+# ------------------------------------------------------------------------------------------
+# Typed stage settings: --settings checked against the stage's type, which the schema checks.
+
+DEMO = REPO / "config" / "demo.yaml"
+
+
+@pytest.mark.parametrize("argv, expected", [
+    ((*TRAIN, "--settings", "{}"),
+     "error: --settings lacks dataset, preset, resolution, diffusion, device, seed, batch_size, random_flip, steps, "
+     "log_every, checkpoint_every, schedule_sampler, ema, swa, cuda, recipe; pass the whole mapping the Snakemake "
+     "rule passes (`snakemake -n -p` prints it), or --configfile instead of --settings."),
+    (("report", "--settings", "{}"),
+     "error: --settings lacks results, study, report, extractor, n_samples, recipes, averages_from_training; pass "
+     "the whole mapping the Snakemake rule passes (`snakemake -n -p` prints it), or --configfile instead of "
+     "--settings."),
+    (("sample", "--weights", "w.pt", "--dataset", "fashion_mnist", "--steps", "2", "--out", "s.h5",
+      "--settings", '{"device": "cpu"}'),
+     "error: --settings lacks dataset, preset, resolution, diffusion, n_samples, batch_size, chunk_size, seed; "
+     "pass the whole mapping the Snakemake rule passes (`snakemake -n -p` prints it), or --configfile instead of "
+     "--settings."),
+    ((*TRAIN, "--settings", '{"device": "cpu", "stepz": 3}'),
+     "error: --settings: unknown key(s) stepz; TrainSettings takes dataset, preset, resolution, diffusion, device, "
+     "seed, batch_size, random_flip, steps, log_every, checkpoint_every, schedule_sampler, ema, swa, cuda, recipe."),
+    ((*TRAIN, "--settings", "{}", "--configfile", str(DEMO)),
+     "error: pass --settings or --configfile, not both: --settings holds what the config files would resolve to."),
+    ((*TRAIN, "--config", "device=cuda"),
+     "error: --configfile/--config take YAML files here, not Snakemake's KEY=VALUE (device=cuda); write the values "
+     "into an overlay file and pass it with --configfile."),
+    ((*TRAIN, "--no-default-config"),
+     "error: --no-default-config needs --configfile FILE [FILE ...]: the config to use instead of config.yaml."),
+])
+def test_incomplete_or_mixed_settings_are_one_line(capsys, argv, expected):
+    status, err = run_stage(capsys, *argv)
+    assert_one_line(status, err, expected)
+
+
+def test_settings_values_are_checked_by_the_schema(capsys):
+    from pipeline.settings import stage_settings
+    settings = stage_settings(load_config([DEFAULT_CONFIG, DEMO]), "sample", dataset="fashion_mnist")
+    bad = json.dumps({**settings, "n_samples": 0, "preset": "huge"})
+    status, err = run_stage(capsys, "sample", "--weights", "w.pt", "--dataset", "fashion_mnist", "--steps", "2",
+                            "--out", "s.h5", "--settings", bad)
+    assert_one_line(status, err, "error: invalid --settings: preset: 'huge' is not one of ['cifar10', 'adm64', "
+                                 "'demo', 'fmnist16', 'tiny']; n_samples: 0 is less than the minimum of 1")
+
+
+def test_every_rule_mapping_is_accepted_by_its_stage_type():
+    """What the rules pass (stage_settings) passes from_mapping unchanged, for every stage."""
+    from pipeline.settings import SETTINGS, stage_settings
+    config = load_config([DEFAULT_CONFIG, DEMO])
+    wildcards = {"dataset": "fashion_mnist", "recipe": "sam_rho0.01", "seed": 0, "precision": "int8clip"}
+    for stage, (kind, _) in SETTINGS.items():
+        settings = json.loads(json.dumps(stage_settings(config, stage, **wildcards)))
+        assert kind.from_mapping(settings).as_dict() == settings, stage
+
+
+def _schema_types(node: dict) -> set[str]:
+    """The JSON types a schema entry allows, following $ref and allOf."""
+    from pipeline.config import schema_document
+    while "$ref" in node or "allOf" in node:
+        if "$ref" in node:
+            node = {**schema_document()["definitions"][node["$ref"].rsplit("/", 1)[1]],
+                    **{k: v for k, v in node.items() if k != "$ref"}}
+        else:
+            node = {**node["allOf"][0], **{k: v for k, v in node.items() if k != "allOf"}}
+    kinds = node["type"]
+    return {kinds} if isinstance(kinds, str) else set(kinds)
+
+
+def test_settings_types_agree_with_the_schema():
+    """Every field names a schema entry whose JSON type is the field's Python type, and the settings
+    that mirror a schema section hold every key of it: a knob added to one is missing from the other."""
+    import dataclasses
+    from pipeline import settings as s
+    python_of = {"integer": {int}, "number": {float}, "boolean": {bool}, "string": {str}, "object": {dict},
+                 "array": {list}, "null": {type(None)}}
+    checked = 0
+    for kind in s.SETTINGS_TYPES:
+        for field in dataclasses.fields(kind):
+            path = field.metadata["schema"]
+            if path is None:
+                continue
+            allowed = set().union(*(python_of[t] for t in _schema_types(s.schema_node(path))))
+            assert set(s.field_types(kind, field.name)) == allowed, (kind.__name__, field.name, path)
+            checked += 1
+    assert checked > 40
+
+    def keys(path: str) -> set[str]:
+        return set(s.schema_node(path)["properties"])
+
+    def fields(kind, prefix: str) -> set[str]:
+        return {f.name for f in dataclasses.fields(kind)
+                if (f.metadata["schema"] or "").startswith(prefix)}
+
+    assert keys("sampling") == fields(s.SampleSettings, "sampling.")
+    # fid.extractor is checked where it is resolved (pipeline.fidelity.extractors knows the names).
+    assert keys("fid") == fields(s.FidSettings, "fid.") | {"extractor"}
+    assert keys("fid") - {"bootstrap"} == fields(s.FidReferenceSettings, "fid.") | {"extractor"}
+    assert keys("#dataset") == fields(s.PrepareSettings, "#dataset.")
+
+
+# ------------------------------------------------------------------------------------------
+# One way to pass configs: --configfile A B ... over config.yaml, as Snakemake; --config repeated.
+
+# Each stage's required arguments and the settings key/wildcards its read_settings call uses.
+STAGE_CALLS = {
+    "prepare": (["--dataset", "fashion_mnist"], "prepare", {"dataset": "fashion_mnist"}),
+    "fid-reference": ([], "fid_reference", {}),
+    "calibration-samples": (["--data", "d.h5", "--kind", "floor", "--n", "4", "--seed", "0", "--out", "o.h5"],
+                            "calibration_floor", {}),
+    "train": (["--dataset", "fashion_mnist", "--recipe", "fsgld_adam"], "train",
+              {"dataset": "fashion_mnist", "recipe": "fsgld_adam", "seed": 0}),
+    "quantize": (["--weights", "w.pt", "--precision", "int8clip", "--out", "q.pt"], "quantize",
+                 {"precision": "int8clip"}),
+    "sample": (["--weights", "w.pt", "--dataset", "fashion_mnist", "--steps", "2", "--out", "s.h5"], "sample",
+               {"dataset": "fashion_mnist"}),
+    "fid": (["--samples", "s.h5", "--reference", "r.h5"], "fid", {}),
+    **{metric: (["--weights", "w.pt", "--out", "m.h5", "--dataset", "fashion_mnist"], metric,
+                {"dataset": "fashion_mnist"})
+       for metric in ("lpf", "perturbation", "surface", "hessian", "exposure")},
+    "report": ([], "report", {}),
+}
+
+
+@pytest.mark.parametrize("stage", [*STAGE_CALLS, "plan"])
+def test_every_stage_takes_configfile_over_config_yaml_and_the_repeated_flag(stage):
+    from pipeline.settings import config_files, read_settings, stage_settings
+    assert set(STAGE_CALLS) | {"plan"} == set(STAGES)
+    required, key, wildcards = STAGE_CALLS.get(stage, ([], None, {}))
+    parse = build_parser(stage).parse_args
+    forms = [["--configfile", str(DEMO)],                                              # Snakemake's form
+             ["--configfile", str(DEFAULT_CONFIG), str(DEMO)],                         # config.yaml named too
+             ["--config", str(DEFAULT_CONFIG), "--config", str(DEMO)],                 # the older, repeated flag
+             ["--configfile", str(DEMO), "--no-default-config"] if key else None]      # the overlay alone
+    merged = load_config([DEFAULT_CONFIG, DEMO])
+    assert merged["results"] == "results/demo"
+    for form in filter(None, forms):
+        args = parse([stage, *required, *form])
+        files = config_files(args)
+        if "--no-default-config" in form:
+            assert files == [DEMO]
+            continue
+        assert load_config(files) == merged, form
+        if key is not None:
+            settings, config = read_settings(args, key, **wildcards)
+            assert config == merged and settings == stage_settings(merged, key, **wildcards), form
+
+
+def test_a_stage_run_with_the_overlay_alone_sees_it_merged_over_config_yaml(tmp_path, capsys):
+    """The report of config/demo.yaml's study: without config.yaml underneath, the overlay lacks
+    most sections; merged, the stage looks for the demo's results (and says which are missing)."""
+    status, err = run_stage(capsys, "report", "--configfile", str(DEMO), "--out-dir", str(tmp_path / "out"))
+    assert status == 2 and err.startswith("error: ") and "results/demo/" in err and "Traceback" not in err
+
+
+# ------------------------------------------------------------------------------------------
+# Issue 25, point 8: what used to end in a traceback or the wrong words.
+
+@pytest.mark.parametrize("flag", ["--config", "--configfile"])
+def test_non_utf8_config_file_is_one_line(tmp_path, capsys, flag):
+    bad = tmp_path / "latin1.yaml"
+    bad.write_bytes("results: r\xe9sultats\n".encode("latin-1"))
+    status, err = run_stage(capsys, *TRAIN, flag, str(bad))
+    assert_one_line(status, err, f"error: config file {bad} is not UTF-8 text (byte 10 cannot be decoded); "
+                                 f"save it as UTF-8.")
+
+
+def test_null_recipe_is_a_plain_recipe_not_sam_and_fsgld():
+    config = deep_merge(load_config([DEFAULT_CONFIG]), {"recipes": {"adm": None}})
+    from pipeline.config import validation_problems
+    assert validation_problems(config) == []
+    both = deep_merge(config, {"recipes": {"adm": {"sam": {"rho": 0.1}, "fsgld": {}}}})
+    assert validation_problems(both) == ["recipes.adm: may not hold sam and fsgld together"]
+
+
+# ------------------------------------------------------------------------------------------
+# Issue 25, point 5: an absurd size is said before any job, with the key that silences it.
+
+def test_absurd_training_size_warns_in_one_line_and_a_key_silences_it():
+    from pipeline.settings import size_warnings
+    config = load_config([DEFAULT_CONFIG])
+    assert size_warnings(config) == [] and size_warnings(load_config([DEFAULT_CONFIG, DEMO])) == []
+    config["training"]["steps"] = 10_000_000
+    (line,) = size_warnings(config)
+    assert line.startswith("training lsun_tower/sam_rho0.1 (and 18 more run(s)): 10000000 steps at batch 256 on "
+                           "preset adm64 would take about ")
+    assert line.endswith(" days at a default 5e+13 FLOP/s on cuda, beyond training.max_expected_days = 30; lower "
+                         "training.steps, or set training.max_expected_days (null silences this).")
+    days = float(line.split("about ")[1].split(" days")[0].replace(",", ""))
+    assert 300 < days < 3000
+    # Ten times fewer steps, ten times fewer days.
+    config["training"]["steps"] = 1_000_000
+    fewer = float(size_warnings(config)[0].split("about ")[1].split(" days")[0].replace(",", ""))
+    assert abs(fewer - days / 10) <= 1
+    config["training"]["max_expected_days"] = None
+    assert size_warnings(config) == []
+
+
+def test_flop_estimate_matches_the_demo_presets_measured_count():
+    """preset_table.py: the demo preset costs 34 GFLOP per training step at batch 32."""
+    from pipeline.settings import training_flops_per_image
+    assert 0.8 < training_flops_per_image("demo") * 32 / 34e9 < 1.2
+
+
+def test_planning_prints_the_size_warning_before_any_job(tmp_path):
+    demo = DEMO.read_text()
+    result = plan(tmp_path, demo, "training: {steps: 10000000, max_expected_days: 1}\n")
+    out = result.stdout + result.stderr
+    assert result.returncode == 0, out[-3000:]
+    warnings = [line for line in out.splitlines() if line.startswith("warning: training ")]
+    assert len(warnings) == 1 and "fashion_mnist/sam_rho0.01" in warnings[0] and "on cpu" in warnings[0]

@@ -20,7 +20,6 @@ data (path), data_sha256 (`artifact_sha256`: the same for two identical prepare 
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 from pathlib import Path
 from typing import Any, Mapping
@@ -28,9 +27,8 @@ from typing import Any, Mapping
 import numpy as np
 import torch
 
-from pipeline.arguments import int_at_least, nonnegative_int, positive_int, settings_json
+from pipeline.arguments import add_config_arguments, int_at_least, nonnegative_int, positive_int
 from pipeline import seeding
-from pipeline.config import load_config
 from pipeline.data.hdf5 import TEST_IMAGES, open_image_set, read_rows
 from pipeline.diffusion.sampler import to_uint8
 from pipeline.errors import PipelineError
@@ -38,6 +36,7 @@ from pipeline.fidelity.stats import reference_rows, select_rows
 from pipeline.io import provenance, write_attrs
 from pipeline.io.integrity import artifact_sha256, sealed_h5
 from pipeline.progress import Progress
+from pipeline.settings import read_settings
 from pipeline.stages.fid_reference import REFERENCE_SEED
 
 logger = logging.getLogger(__name__)
@@ -143,19 +142,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, help="samples.h5 to write")
     parser.add_argument("--reference-images", type=int_at_least(2), default=None,
                         help="floor without a test split: the reference's subset size (default: "
-                             "fid.reference_images of --settings or --config)")
-    parser.add_argument("--config", action="append", default=None, metavar="YAML",
-                        help="config file(s), merged in order (default: config.yaml)")
-    parser.add_argument("--settings", "--settings-json", dest="settings_json", type=settings_json, default=None,
-                        metavar="MAPPING", help="resolved settings as JSON or a YAML flow mapping (what the Snakemake rule passes): n, seed and, "
-                             "for floor, reference_images")
+                             "fid.reference_images of --settings or the config files)")
+    add_config_arguments(parser, "n, seed and, for floor, reference_images (pipeline.settings.CalibrationSettings)",
+                         reads="fid.reference_images")
 
 
 def run(args: argparse.Namespace) -> None:
-    if args.settings_json:
-        settings = json.loads(args.settings_json)
-    else:
-        settings = {"reference_images": (load_config(args.config).get("fid") or {}).get("reference_images")}
+    settings, _ = read_settings(args, f"calibration_{args.kind}")
     reference_images = (args.reference_images if args.reference_images is not None
                         else settings.get("reference_images"))
     settings = {**settings, "kind": args.kind, "n": args.n, "seed": args.seed}

@@ -31,8 +31,7 @@ from typing import Any, Mapping
 import numpy as np
 import torch_fidelity
 
-from pipeline.arguments import int_at_least, nonnegative_int, positive_int, settings_json
-from pipeline.config import load_config
+from pipeline.arguments import add_config_arguments, int_at_least, nonnegative_int, positive_int
 from pipeline.errors import PipelineError
 from pipeline.fidelity.bootstrap import fd_replicates, kid_replicates
 from pipeline.fidelity.extractors import resolve_extractor
@@ -42,6 +41,7 @@ from pipeline.fidelity.stats import (DEFAULT_KID_ROWS, H5Images, feature_statist
 from pipeline.io.integrity import artifact_sha256, sealed_h5
 from pipeline.io.provenance import provenance, stable_attrs, write_attrs
 from pipeline.progress import Progress
+from pipeline.settings import read_settings
 
 logger = logging.getLogger(__name__)
 
@@ -155,22 +155,11 @@ def evaluate(samples: str | Path, reference: str | Path, out: str | Path | None 
     return {**attrs, "out": str(out)}
 
 
-def fid_settings(args: argparse.Namespace) -> dict[str, Any]:
-    """The config's `fid:` slice: --settings-json (what the Snakemake rule passes) or --config."""
-    if args.settings_json:
-        return json.loads(args.settings_json)
-    return dict(load_config(args.config).get("fid") or {})
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--samples", required=True, help="samples.h5 with uint8 'images' (N, H, W, C)")
     parser.add_argument("--reference", required=True, help="fid_ref_{extractor}.h5 from fid-reference")
     parser.add_argument("--out", default=None, help="output (default: fid_{extractor}.h5 beside --samples)")
-    parser.add_argument("--config", action="append", default=None, metavar="YAML",
-                        help="config file(s), merged in order (default: config.yaml)")
-    parser.add_argument("--settings", "--settings-json", dest="settings_json", type=settings_json, default=None,
-                        metavar="MAPPING", help="the config's fid: slice as JSON or a YAML flow mapping (what the Snakemake rule passes); "
-                             "replaces --config for the fid settings")
+    add_config_arguments(parser, "the config's fid: entries (pipeline.settings.FidSettings)", reads="fid")
     parser.add_argument("--inception-weights", default=None, metavar="PATH",
                         help="Inception weights file (default: fid.inception_weights, then the torch "
                              "hub cache, then a download); must match the reference's")
@@ -197,7 +186,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> None:
-    fid = fid_settings(args)
+    fid, _ = read_settings(args, "fid")
     batch_size = args.batch_size if args.batch_size is not None else fid.get("batch_size") or 64
     kid_rows = args.kid_rows if args.kid_rows is not None else fid.get("kid_rows") or DEFAULT_KID_ROWS
     boot = fid.get("bootstrap") or {}

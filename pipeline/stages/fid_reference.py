@@ -22,8 +22,7 @@ from typing import Any, Mapping
 
 import torch_fidelity
 
-from pipeline.arguments import int_at_least, nonnegative_int, path_name, positive_int, settings_json
-from pipeline.config import load_config
+from pipeline.arguments import add_config_arguments, int_at_least, nonnegative_int, path_name, positive_int
 from pipeline.data.hdf5 import open_image_set
 from pipeline.errors import PipelineError
 from pipeline.fidelity.extractors import BUILTIN_EXTRACTORS, INCEPTION, Extractor, resolve_extractor
@@ -31,6 +30,7 @@ from pipeline.fidelity.stats import (DEFAULT_KID_ROWS, H5Images, feature_statist
                                      image_shape, write_reference)
 from pipeline.io.integrity import artifact_sha256
 from pipeline.io.provenance import provenance, stable_attrs
+from pipeline.settings import read_settings
 
 logger = logging.getLogger(__name__)
 
@@ -83,21 +83,10 @@ def build_reference(data: str | Path, extractor: Extractor, out: str | Path, *,
     return out
 
 
-def fid_settings(args: argparse.Namespace) -> dict[str, Any]:
-    """The config's `fid:` slice: --settings-json (what the Snakemake rule passes) or --config."""
-    if args.settings_json:
-        return json.loads(args.settings_json)
-    return dict(load_config(args.config).get("fid") or {})
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", default=None, help="data.h5 (default: {results}/{dataset}/data.h5)")
     parser.add_argument("--dataset", type=path_name, default=None, help="dataset name, for the default --data")
-    parser.add_argument("--config", action="append", default=None, metavar="YAML",
-                        help="config file(s), merged in order (default: config.yaml)")
-    parser.add_argument("--settings", "--settings-json", dest="settings_json", type=settings_json, default=None,
-                        metavar="MAPPING", help="the config's fid: slice as JSON or a YAML flow mapping (what the Snakemake rule passes); "
-                             "replaces --config for the fid settings")
+    add_config_arguments(parser, "the config's fid: entries (pipeline.settings.FidReferenceSettings)", reads="fid")
     parser.add_argument("--extractor", default=None,
                         help=f"feature extractor: {', '.join(BUILTIN_EXTRACTORS)} or effnet-lite0-<S>px "
                              f"(default: fid.extractor, else {INCEPTION})")
@@ -118,11 +107,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> None:
-    fid = fid_settings(args)
+    fid, config = read_settings(args, "fid_reference")
     if args.data is not None:
         data = Path(args.data)
     elif args.dataset is not None:
-        data = Path(load_config(args.config).get("results", "results")) / args.dataset / "data.h5"
+        data = Path((config or {}).get("results", "results")) / args.dataset / "data.h5"
     else:
         raise PipelineError("give --data PATH or --dataset NAME.")
     if not data.is_file():

@@ -19,8 +19,8 @@ import numpy as np
 import torch
 import yaml
 
-from pipeline.arguments import nonnegative_int, path_name, positive_int, settings_json
-from pipeline.config import config_slice_from_json, load_config, section
+from pipeline.arguments import add_config_arguments, nonnegative_int, path_name, positive_int
+from pipeline.config import section
 from pipeline.data.hdf5 import read_info
 from pipeline.errors import PipelineError
 from pipeline.device import resolve_device
@@ -29,9 +29,10 @@ from pipeline.flatness.weights import num_elements, parameter_norm, trainable_pa
 from pipeline.io import provenance, write_attrs
 from pipeline.io.integrity import open_verified_h5, sealed_h5
 from pipeline.progress import Progress, duration
+from pipeline.settings import read_settings
 
 SUPPRESS = argparse.SUPPRESS
-OPTIONAL_FLAGS = ("data", "dataset", "config", "settings_json", "preset", "device")
+OPTIONAL_FLAGS = ("data", "dataset", "preset", "device")
 SUMMARY_SCALARS = 8  # the closing log line quotes at most this many scalar results
 
 logger = logging.getLogger(__name__)
@@ -46,12 +47,8 @@ def add_common_arguments(parser: argparse.ArgumentParser, name: str, loss_based:
                         help="prepared data.h5 (default: {results}/{dataset}/data.h5)")
     parser.add_argument("--dataset", type=path_name, default=SUPPRESS,
                         help="dataset name: the config entry that names the UNet preset")
-    parser.add_argument("--config", action="append", default=SUPPRESS, metavar="YAML",
-                        help=f"config file(s), merged in order (default: config.yaml); "
-                             f"settings are read from metrics.{name}")
-    parser.add_argument("--settings", "--settings-json", dest="settings_json", type=settings_json, default=SUPPRESS,
-                        metavar="MAPPING",
-                        help="a config slice as JSON or a YAML flow mapping (what the Snakemake rule passes); replaces --config")
+    add_config_arguments(parser, "a config slice (pipeline.settings.MetricSettings)",
+                         reads=f"settings are read from metrics.{name}")
     parser.add_argument("--preset", default=SUPPRESS,
                         help="UNet preset, overriding train.h5 beside the weights and the dataset's entry")
     parser.add_argument("--device", default=SUPPRESS, help="auto | cpu | cuda (default: config 'device')")
@@ -139,7 +136,8 @@ def prepare(args: argparse.Namespace, name: str, defaults: Mapping[str, Any]) ->
     for optional in OPTIONAL_FLAGS:
         if not hasattr(args, optional):
             setattr(args, optional, None)
-    config = config_slice_from_json(args.settings_json) if args.settings_json else load_config(args.config)
+    settings_slice, merged = read_settings(args, name, dataset=args.dataset)
+    config = settings_slice if merged is None else merged  # by hand: the whole config (results, ...)
     settings = resolve_settings(args, name, defaults, config)
     if "batch_size" in settings and int(settings["batch_size"]) < 1:
         raise PipelineError(f"batch_size must be >= 1, got {settings['batch_size']}.")

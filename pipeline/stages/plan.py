@@ -7,8 +7,8 @@ extractions, ...; see pipeline/cost/model.py) and multiplies them by the seconds
 rule and in total, each rule's longest job against its `runtime` resource and the measured peak
 memory of its work against `mem_mb`.
 
-  python -m pipeline plan --configfile config.yaml config/demo.yaml --calibrate   # time this device
-  python -m pipeline plan --configfile config.yaml config/demo.yaml               # the estimate
+  python -m pipeline plan --configfile config/demo.yaml --calibrate   # time this device
+  python -m pipeline plan --configfile config/demo.yaml               # the estimate
 
 Calibration runs each work unit in a fresh process (so its peak memory is its own) at the plan's
 presets and batch sizes, batches above --max-batch timed at --max-batch and scaled linearly; the
@@ -30,20 +30,21 @@ import time
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+from pipeline.arguments import add_config_arguments
 from pipeline.config import REPO_ROOT, load_config, section
 from pipeline.cost.dryrun import Job, planned_jobs
 from pipeline.cost.model import (RuleCost, Timings, estimate, model_key, recipe_kind, required_units,
                                  total_seconds)
 from pipeline.errors import PipelineError
 from pipeline.io import atomic_path
+from pipeline.settings import config_files
 
 # The stage whose `--help` start-up is timed as every job's overhead (imports torch and the UNet).
 STARTUP_PROBE = ["-m", "pipeline", "sample", "--help"]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--configfile", nargs="+", default=[str(REPO_ROOT / "config.yaml")],
-                        help="config files, merged in order as Snakemake's --configfile does")
+    add_config_arguments(parser, None)
     parser.add_argument("--all", dest="everything", action="store_true",
                         help="every job of the plan, not only the stale ones (snakemake --forceall)")
     parser.add_argument("--calibrate", action="store_true",
@@ -451,17 +452,18 @@ def run(args: argparse.Namespace) -> None:
     if args.measure is not None:
         print(json.dumps(measure(json.loads(args.measure))))
         return
-    config = load_config(args.configfile)
+    configfiles = [str(path) for path in config_files(args)]
+    config = load_config(configfiles)
     path = Path(args.calibration) if args.calibration else default_calibration_path(config, args.device)
     if args.calibrate:
         # Every work unit of the whole plan, whatever is stale now.
-        every_job = planned_jobs(args.workdir, args.configfile, everything=True)
+        every_job = planned_jobs(args.workdir, configfiles, everything=True)
         print(f"calibrating {len(required_units(every_job, config))} work units on {args.device} "
               f"(load average {os.getloadavg()[0]:.1f})", file=sys.stderr)
         calibration = calibrate(every_job, config, args.device, args.max_batch, args.repeats,
                                 log=lambda line: print(line, file=sys.stderr))
         write_calibration(path, calibration)
     calibration = read_calibration(path)
-    jobs = planned_jobs(args.workdir, args.configfile, everything=args.everything)
+    jobs = planned_jobs(args.workdir, configfiles, everything=args.everything)
     costs = estimate(jobs, config, Timings.from_calibration(calibration))
     print(format_estimate(costs, not args.everything, calibration, path))

@@ -10,19 +10,19 @@ leaves nothing half-written behind.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import time
 from pathlib import Path
 from typing import Any, Mapping
 
-from pipeline.arguments import path_name, positive_int, settings_json
-from pipeline.config import load_config, section
+from pipeline.arguments import add_config_arguments, path_name, positive_int
+from pipeline.config import section
 from pipeline.data.hdf5 import read_info, write_image_set
 from pipeline.data.sources import dataset_entry, open_source
 from pipeline.errors import PipelineError
 from pipeline.io.provenance import provenance
+from pipeline.settings import read_settings
 
 logger = logging.getLogger(__name__)
 
@@ -30,12 +30,8 @@ logger = logging.getLogger(__name__)
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dataset", type=path_name, required=True,
                         help="dataset to prepare (a key of config 'datasets': config.yaml's or an overlay's)")
-    parser.add_argument("--config", action="append", default=None, metavar="YAML",
-                        help="config file(s), merged in order; none given = the repository's config.yaml")
-    parser.add_argument("--settings", "--settings-json", dest="settings_json", type=settings_json, default=None,
-                        metavar="MAPPING",
-                        help="the datasets.<dataset> config entry as JSON (what the Snakemake rule "
-                             "passes); replaces --config")
+    add_config_arguments(parser, "the datasets.<dataset> entry with its name (pipeline.settings.PrepareSettings)",
+                         reads="datasets.<dataset> and results")
     parser.add_argument("--source", default=None, metavar="PATH",
                         help="raw data path; unset = config datasets.<dataset>.source")
     parser.add_argument("--download", action=argparse.BooleanOptionalAction, default=None,
@@ -82,13 +78,11 @@ def prepare_settings(config: Mapping[str, Any], dataset: str, source: str | None
 
 
 def run(args: argparse.Namespace) -> None:
-    if args.settings_json:
-        entry = {k: v for k, v in json.loads(args.settings_json).items() if k != "dataset"}
-        config = {"datasets": {args.dataset: entry}}
+    entry, config = read_settings(args, "prepare", dataset=args.dataset)
+    if config is None:
+        config = {"datasets": {args.dataset: {k: v for k, v in entry.items() if k != "dataset"}}}
         if args.out:  # {results}/{dataset}/data.h5
             config["results"] = str(Path(args.out).parent.parent)
-    else:
-        config = load_config(args.config)
     settings = prepare_settings(config, args.dataset, args.source, args.download, args.max_images)
     if args.workers < 1:
         raise PipelineError(f"--workers must be >= 1, not {args.workers}.")

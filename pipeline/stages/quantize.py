@@ -16,8 +16,8 @@ Writes two files, each atomically:
   W_q can take. `read_codes` turns the file back into the exact --out tensors.
 
 The clip range c of intBclip comes from --clip, else the config slice of --settings (what
-the Snakemake rule passes: `quantization.clip`), else the --config files' quantization.clip
-(default config.yaml), else 1.0. Min-max precisions read no config.
+the Snakemake rule passes: `quantization.clip`), else the --configfile files' quantization.clip
+(merged over config.yaml), else 1.0. Min-max precisions read no config.
 
 Precision "fp32" is accepted for completeness: --out becomes a byte copy of the input and
 --codes an HDF5 file with an empty `tensors` group and precision "fp32". (The workflow uses the
@@ -35,8 +35,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipeline.arguments import positive_float, settings_json
-from pipeline.config import load_config
+from pipeline.arguments import add_config_arguments, positive_float
 from pipeline.errors import PipelineError
 from pipeline.io.hashing import file_sha256
 from pipeline.io import atomic_path, provenance, write_attrs
@@ -45,6 +44,7 @@ from pipeline.io.checkpoint import load_weights
 from pipeline.precision import CLIP, MINMAX, precision_scheme
 from pipeline.quant import (DEFAULT_CLIP, QuantizedStateDict, checked_clip, clip_levels, clip_quantize_state_dict,
                             clip_step, code_range, dequantize, parse_precision, quantize_state_dict)
+from pipeline.settings import read_settings
 
 logger = logging.getLogger(__name__)
 
@@ -146,12 +146,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--clip", type=positive_float, default=None,
                         help="range c of intBclip: weights are clipped to [-c, c] (default: the config's "
                              f"quantization.clip, else {DEFAULT_CLIP})")
-    parser.add_argument("--settings", "--settings-json", dest="settings_json", type=settings_json, default=None,
-                        metavar="MAPPING",
-                        help="a config slice as JSON or a YAML flow mapping (what the Snakemake rule passes); replaces --config")
-    parser.add_argument("--config", action="append", default=None, metavar="YAML",
-                        help="config file(s), merged in order (default: config.yaml); quantization.clip "
-                             "is read from them")
+    add_config_arguments(parser, "a config slice, {quantization: {clip: C}} or {} (pipeline.settings.QuantizeSettings)",
+                         reads="quantization.clip is read from them")
 
 
 def run(args: argparse.Namespace) -> None:
@@ -168,12 +164,8 @@ def run(args: argparse.Namespace) -> None:
 
 
 def resolve_clip(args: argparse.Namespace) -> float:
-    """c for intBclip: --clip, else quantization.clip of --settings or --config, else DEFAULT_CLIP."""
+    """c for intBclip: --clip, else quantization.clip of --settings or the config files, else DEFAULT_CLIP."""
     if args.clip is not None:
         return checked_clip(args.clip)
-    try:
-        config = json.loads(args.settings_json) if args.settings_json else load_config(args.config)
-    except json.JSONDecodeError as err:
-        raise PipelineError(f"--settings is not valid JSON ({err}); pass a config slice such as "
-                            f'\'{{"quantization": {{"clip": 1.0}}}}\'.') from None
+    config, _ = read_settings(args, "quantize", precision=args.precision)
     return checked_clip((config.get("quantization") or {}).get("clip", DEFAULT_CLIP))

@@ -13,33 +13,24 @@ the file and the rule that makes it; nothing is written then.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 from pathlib import Path
 
-from pipeline.arguments import settings_json
+from pipeline.arguments import add_config_arguments
 from pipeline import layout
-from pipeline.config import load_config
 from pipeline.report import build_report
-from pipeline.settings import stage_settings
+from pipeline.settings import read_settings
 
 logger = logging.getLogger(__name__)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--settings", "--settings-json", dest="settings_json", type=settings_json, default=None,
-                        metavar="MAPPING", help="stage_settings(config, 'report') as JSON or a YAML flow mapping (what the Snakemake rule passes); "
-                             "replaces --config")
-    parser.add_argument("--config", action="append", default=None, metavar="YAML",
-                        help="config file(s), merged in order (default: config.yaml)")
+    add_config_arguments(parser, "the report's settings (pipeline.settings.ReportSettings)")
     parser.add_argument("--out-dir", default=None, help="output folder (default: {results}/report)")
 
 
 def run(args: argparse.Namespace) -> None:
-    if args.settings_json:
-        settings = json.loads(args.settings_json)
-    else:
-        settings = stage_settings(load_config(args.config), "report")
+    settings, _ = read_settings(args, "report")
     out_dir = Path(args.out_dir or layout.report_dir(settings["results"]))
     written = build_report(settings, out_dir)
     logger.info("report: wrote %d files to %s", len(written), out_dir)

@@ -35,9 +35,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from pipeline.arguments import nonnegative_int, path_name, positive_int, settings_json
+from pipeline.arguments import add_config_arguments, nonnegative_int, path_name, positive_int
 from pipeline import seeding
-from pipeline.config import load_config, section
 from pipeline.device import resolve_device
 from pipeline.diffusion.gaussian import GaussianDiffusion, create_diffusion
 from pipeline.diffusion.sampler import sample_images, to_uint8
@@ -47,7 +46,7 @@ from pipeline.io.integrity import DamagedFile, discard_if_damaged, seal_zip, sea
 from pipeline.io.checkpoint import load_weights
 from pipeline.nn.presets import build_unet
 from pipeline.nn.unet import UNetModel
-from pipeline.settings import model_settings
+from pipeline.settings import read_settings
 from pipeline.io.hashing import file_sha256
 from pipeline.progress import Progress
 
@@ -60,13 +59,6 @@ logger = logging.getLogger(__name__)
 
 # ------------------------------------------------------------------------------------------
 # Settings and the model.
-
-def sample_settings(config: Mapping[str, Any], dataset: str) -> dict[str, Any]:
-    """Model settings of the dataset plus config 'sampling': n_samples, batch_size, chunk_size, seed."""
-    sampling = section(config, "sampling")
-    return {**model_settings(config, dataset),
-            **{key: sampling[key] for key in ("n_samples", "batch_size", "chunk_size", "seed")}}
-
 
 def build_sampling_model(settings: Mapping[str, Any], state_dict: Mapping[str, torch.Tensor],
                          device: torch.device) -> UNetModel:
@@ -146,7 +138,7 @@ def sample_to_file(settings: Mapping[str, Any], weights: str | Path, out: str | 
     """Sample settings["n_samples"] images from `weights` into `out` (samples.h5) and `grid` (PNG).
 
     `settings` holds preset, resolution, diffusion, device, n_samples, batch_size, chunk_size
-    and seed (see `sample_settings`). `stop_after_chunks` returns after computing that many
+    and seed (see pipeline.settings.SampleSettings). `stop_after_chunks` returns after computing that many
     chunks in this call without writing the outputs (tests use it to interrupt a run).
 
     :return: the indices of the chunks computed by this call (finished ones are skipped).
@@ -309,11 +301,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dataset", type=path_name, required=True,
                         help="dataset name (sets preset, resolution, diffusion)")
     parser.add_argument("--steps", type=positive_int, required=True, help="respaced sampling steps T' (e.g. 20, 100)")
-    parser.add_argument("--config", action="append", default=None, metavar="YAML",
-                        help="config file(s), merged in order; None = config.yaml")
-    parser.add_argument("--settings", "--settings-json", dest="settings_json", type=settings_json, default=None,
-                        metavar="MAPPING", help="resolved settings as JSON or a YAML flow mapping (what the Snakemake rule passes); replaces "
-                             "--config resolution")
+    add_config_arguments(parser, "the resolved settings (pipeline.settings.SampleSettings)",
+                         reads="the dataset's entry, training.diffusion, device and sampling")
     parser.add_argument("--n", type=positive_int, default=None,
                         help="number of images; None = config sampling.n_samples")
     parser.add_argument("--batch-size", type=positive_int, default=None, help="images per model call; None = config "
@@ -330,10 +319,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> None:
-    if args.settings_json:
-        settings = json.loads(args.settings_json)
-    else:
-        settings = sample_settings(load_config(args.config), args.dataset)
+    settings, _ = read_settings(args, "sample", dataset=args.dataset)
     overrides = {"n_samples": args.n, "batch_size": args.batch_size, "chunk_size": args.chunk_size,
                  "seed": args.seed, "device": args.device}
     settings.update({key: value for key, value in overrides.items() if value is not None})

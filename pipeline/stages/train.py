@@ -30,9 +30,8 @@ from typing import Any, Mapping
 import numpy as np
 import torch
 
-from pipeline.arguments import nonnegative_int, path_name, positive_int, settings_json
+from pipeline.arguments import add_config_arguments, nonnegative_int, path_name, positive_int
 from pipeline import distributed, seeding
-from pipeline.config import load_config
 from pipeline.data.loader import TrainingBatches
 from pipeline.diffusion.gaussian import create_diffusion
 from pipeline.diffusion.timestep_sampler import LossSecondMomentResampler, UniformSampler
@@ -48,8 +47,8 @@ from pipeline.optim.averages import EMA, SWA
 from pipeline.optim.fsgld import FSGLD
 from pipeline.optim.sam import SAM
 from pipeline.progress import Progress, duration
-from pipeline.recipes import Recipe, base_optimizer_class, recipe_from_description
-from pipeline.settings import train_settings
+from pipeline.recipes import Recipe, base_optimizer_class, check_fsgld_base, recipe_from_description
+from pipeline.settings import read_settings
 
 LOG_FIELDS = ("loss", "mse", "vb", "grad_norm", "lr")
 # Refreshed at every checkpoint for `cat` on a cluster; not an output, so not in the Snakemake rule.
@@ -299,10 +298,8 @@ def build_optimizer(model: torch.nn.Module, recipe: Recipe, seed: int) -> torch.
                    asam_eta=recipe.sam["asam_eta"], **base_kwargs)
     if recipe.fsgld is not None:
         f = recipe.fsgld
+        check_fsgld_base(recipe)
         base = "sgd" if recipe.optimizer["name"] == "sgd" else "adam"
-        if base == "sgd" and base_kwargs.get("momentum", 0.0) != 0.0:
-            raise PipelineError(f"recipe '{recipe.name}': fSGLD's SGD base has no momentum (the "
-                                f"Langevin dynamics it samples are first order); set optimizer.momentum: 0.")
         extra = {} if base == "sgd" else {"betas": base_kwargs["betas"]}
         return FSGLD(params, lr=base_kwargs["lr"], seed=seeding.derive_seed(seed, stream="fsgld"),
                      beta_inv=f["beta_inv"], eta=f["eta"], sigma=f["sigma"], n_pert=f["n_pert"],
@@ -395,11 +392,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="dataset name (a key of config 'datasets')")
     parser.add_argument("--recipe", type=path_name, required=True, help="recipe name (a key of config 'recipes')")
     parser.add_argument("--seed", type=nonnegative_int, default=0, help="training seed")
-    parser.add_argument("--config", action="append", default=None, metavar="YAML",
-                        help="config file(s), merged in order (default: config.yaml)")
-    parser.add_argument("--settings", "--settings-json", dest="settings_json", type=settings_json, default=None,
-                        metavar="MAPPING", help="resolved run settings as JSON or a YAML flow mapping (what the Snakemake rule passes); "
-                             "replaces --config resolution")
+    add_config_arguments(parser, "the run's resolved settings (pipeline.settings.TrainSettings)")
     parser.add_argument("--data", default=None, help="data.h5 (default: {results}/{dataset}/data.h5)")
     parser.add_argument("--out-dir", default=None,
                         help="run folder (default: {results}/{dataset}/{recipe}/seed{seed})")
@@ -418,13 +411,8 @@ def run(args: argparse.Namespace) -> None:
         raise PipelineError(f"--processes must be at least 1, got {args.processes}.")
     if args.processes > 1 and "WORLD_SIZE" not in os.environ:
         _relaunch_under_torchrun(args.processes)
-    if args.settings_json:
-        settings = json.loads(args.settings_json)
-        results = Path("results")
-    else:
-        config = load_config(args.config)
-        settings = train_settings(config, args.dataset, args.recipe, args.seed)
-        results = Path(config.get("results", "results"))
+    settings, config = read_settings(args, "train", dataset=args.dataset, recipe=args.recipe, seed=args.seed)
+    results = Path((config or {}).get("results", "results"))
     if args.steps is not None:
         settings["steps"] = args.steps
     data = Path(args.data or results / args.dataset / "data.h5")
