@@ -41,3 +41,20 @@ def _randn_share(x: torch.Tensor, global_batch: int, share: slice, generator: to
     """
     noise = torch.randn((global_batch, *x.shape[1:]), generator=generator, dtype=torch.float32)
     return noise[share].to(x.device, non_blocking=True)
+
+
+class RandomImages:
+    """Uniform random images in TrainingBatches' interface (one process), for timing a step
+    without a data file: `plan --calibrate` and bench/train_step.py."""
+
+    rank = 0
+
+    def __init__(self, batch_size: int, channels: int, image_size: int, seed: int = 0) -> None:
+        self.batch_size = self.local_batch_size = batch_size
+        self.channels, self.image_size, self.seed = channels, image_size, seed
+
+    def batch(self, step: int) -> torch.Tensor:
+        """(B, C, H, W) float32 in [-1, 1] on the CPU, a function of (seed, step)."""
+        generator = torch.Generator().manual_seed(self.seed + step)  # timing only: any numbers do
+        shape = (self.batch_size, self.channels, self.image_size, self.image_size)
+        return torch.rand(shape, generator=generator) * 2 - 1

@@ -12,7 +12,7 @@ import torch
 
 from pipeline import seeding
 from pipeline.diffusion.gaussian import create_diffusion
-from pipeline.diffusion.timestep_sampler import LossSecondMomentResampler, UniformSampler
+from pipeline.diffusion.timestep_sampler import create_timestep_sampler
 from pipeline.nn.presets import build_unet
 from pipeline.optim.averages import EMA, SWA
 from pipeline.training.step import use_channels_last
@@ -31,10 +31,7 @@ def build_diffusion(settings: Mapping[str, Any]):
     d = settings["diffusion"]
     diffusion = create_diffusion(steps=d["steps"], noise_schedule=d["noise_schedule"],
                                  learn_sigma=d["learn_sigma"])
-    sampler = (LossSecondMomentResampler(diffusion.num_timesteps)
-               if settings["schedule_sampler"] == "loss-second-moment"
-               else UniformSampler(diffusion.num_timesteps))
-    return diffusion, sampler
+    return diffusion, create_timestep_sampler(settings["schedule_sampler"], diffusion.num_timesteps)
 
 
 def build_averages(model: torch.nn.Module, settings: Mapping[str, Any]) -> tuple[EMA, SWA]:
