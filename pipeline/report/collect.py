@@ -60,7 +60,7 @@ def required_inputs(study: Study) -> list[Input]:
                                 "fid", {**run, "average": average, "precision": precision, "steps": steps}))
     selection_steps = study.selection_steps
     for run in _runs(study):
-        if selection_steps is not None and study.describe(run["recipe"]).get("sam") is not None:
+        if selection_steps is not None and study.recipe(run["recipe"]).kind == "sam":
             inputs.append(Input(layout.validation_fid(results, *run.values(), selection_steps, study.extractor),
                                 "validation", {**run, "average": "none", "precision": "fp32",
                                                "steps": selection_steps}))

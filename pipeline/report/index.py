@@ -138,8 +138,7 @@ def open_choices(study: Study, data: Collected, choices: Choices) -> list[str]:
                  "Adam form): " + ("; ".join(fsgld) if fsgld else "no fSGLD recipe in the study")
                  + ". The Adam base is this project's extension.")
 
-    ips = [f"{r}: gamma {study.describe(r)['input_perturbation']['gamma']}" for r in study.recipes
-           if study.describe(r).get("input_perturbation")]
+    ips = [f"{r}: gamma {study.recipe(r).ip_gamma}" for r in study.recipes if study.recipe(r).ip_gamma]
     items.append("Input perturbation gamma (the paper says 0.1, DDPM-IP's CIFAR-10 command uses 0.15): "
                  + ("; ".join(ips) if ips else "no IP recipe in the study") + ".")
 
