@@ -1,5 +1,6 @@
-"""Recipe overheads measured in one run on the same batch: SAM and fSGLD steps vs an Adam step,
-and EMA + SWA bookkeeping as a share of a step.
+"""Recipe overheads measured in one run on the same batch: SAM and fSGLD steps vs an Adam step
+(each the train stage's own step, pipeline.training.step), and EMA + SWA bookkeeping as a share
+of a step.
 
     python bench/train_step.py [--preset cifar10] [--batch 8] [--threads 2] [--repeats 9]
 
@@ -16,11 +17,19 @@ import time
 
 import torch
 
+from pipeline import distributed
+from pipeline.config import load_config
 from pipeline.diffusion.gaussian import create_diffusion
+from pipeline.diffusion.timestep_sampler import UniformSampler
 from pipeline.nn.presets import build_unet
 from pipeline.optim.averages import EMA, SWA
-from pipeline.optim.fsgld import FSGLD
-from pipeline.optim.sam import SAM
+from pipeline.recipes import resolve_recipe
+from pipeline.training.draws import RandomImages, draw_step
+from pipeline.training.optimizer import build_optimizer
+from pipeline.training.step import TrainingStep
+
+# The config's recipes timed, by the name printed: plain AdamW, SAM, fSGLD on the same AdamW base.
+RECIPES = {"adm": "adm", "sam": "sam_rho0.1", "fsgld": "fsgld_adam"}
 
 
 def main() -> None:
@@ -33,49 +42,27 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
 
-    diffusion = create_diffusion()
-    models = {name: build_unet(args.preset) for name in ("adm", "sam", "fsgld")}
-    for model in models.values():
-        model.load_state_dict(models["adm"].state_dict())
+    # The train stage's step (pipeline.training.step) for each recipe, from the same weights and
+    # on the same random images; the averages are timed on their own below.
+    config, cpu = load_config(), torch.device("cpu")
+    diffusion, sampler = create_diffusion(), UniformSampler(1000)
+    ref = build_unet(args.preset)
+    ref.train()
+    batches = RandomImages(args.batch, ref.in_channels, ref.image_size)
+    train_steps = {}
+    for name, recipe_name in RECIPES.items():
+        recipe = resolve_recipe(config, recipe_name)
+        model = build_unet(args.preset)
+        model.load_state_dict(ref.state_dict())
         model.train()
-    ref = models["adm"]
-    size, channels = ref.image_size, ref.in_channels
-    x0 = torch.rand(args.batch, channels, size, size) * 2 - 1
-    t = torch.randint(0, 1000, (args.batch,))
-    noise = torch.randn_like(x0)
-    optimizers = {
-        "adm": torch.optim.AdamW(models["adm"].parameters(), lr=1e-4, weight_decay=0.0),
-        "sam": SAM(models["sam"].parameters(), torch.optim.AdamW, rho=0.1, lr=1e-4, weight_decay=0.0),
-        "fsgld": FSGLD(models["fsgld"].parameters(), lr=1e-4, seed=0, base="adam", weight_decay=0.0),
-    }
+        train_steps[name] = TrainingStep(model, build_optimizer(model, recipe, 0), diffusion, sampler, recipe.name,
+                                         seed=0, device=cpu, procs=distributed.Processes(), cuda={})
+    batch = draw_step(batches, sampler, 0, 0, 0.0, cpu)
+
     # SWA collecting at every step, so each call measures a collection; the paper collects every
     # 100 steps, and the amortised share below divides by that.
     ema, swa = EMA(ref, decay=0.9999), SWA(ref, start_fraction=1e-6, every=1, total_steps=10**6)
     swa_every = 100
-
-    def loss(model):
-        return diffusion.training_losses(model, x0, t, noise)["loss"].mean()
-
-    def adm_step():
-        optimizers["adm"].zero_grad(set_to_none=True)
-        loss(models["adm"]).backward()
-        optimizers["adm"].step()
-
-    def sam_step():
-        opt = optimizers["sam"]
-        opt.zero_grad(set_to_none=True)
-        loss(models["sam"]).backward()
-        opt.first_step(zero_grad=True)
-        loss(models["sam"]).backward()
-        opt.second_step()
-
-    def fsgld_step():
-        opt = optimizers["fsgld"]
-        opt.zero_grad(set_to_none=True)
-        opt.perturb()
-        loss(models["fsgld"]).backward()
-        opt.restore()
-        opt.step()
 
     # fSGLD's own cost: two N(0, I) draws over every parameter per step (perturbation and
     # Langevin noise), independent of the batch size.
@@ -83,9 +70,9 @@ def main() -> None:
     draw_buffer, draw_generator = torch.empty(n_params), torch.Generator().manual_seed(0)
 
     swa_step = iter(range(1, 10**6))
-    steps = {"adm": adm_step, "sam": sam_step, "fsgld": fsgld_step,
-             "ema": lambda: ema.update(ref), "swa": lambda: swa.update(ref, next(swa_step)),
-             "draw": lambda: draw_buffer.normal_(generator=draw_generator)}
+    steps = {name: (lambda step=step: step(batch, 0)) for name, step in train_steps.items()}
+    steps.update({"ema": lambda: ema.update(ref), "swa": lambda: swa.update(ref, next(swa_step)),
+                  "draw": lambda: draw_buffer.normal_(generator=draw_generator)})
     times = {name: [] for name in steps}
     for name, fn in steps.items():  # warm-up
         fn()

@@ -10,6 +10,10 @@ these pieces, each under its own key and switched on by being present:
   the paper's form; with an Adam base it is this project's extension and is labelled so.
 
 SAM and fSGLD both own the gradient evaluation point, so they exclude each other.
+
+A recipe classifies itself once, here: its `kind` (the report's row order and every "is this a
+SAM / fSGLD / IP recipe" question), its `base` (which plain recipe it is compared with), its
+`label` (how tables name it) and its `step_kind` (what a training step costs).
 """
 
 from __future__ import annotations
@@ -22,6 +26,8 @@ from pipeline.errors import PipelineError
 
 SAM_DEFAULTS = {"rho": 0.1, "adaptive": False, "asam_eta": 0.0, "m_sharpness": False}
 FSGLD_DEFAULTS = {"beta_inv": 1e-8, "eta": 0.01, "sigma": None, "n_pert": 1, "antithetic": False}
+# Recipe kinds in the paper's row order (ADM, +IP, +SAM), then this project's SGD and fSGLD rows.
+KINDS = ("adm", "ip", "sam", "sgd", "fsgld")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -31,6 +37,41 @@ class Recipe:
     ip_gamma: float = 0.0
     sam: dict[str, Any] | None = None
     fsgld: dict[str, Any] | None = None
+
+    @property
+    def kind(self) -> str:
+        """One of KINDS: fsgld or sam when present (IP may come with either), else ip, else the
+        plain base: sgd, or adm for AdamW."""
+        if self.fsgld is not None:
+            return "fsgld"
+        if self.sam is not None:
+            return "sam"
+        if self.ip_gamma:
+            return "ip"
+        return "sgd" if self.optimizer["name"] == "sgd" else "adm"
+
+    @property
+    def is_plain(self) -> bool:
+        """The base optimizer alone (no IP, SAM or fSGLD): the baseline of recipes of its base."""
+        return self.kind in ("adm", "sgd")
+
+    @property
+    def base(self) -> tuple[str, float]:
+        """The base optimizer and learning rate; a recipe is compared with the plain one of its base."""
+        return self.optimizer["name"], float(self.optimizer["lr"])
+
+    @property
+    def step_kind(self) -> str:
+        """What decides a training step's cost: the base optimizer and the pieces that add passes
+        ('adamw', 'adamw+ip+sam', 'sgd+fsgld1', ...)."""
+        kind = self.optimizer["name"]
+        if self.ip_gamma:
+            kind += "+ip"
+        if self.sam is not None:
+            kind += "+sam"
+        if self.fsgld is not None:
+            kind += f"+fsgld{int(self.fsgld['n_pert'])}"
+        return kind
 
     @property
     def label(self) -> str:

@@ -42,16 +42,8 @@ def model_key(config: Mapping[str, Any], dataset: str) -> str:
 
 
 def recipe_kind(config: Mapping[str, Any], recipe: str) -> str:
-    """What decides a training step's cost: base optimizer and the pieces that add passes."""
-    resolved = resolve_recipe(config, recipe)
-    kind = resolved.optimizer["name"]
-    if resolved.ip_gamma:
-        kind += "+ip"
-    if resolved.sam is not None:
-        kind += "+sam"
-    if resolved.fsgld is not None:
-        kind += f"+fsgld{int(resolved.fsgld['n_pert'])}"
-    return kind
+    """What decides a training step's cost (pipeline.recipes.Recipe.step_kind)."""
+    return resolve_recipe(config, recipe).step_kind
 
 
 def train_key(config: Mapping[str, Any], dataset: str, recipe: str) -> str:

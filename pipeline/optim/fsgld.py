@@ -25,6 +25,8 @@ The training loop drives one step as:
         opt.restore()                 # theta back, bit for bit
     opt.step()                        # base step with grad / n_pert, then Langevin noise
 
+or as `opt.step(closure)`, the contract every recipe's optimizer shares (pipeline.training.step).
+
 All random numbers come from one torch.Generator owned by the optimiser, living on the
 parameters' device (a CUDA generator for CUDA parameters), so draws never leave the device. Its
 state is part of state_dict(): a resumed run continues bit for bit on the same device type.
@@ -217,8 +219,10 @@ class FSGLD(torch.optim.Optimizer):
         """Base step with the gradient averaged over the n_pert draws, then Langevin noise.
 
         Without a closure the loop must have done n_pert perturb()/backward/restore() rounds.
-        With a closure (forward + backward, returning the loss) the whole step runs here:
-        zero_grad, n_pert rounds, base step, noise; the mean loss is returned.
+        With a closure (forward + backward at the current weights, returning the loss) the whole
+        step runs here: zero_grad, n_pert rounds, base step, noise; the mean loss is returned.
+        Every draw but the last is called with `all_reduce=False` (the last backward reduces the
+        summed gradient once), and the last with `report=n_pert`, as pipeline.training.step says.
         """
         loss = None
         if closure is not None:
@@ -283,14 +287,15 @@ class FSGLD(torch.optim.Optimizer):
         self._perturbed = False
         self._draws_done = 0
 
-    def _run_closure(self, closure: Callable[[], torch.Tensor]) -> torch.Tensor:
+    def _run_closure(self, closure: Callable[..., torch.Tensor]) -> torch.Tensor:
         self.zero_grad()
         total = None
-        for _ in range(self.n_pert):
+        for draw in range(self.n_pert):
+            last = draw == self.n_pert - 1
             self.perturb()
             try:
                 with torch.enable_grad():
-                    loss = closure().detach()
+                    loss = closure(all_reduce=last, report=self.n_pert if last else 0).detach()
             finally:
                 self.restore()
             total = loss if total is None else total + loss

@@ -6,7 +6,7 @@ SAM minimises max_{||e|| <= rho} L(theta + e). Its first-order inner solution is
     e = rho * T^2 g / ||T g||,  T = |theta| + eta   (ASAM, elementwise T)
 
 with g = dL/dtheta on the current minibatch. The base optimiser then steps from theta with the
-gradient taken at theta + e. One SAM step therefore costs two forward/backward passes:
+gradient taken at theta + e. One SAM step therefore costs two forward/backward passes; by hand:
 
     loss_at(theta).backward()        # pass 1
     sam.first_step()                 # theta <- theta + e
@@ -14,6 +14,9 @@ gradient taken at theta + e. One SAM step therefore costs two forward/backward p
     loss_at(theta).backward()        # pass 2, same minibatch
     sam.second_step()                # theta restored exactly, then the base step
     sam.zero_grad()
+
+or as `sam.step(closure)`, the contract every recipe's optimizer shares (pipeline.training.step):
+the closure runs forward + backward at the current weights and SAM calls it for both passes.
 
 In a diffusion training step both passes must see the same x_0, timesteps t and noise (and IP
 noise xi): the caller draws them once and reuses them. Dropout masks need not match.
@@ -54,6 +57,7 @@ class SAM(torch.optim.Optimizer):
         rho: float = 0.1,
         adaptive: bool = False,
         asam_eta: float = 0.0,
+        m_sharpness: bool = False,
         **base_kwargs: Any,
     ) -> None:
         if rho < 0.0:
@@ -67,6 +71,8 @@ class SAM(torch.optim.Optimizer):
         self.base_optimizer = base_optimizer_cls(self.param_groups, **base_kwargs)
         self.param_groups = self.base_optimizer.param_groups
         self.defaults.update(self.base_optimizer.defaults)
+        # With data-parallel processes, each ascends along its own gradient (pass 1 not reduced).
+        self.m_sharpness = m_sharpness
 
         # Exact copies of the parameters perturbed by the last first_step(); reused every step.
         self._saved: dict[torch.Tensor, torch.Tensor] = {}
@@ -171,17 +177,21 @@ class SAM(torch.optim.Optimizer):
         if zero_grad:
             self.zero_grad()
 
-    def step(self, closure: Callable[[], torch.Tensor] | None = None) -> torch.Tensor:
-        """The whole SAM step given a closure that zeroes nothing and runs forward + backward.
+    def step(self, closure: Callable[..., torch.Tensor] | None = None) -> torch.Tensor:
+        """The whole SAM step; `closure` runs forward + backward at the current weights.
 
-        The caller must already have run pass 1 (its gradients are in `.grad`); the closure is
-        called once, for pass 2 at theta + e. Returns the closure's loss.
+        Gradients must be zero (or None) on entry. The closure is called twice, as
+        pipeline.training.step describes: pass 1 at theta (`all_reduce=False` under m-sharpness,
+        so each process ascends along its own gradient; the pass the log reports), then pass 2 at
+        theta + e (`report=0`). Returns pass 1's loss.
         """
         if closure is None:
             raise RuntimeError("SAM.step() needs a closure; or call first_step() and second_step()")
+        with torch.enable_grad():
+            loss = closure(all_reduce=not self.m_sharpness)
         self.first_step(zero_grad=True)
         with torch.enable_grad():
-            loss = closure()
+            closure(report=0)
         self.second_step()
         return loss
 

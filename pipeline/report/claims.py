@@ -77,7 +77,7 @@ class _Context:
     def flatness_measures(self, recipe: str) -> list[tuple[str, ArmOf]]:
         """LPF (and its increase over the loss) for SAM; for fSGLD only what its training does not optimise."""
         measures = self.lpf_measures() + self.lpf_measures(increase=True)
-        if self.study.describe(recipe).get("fsgld") is None:
+        if self.study.recipe(recipe).kind != "fsgld":
             return measures
         measures = [m for m in measures if "absolute" not in m[0]]
         if has_metric(self.study, self.data, "hessian"):
@@ -224,8 +224,7 @@ def _c6_ema_quality(c: _Context) -> None:
 
 
 def _c7_ip(c: _Context) -> None:
-    ips = [r for r in c.study.recipes if c.study.describe(r).get("input_perturbation") is not None
-           and c.study.describe(r).get("sam") is None and c.study.describe(r).get("fsgld") is None]
+    ips = [r for r in c.study.recipes if c.study.recipe(r).kind == "ip"]
     for recipe in ips:
         claim = f"{c.label(recipe)} does not make ADM flatter"
         for measure, arm in c.lpf_measures():

@@ -338,7 +338,7 @@ def sample_rows(study: Study, choices: Choices) -> list[tuple[str, str, str]]:
         for recipe in _featured(study, choices, dataset):
             for average in [a for a in ("none", "ema") if a in study.averages]:
                 # fSGLD is this project's extension: its raw weights suffice beside the paper's rows.
-                if average == "ema" and study.describe(recipe).get("fsgld") is not None:
+                if average == "ema" and study.recipe(recipe).kind == "fsgld":
                     continue
                 rows.append((dataset, recipe, average))
     return rows

@@ -131,8 +131,7 @@ def _fsgld_fields(study: Study, data: Collected, choices: Choices) -> dict[str, 
 
 
 def _ip_fields(study: Study, data: Collected, choices: Choices) -> dict[str, str]:
-    ips = [f"{r}: gamma {study.describe(r)['input_perturbation']['gamma']}" for r in study.recipes
-           if study.describe(r).get("input_perturbation")]
+    ips = [f"{r}: gamma {study.recipe(r).ip_gamma}" for r in study.recipes if study.recipe(r).ip_gamma]
     return {"recipes": "; ".join(ips) if ips else "no IP recipe in the study"}
 
 

@@ -12,6 +12,7 @@ from typing import Any, Mapping, Sequence
 import pandas as pd
 
 from pipeline.errors import PipelineError
+from pipeline.recipes import KINDS, Recipe, recipe_from_description
 from pipeline.settings import metric_averages, study_precisions, study_steps, study_variants
 
 AVERAGE_SUFFIX = {"none": "", "ema": "+EMA", "swa": "+SWA"}
@@ -31,20 +32,6 @@ def algorithm_label(recipe_label: str, average: str) -> str:
         return suffix
     head, sep, remark = recipe_label.partition(" (")
     return f"{head}{suffix}{sep}{remark}"
-
-
-def _kind_rank(described: Mapping[str, Any]) -> int:
-    """Row order of the paper (ADM, +IP, +SAM), then this project's SGD and fSGLD rows."""
-    if described.get("fsgld") is not None:
-        return 4
-    if described.get("sam") is None and described.get("input_perturbation") is None \
-            and described["optimizer"]["name"] == "sgd":
-        return 3
-    if described.get("sam") is not None:
-        return 2
-    if described.get("input_perturbation") is not None:
-        return 1
-    return 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -163,22 +150,26 @@ class Study:
     def describe(self, recipe: str) -> dict[str, Any]:
         return self.settings["recipes"][recipe]
 
+    def recipe(self, name: str) -> Recipe:
+        """The recipe itself, which knows its kind, base and label."""
+        return recipe_from_description(self.describe(name))
+
     def label(self, recipe: str) -> str:
         return str(self.describe(recipe)["label"])
 
     @property
     def recipes(self) -> list[str]:
-        """Every recipe of the study in the paper's row order (stable within a kind)."""
+        """Every recipe of the study in the paper's row order (pipeline.recipes.KINDS; stable within a kind)."""
         names = list(self.settings["study"]["recipes"])
-        return sorted(names, key=lambda name: _kind_rank(self.describe(name)))
+        return sorted(names, key=lambda name: KINDS.index(self.recipe(name).kind))
 
     @property
     def sam_recipes(self) -> list[str]:
-        return [r for r in self.recipes if self.describe(r).get("sam") is not None]
+        return [r for r in self.recipes if self.recipe(r).kind == "sam"]
 
     @property
     def fsgld_recipes(self) -> list[str]:
-        return [r for r in self.recipes if self.describe(r).get("fsgld") is not None]
+        return [r for r in self.recipes if self.recipe(r).kind == "fsgld"]
 
     def sam_groups(self) -> dict[str, list[str]]:
         """SAM recipes by label ("+SAM", "+ASAM", "+IP+SAM"): each label is one rho grid."""
@@ -198,19 +189,13 @@ class Study:
     def base_of(self, recipe: str) -> str | None:
         """The recipe `recipe` is compared with: the first one without IP, SAM or fSGLD that trains with
         the same base optimizer and learning rate (ADM for the Adam recipes, SGD for SGD-base fSGLD)."""
-        optimizer = self.describe(recipe)["optimizer"]
-        for name in self.recipes:
-            described = self.describe(name)
-            if (all(described.get(k) is None for k in ("input_perturbation", "sam", "fsgld"))
-                    and described["optimizer"]["name"] == optimizer["name"]
-                    and float(described["optimizer"]["lr"]) == float(optimizer["lr"])):
-                return name
-        return None
+        base = self.recipe(recipe).base
+        return next((r for r in self.recipes if self.recipe(r).is_plain and self.recipe(r).base == base), None)
 
     def table_recipes(self, choices: Mapping[str, Mapping[str, SamChoice]], dataset: str) -> list[str]:
         """Rows of Tables 1-4 on `dataset`: every non-SAM recipe, and each SAM label's chosen rho."""
         chosen = {c.recipe for c in choices.get(dataset, {}).values()}
-        return [r for r in self.recipes if self.describe(r).get("sam") is None or r in chosen]
+        return [r for r in self.recipes if self.recipe(r).kind != "sam" or r in chosen]
 
 
 def select_sam(study: Study, fid: pd.DataFrame, metric_name: str) -> dict[str, dict[str, SamChoice]]:

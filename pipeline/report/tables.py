@@ -224,7 +224,7 @@ def _lpf_cell(study: Study, data: Collected, dataset: str, recipe: str, average:
               sigma: float | None = None) -> str:
     cell = _value(study, lpf_arm(data, dataset, recipe, average, scaling, sigma))
     # fSGLD trains on the loss under Gaussian weight noise: the absolute LPF is its own objective.
-    if cell and scaling == "absolute" and study.describe(recipe).get("fsgld") is not None:
+    if cell and scaling == "absolute" and study.recipe(recipe).kind == "fsgld":
         cell += " §"
     return cell
 

@@ -102,9 +102,7 @@ def unit_spec(key: str, config: Mapping[str, Any], device: str, max_batch: int, 
             recipe = next(r for r in section(config, "study", "recipes")
                           if recipe_kind(config, r) == recipe_kind_name)
             from pipeline.settings import train_settings
-            spec["recipe"] = train_settings(config, dataset, recipe, 0)["recipe"]
-            spec["schedule_sampler"] = section(config, "training", "schedule_sampler")
-            spec["ema_decay"] = float(section(config, "training", "ema", "decay"))
+            spec["train_settings"] = train_settings(config, dataset, recipe, 0)
     elif kind == "extract":
         extractor, resolution, channels = rest.split("/")
         spec.update(extractor=extractor, resolution=int(resolution.removesuffix("px")),
@@ -199,13 +197,13 @@ def _measure_model_unit(spec, device, sync) -> float:
     from pipeline.nn.presets import build_unet
     from pipeline.stages.sample import build_sampling_model, sample_range, sampling_diffusion
 
-    torch.manual_seed(0)
     d = spec["diffusion"]
     b, repeats = int(spec["measured_batch"]), int(spec["repeats"])
+    if spec["kind"] == "train":
+        return _measure_train_step(spec, device, sync) * spec["batch"] / b
+    torch.manual_seed(0)
     model = build_unet(spec["preset"], in_channels=spec["channels"], learn_sigma=bool(d["learn_sigma"]))
     shape = (b, spec["channels"], spec["resolution"], spec["resolution"])
-    if spec["kind"] == "train":
-        return _measure_train_step(spec, model.to(device), device, sync) * spec["batch"] / b
     if spec["kind"] == "sample":
         steps = 2  # a reverse step costs the same at any T'; the unit is one image-step
         sampler_settings = {"preset": spec["preset"], "resolution": spec["resolution"], "diffusion": d}
@@ -233,59 +231,33 @@ def _measure_model_unit(spec, device, sync) -> float:
         return _median_time(lambda: hvp(vector), repeats, sync) / b
 
 
-def _measure_train_step(spec, model, device, sync) -> float:
-    """One step of pipeline.stages.train's loop: the recipe's passes, update, EMA update."""
-    import contextlib
+def _measure_train_step(spec, device, sync) -> float:
+    """One step of the train stage (pipeline.training.step) at the measured batch, on random images."""
+    import itertools
 
-    import torch
-
-    from pipeline.diffusion.gaussian import create_diffusion
-    from pipeline.diffusion.timestep_sampler import LossSecondMomentResampler, UniformSampler
-    from pipeline.optim.averages import EMA
-    from pipeline.optim.fsgld import FSGLD
-    from pipeline.optim.sam import SAM
+    from pipeline import distributed
     from pipeline.recipes import recipe_from_description
-    from pipeline.stages.train import _fsgld_gradient, build_optimizer
+    from pipeline.training.draws import RandomImages, draw_step
+    from pipeline.training.optimizer import build_optimizer
+    from pipeline.training.setup import build_averages, build_diffusion, build_model
+    from pipeline.training.step import TrainingStep
 
-    d, b = spec["diffusion"], int(spec["measured_batch"])
-    recipe = recipe_from_description(spec["recipe"])
-    diffusion = create_diffusion(steps=int(d["steps"]), noise_schedule=d["noise_schedule"],
-                                 learn_sigma=bool(d["learn_sigma"]))
-    sampler = (LossSecondMomentResampler(diffusion.num_timesteps)
-               if spec["schedule_sampler"] == "loss-second-moment" else UniformSampler(diffusion.num_timesteps))
-    optimizer = build_optimizer(model, recipe, 0)
-    ema = EMA(model, decay=spec["ema_decay"])
-    shape = (b, spec["channels"], spec["resolution"], spec["resolution"])
-    generator = torch.Generator().manual_seed(0)
+    settings = dict(spec["train_settings"], batch_size=int(spec["measured_batch"]))
+    recipe = recipe_from_description(settings["recipe"])
+    batches = RandomImages(settings["batch_size"], spec["channels"], spec["resolution"])
+    model = build_model(settings, spec["channels"], device)
+    diffusion, sampler = build_diffusion(settings)
+    optimizer = build_optimizer(model, recipe, settings["seed"])
+    ema, swa = build_averages(model, settings)
+    train_step = TrainingStep(model, optimizer, diffusion, sampler, recipe.name, seed=settings["seed"],
+                              device=device, procs=distributed.Processes(), cuda=settings["cuda"],
+                              ema=ema, swa=swa)
     model.train()
-
-    def losses(x0, t, weights, noise, input_noise):
-        terms = diffusion.training_losses(model, x0, t, noise, input_noise=input_noise)
-        return (terms["loss"] * weights).mean(), terms
+    steps = itertools.count()
 
     def step():
-        x0 = (torch.rand(shape, generator=generator) * 2 - 1).to(device)
-        t, weights = sampler.sample(b, torch.Generator().manual_seed(1), device)
-        noise = torch.randn(shape, generator=generator).to(device)
-        input_noise = noise + recipe.ip_gamma * torch.randn(shape, generator=generator).to(device) \
-            if recipe.ip_gamma else None
-        if isinstance(optimizer, FSGLD):
-            loss, terms, _ = _fsgld_gradient(optimizer, losses, contextlib.nullcontext, x0, t, weights, noise,
-                                             input_noise)
-        else:
-            loss, terms = losses(x0, t, weights, noise, input_noise)
-            loss.backward()
-        if isinstance(sampler, LossSecondMomentResampler):
-            sampler.update(t, terms["loss"].detach())
-        if isinstance(optimizer, SAM):
-            optimizer.first_step()
-            optimizer.zero_grad(set_to_none=True)
-            losses(x0, t, weights, noise, input_noise)[0].backward()
-            optimizer.second_step()
-        else:
-            optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        ema.update(model)
+        i = next(steps)
+        train_step(draw_step(batches, sampler, settings["seed"], i, recipe.ip_gamma, device), i)
 
     return _median_time(step, int(spec["repeats"]), sync)
 

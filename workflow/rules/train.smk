@@ -21,6 +21,8 @@ rule train:
         # One process per GPU; `--set-resources train:gpu=N` changes the count without a rerun.
         gpu=TRAIN_PROCESSES,
         nodes=1,  # torchrun runs the processes of one training run on one node
+        # Under SLURM: SIGTERM 10 minutes before the time limit; training checkpoints, exits 75.
+        slurm_extra="--signal=TERM@600",
     params:
         settings=lambda w: as_settings(train_settings(config, w.dataset, w.recipe, int(w.seed))),
         out_dir=lambda w: layout.run_dir(RESULTS, w.dataset, w.recipe, w.seed),
