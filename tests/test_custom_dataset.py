@@ -112,7 +112,7 @@ def test_overlay_dataset_runs_prepare_train_sample_and_is_planned(tmp_path):
 
     dry = subprocess.run([sys.executable, "-m", "snakemake", "-n", "--forceall", "--configfile", str(overlay)],
                          cwd=REPO, capture_output=True, text=True)
-    assert dry.returncode == 0, dry.stderr[-3000:]
+    assert dry.returncode == 0, (dry.stdout + dry.stderr)[-3000:]
     planned = dry.stdout + dry.stderr
     for dataset in ("shapes", "digits"):
         assert f"{results}/{dataset}/data.h5" in planned
