@@ -9,6 +9,7 @@
 from snakemake.exceptions import WorkflowError
 from snakemake.utils import min_version
 
+from pipeline.launch.control import ForkServer
 from pipeline.settings import planning_problems
 
 min_version("9.0")
@@ -30,6 +31,23 @@ envvars:
 _problems = planning_problems(config, workflow.configfiles)
 if _problems:
     raise WorkflowError("invalid config:\n  - " + "\n  - ".join(_problems))
+
+
+# Local runs fork each job from one process that imported torch and the stages once
+# (pipeline/launch); cluster jobs stay processes of their own. PIPELINE_FORK_SERVER=off: no server.
+FORK_SERVER = ForkServer()
+
+
+onstart:
+    FORK_SERVER.start(local=workflow.local_exec and workflow.is_main_process)
+
+
+onsuccess:
+    FORK_SERVER.stop()
+
+
+onerror:
+    FORK_SERVER.stop()
 
 
 include: "workflow/rules/common.smk"

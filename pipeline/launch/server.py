@@ -44,7 +44,6 @@ class Server:
         """`environment`: the server's own before its imports (torch sets variables of its own)."""
         self.path, self.watch_pid = path, watch_pid
         self.fingerprint = wire.fingerprint(environment)
-        self.threads_variable_set = "OMP_NUM_THREADS" in environment
         self.jobs: dict[int, socket.socket] = {}  # child pid -> its client's connection
         self.stopping = False
         self.selector = selectors.DefaultSelector()
@@ -115,8 +114,9 @@ class Server:
         if request["fingerprint"] != self.fingerprint:
             return ("the job's interpreter, pipeline folder or start-up variables (PYTHON*, TORCH*, "
                     "OMP_*, ...) differ from the server's")
-        if "OMP_NUM_THREADS" not in request["environment"] and self.threads_variable_set:
-            return "the job has no OMP_NUM_THREADS but the server had one"
+        threads = request["environment"].get("OMP_NUM_THREADS", "")
+        if not (threads.isdigit() and int(threads) > 0):
+            return "the job sets no OMP_NUM_THREADS (a number), which a forked child must apply itself"
         return None
 
     def client_gone(self, conn: socket.socket, pid: int) -> None:
@@ -202,10 +202,8 @@ def become_job(request: dict, fds: list[int]) -> None:
     random.seed()
     if "numpy" in sys.modules:
         sys.modules["numpy"].random.seed()
-    threads = os.environ.get("OMP_NUM_THREADS")
-    if threads:
-        import torch
-        torch.set_num_threads(int(threads))
+    import torch
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 
 def _reopen_standard_streams() -> None:
@@ -304,6 +302,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--watch-pid", type=int, help="stop taking jobs when this process (Snakemake) ends")
     args = parser.parse_args(argv)
     environment = dict(os.environ)
+    # One OpenMP thread while importing: with more, torch's import starts a pool that the children
+    # would inherit as a broken copy. Each child sets its job's count before its first operation.
+    os.environ["OMP_NUM_THREADS"] = "1"
     preload()
     server = Server(args.socket, args.watch_pid, environment)
     try:
