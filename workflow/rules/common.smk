@@ -17,9 +17,9 @@ from pipeline.settings import METRICS, metric_averages, stage_settings, study_va
 # Jobs run `python -m pipeline ...`: put the interpreter that runs Snakemake (the venv's) first
 # on PATH, here and in every job Snakemake spawns, locally or on a cluster node.
 os.environ["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
-# Every rule's command starts with this: the launcher runs the stage through this machine's fork
-# server when the run is local (no import tax per job) and in its own process otherwise.
-PIPELINE = "python -m pipeline.launch"
+# Every rule's command is `f"{PIPELINE}<stage> ..."`: the launcher runs the stage through this
+# machine's fork server when the run is local (no import tax per job), in its own process otherwise.
+PIPELINE = "OMP_NUM_THREADS={threads} python -m pipeline.launch "
 RESULTS = config["results"]
 STUDY = config["study"]
 EXTRACTOR = config["fid"]["extractor"]
