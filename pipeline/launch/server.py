@@ -112,11 +112,12 @@ class Server:
         if request is None or len(fds) != len(request.get("targets", ())):
             return "malformed request"
         if request["fingerprint"] != self.fingerprint:
-            return ("the job's interpreter, pipeline folder or start-up variables (PYTHON*, TORCH*, "
-                    "OMP_*, ...) differ from the server's")
+            return f"the job's {mismatch(request['fingerprint'], self.fingerprint)} differ from the server's"
         threads = request["environment"].get("OMP_NUM_THREADS", "")
         if not (threads.isdigit() and int(threads) > 0):
             return "the job sets no OMP_NUM_THREADS (a number), which a forked child must apply itself"
+        if request["environment"].get("MKL_NUM_THREADS", threads) != threads:
+            return "the job's MKL_NUM_THREADS differs from its OMP_NUM_THREADS (torch sets both as one)"
         return None
 
     def client_gone(self, conn: socket.socket, pid: int) -> None:
@@ -180,6 +181,16 @@ class Server:
         self.selector.close()
         os.close(self.wake_read)
         os.close(self.wake_write)
+
+
+def mismatch(job: dict, server: dict) -> str:
+    """What differs between two fingerprints, by name (never values: they may be secrets)."""
+    parts = [name for name in ("interpreter", "package") if job.get(name) != server.get(name)]
+    job_vars, server_vars = job.get("environment", {}), server.get("environment", {})
+    names = sorted(k for k in job_vars.keys() | server_vars.keys() if job_vars.get(k) != server_vars.get(k))
+    if names:
+        parts.append("start-up variables (" + ", ".join(names) + ")")
+    return " and ".join(parts) or "fingerprint"
 
 
 def become_job(request: dict, fds: list[int]) -> None:
@@ -301,10 +312,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--socket", required=True, help="path of the Unix socket to listen on")
     parser.add_argument("--watch-pid", type=int, help="stop taking jobs when this process (Snakemake) ends")
     args = parser.parse_args(argv)
+    # One thread per pool while importing: with more, torch's import starts OpenMP's pool, which
+    # the children would inherit as a broken copy. Each child sets its job's count (wire.py).
+    os.environ.update(wire.SERVER_THREADS)
     environment = dict(os.environ)
-    # One OpenMP thread while importing: with more, torch's import starts a pool that the children
-    # would inherit as a broken copy. Each child sets its job's count before its first operation.
-    os.environ["OMP_NUM_THREADS"] = "1"
     preload()
     server = Server(args.socket, args.watch_pid, environment)
     try:
