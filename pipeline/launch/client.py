@@ -43,7 +43,7 @@ def run_through_server(path: str, argv: list[str]) -> int | None:
         raise
     with sock:
         # Our standard descriptors go to the child: it writes into this job's log, reads its stdin.
-        targets = [fd for fd in (0, 1, 2) if _is_open(fd)]
+        targets = [fd for fd in (0, 1, 2) if wire.is_open(fd)]
         request = {"argv": argv, "argv0": sys.argv[0], "cwd": os.getcwd(), "environment": dict(os.environ),
                    "umask": _umask(), "targets": targets, "fingerprint": wire.fingerprint(dict(os.environ))}
         wire.send_message(sock, request, targets)
@@ -77,14 +77,6 @@ def _forward(child: int, number: int) -> None:
         os.killpg(child, number)
     except ProcessLookupError:
         pass
-
-
-def _is_open(fd: int) -> bool:
-    try:
-        os.fstat(fd)
-    except OSError:
-        return False
-    return True
 
 
 def _umask() -> int:

@@ -220,7 +220,7 @@ def become_job(request: dict, fds: list[int]) -> None:
 def _reopen_standard_streams() -> None:
     """sys.std* over the new descriptors 0-2, buffered as Python buffers them at start-up."""
     def text(fd: int, old: io.TextIOWrapper | None, mode: str):
-        if not _is_open(fd):
+        if not wire.is_open(fd):
             return None
         encoding = old.encoding if old is not None else None
         errors = old.errors if old is not None else None
@@ -274,14 +274,6 @@ def _flush() -> None:
                 stream.flush()
         except (OSError, ValueError):
             pass
-
-
-def _is_open(fd: int) -> bool:
-    try:
-        os.fstat(fd)
-    except OSError:
-        return False
-    return True
 
 
 def _close_all(fds: list[int]) -> None:

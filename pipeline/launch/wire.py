@@ -74,3 +74,12 @@ def _read_exactly(sock: socket.socket, n: int) -> bytes:
         chunks.append(chunk)
         n -= len(chunk)
     return b"".join(chunks)
+
+
+def is_open(fd: int) -> bool:
+    """Whether descriptor `fd` is open (a job may run with stdin closed)."""
+    try:
+        os.fstat(fd)
+    except OSError:
+        return False
+    return True
