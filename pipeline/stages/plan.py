@@ -387,14 +387,18 @@ def measure_startup(repeats: int) -> dict[str, float]:
 
 def _startup_runs(repeats: int, env: Mapping[str, str], server: int | None = None) -> dict[str, float]:
     import resource
-    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"), **env}
+    # One thread of each pool, as Snakemake sets them for a 1-thread job (and the fork server has them).
+    env = {**os.environ, **wire.SERVER_THREADS, **env}
     cpu, wall = [], []
     for _ in range(max(repeats, 1)):
         before = resource.getrusage(resource.RUSAGE_CHILDREN)
         served = _process_tree_cpu(server)
         start = time.perf_counter()
-        subprocess.run([sys.executable, *STARTUP_PROBE], capture_output=True, check=True, env=env)
+        done = subprocess.run([sys.executable, *STARTUP_PROBE], capture_output=True, text=True, check=True, env=env)
         wall.append(time.perf_counter() - start)
+        if "note: fork server" in done.stderr:
+            raise PipelineError(f"the start-up probe was not forked ({done.stderr.strip()}); unset the "
+                                f"variables it names and rerun --calibrate.")
         after = resource.getrusage(resource.RUSAGE_CHILDREN)
         cpu.append(after.ru_utime - before.ru_utime + after.ru_stime - before.ru_stime
                    + _process_tree_cpu(server) - served)
