@@ -52,7 +52,8 @@ class Server:
         os.set_blocking(self.wake_write, False)
         signal.set_wakeup_fd(self.wake_write)
         signal.signal(signal.SIGCHLD, lambda *_: None)
-        signal.signal(signal.SIGTERM, lambda *_: self.stop())
+        signal.signal(signal.SIGTERM, lambda *_: setattr(self, "stop_requested", True))
+        self.stop_requested = False
         self.selector.register(self.wake_read, selectors.EVENT_READ, "wake")
         # Listen under a temporary name, then rename: a client never finds a socket not yet listening.
         self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -80,7 +81,7 @@ class Server:
                 else:
                     self.client_gone(key.fileobj, key.data)
             self.reap()
-            if self.watch_pid is not None and not _alive(self.watch_pid):
+            if self.stop_requested or (self.watch_pid is not None and not _alive(self.watch_pid)):
                 self.stop()
 
     def accept(self) -> None:
@@ -103,6 +104,12 @@ class Server:
         pid = os.fork()
         if pid == 0:
             self.become_child(conn, request, fds)  # never returns
+        # The child makes itself a group leader too; both calls, so that the group exists before
+        # the client learns the pid and may signal it, whichever process runs first.
+        try:
+            os.setpgid(pid, pid)
+        except OSError:
+            pass  # the child got there first
         _close_all(fds)
         self.jobs[pid] = conn
         self.selector.register(conn, selectors.EVENT_READ, pid)
