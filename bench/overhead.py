@@ -4,7 +4,8 @@
    PIPELINE_FORK_SERVER=off) and through the fork server (local Snakemake runs), against a bare
    `python -c 'import torch'`; the three interleaved, medians of --repeats;
 2. sampling: GFLOP/s of the sample stage's loop (fmnist16, T' = --steps, one thread) against the
-   single-thread fp32 matmul peak (a 1024^3 torch.mm); FLOPs of one forward counted by
+   single-thread fp32 matmul peak (a 1024^3 torch.mm), timed in interleaved rounds with part 3
+   (best of each); FLOPs of one forward counted by
    torch.utils.flop_counter (convolutions and matmuls, the work that has a peak);
 3. compiled vs eager: the same loop with the UNet under torch.compile (skipped with --no-compile;
    the first compile on a machine takes about 2 minutes, later processes read inductor's cache).
@@ -87,14 +88,6 @@ def start_up(repeats: int) -> None:
     print(f"   forked / own process: {statistics.median(times['job through the fork server']) / statistics.median(times['job in its own process']):.3f}")
 
 
-def matmul_peak(n: int = 1024, repeats: int = 5) -> float:
-    """Single-thread fp32 GFLOP/s of an n^3 matmul (best of `repeats`: the peak, not the mean)."""
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    torch.mm(a, b)
-    best = min(_timed(lambda: torch.mm(a, b)) for _ in range(repeats))
-    return 2 * n ** 3 / best / 1e9
-
-
 def _timed(call) -> float:
     began = time.perf_counter()
     call()
@@ -113,33 +106,41 @@ def sampling(steps: int, batch: int, repeats: int, compile_too: bool) -> None:
         model(x, t)
     flops_per_image = counter.get_total_flops() / batch
 
-    def run(net) -> float:
-        with torch.no_grad():
-            net(x, t)  # warm-up (and, compiled, the compile)
-        return min(_timed(lambda: sample_range(net, diffusion, seed=0, start=0, stop=batch, batch_size=batch,
-                                                image_size=size)) for _ in range(repeats))
+    def batch_seconds(net) -> float:
+        return _timed(lambda: sample_range(net, diffusion, seed=0, start=0, stop=batch, batch_size=batch,
+                                           image_size=size))
 
-    peak = matmul_peak()
-    eager = run(model)
-    rate = steps * batch * flops_per_image / eager / 1e9
+    nets = {"eager": model}
+    if compile_too:
+        began = time.perf_counter()
+        nets["compiled"] = torch.compile(model)
+        with torch.no_grad():
+            nets["compiled"](x, t)
+        compile_seconds = time.perf_counter() - began
+    a, b = torch.randn(1024, 1024), torch.randn(1024, 1024)
+    with torch.no_grad():
+        model(x, t)  # warm-up
+    # Interleaved rounds (peak, eager, compiled), best of each: a load change hits all alike.
+    best = {"peak": float("inf"), **{name: float("inf") for name in nets}}
+    for _ in range(repeats):
+        best["peak"] = min(best["peak"], _timed(lambda: torch.mm(a, b)))
+        for name, net in nets.items():
+            best[name] = min(best[name], batch_seconds(net))
+    peak = 2 * 1024 ** 3 / best["peak"] / 1e9
+    work = steps * batch * flops_per_image / 1e9
     print(f"2. sampling {PRESET}, T'={steps}, batch {batch}, 1 thread ({load()}): "
-          f"{flops_per_image / 1e6:.1f} MFLOP per image-forward")
-    print(f"   single-thread matmul peak {peak:6.1f} GFLOP/s")
-    print(f"   sampling (eager)          {rate:6.1f} GFLOP/s   {rate / peak:5.1%} of peak   "
-          f"({eager:.2f} s per batch, best of {repeats})")
+          f"{flops_per_image / 1e6:.1f} MFLOP per image-forward; best of {repeats} interleaved rounds")
+    print(f"   single-thread matmul peak {peak:6.1f} GFLOP/s (1024^3 torch.mm)")
+    print(f"   sampling (eager)          {work / best['eager']:6.1f} GFLOP/s   {work / best['eager'] / peak:5.1%} of peak   "
+          f"({best['eager']:.2f} s per batch)")
     if not compile_too:
         print("3. compiled vs eager: skipped (--no-compile)")
         return
-    began = time.perf_counter()
-    compiled = torch.compile(model)
-    with torch.no_grad():
-        compiled(x, t)
-    compile_seconds = time.perf_counter() - began
-    fast = run(compiled)
-    print(f"3. compiled (torch.compile, inductor; {compile_seconds:.0f} s to compile here, {load()})")
-    print(f"   sampling (compiled)       {steps * batch * flops_per_image / fast / 1e9:6.1f} GFLOP/s   "
-          f"{steps * batch * flops_per_image / fast / 1e9 / peak:5.1%} of peak   ({fast:.2f} s per batch)")
-    print(f"   compiled / eager time: {fast / eager:.3f}  (speed-up {eager / fast:.2f}x)")
+    print(f"3. compiled (torch.compile, inductor; {compile_seconds:.0f} s to compile here, in this process)")
+    print(f"   sampling (compiled)       {work / best['compiled']:6.1f} GFLOP/s   "
+          f"{work / best['compiled'] / peak:5.1%} of peak   ({best['compiled']:.2f} s per batch)")
+    print(f"   compiled / eager time: {best['compiled'] / best['eager']:.3f}  "
+          f"(speed-up {best['eager'] / best['compiled']:.2f}x)")
 
 
 def main() -> None:
@@ -151,7 +152,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
     start_up(args.repeats)
-    sampling(args.steps, args.batch, max(args.repeats // 2, 2), not args.no_compile)
+    sampling(args.steps, args.batch, max(args.repeats, 2), not args.no_compile)
 
 
 if __name__ == "__main__":
