@@ -11,6 +11,7 @@ import sys
 from snakemake.exceptions import WorkflowError
 from snakemake.utils import min_version
 
+from pipeline.launch.control import ForkServer
 from pipeline.settings import planning_problems, size_warnings
 
 min_version("9.0")
@@ -35,6 +36,23 @@ if _problems:
 # An absurd but valid size (training.steps: 10000000) is said before any job starts.
 for _warning in size_warnings(config):
     print(f"warning: {_warning}", file=sys.stderr)
+
+
+# Local runs fork each job from one process that imported torch and the stages once
+# (pipeline/launch); cluster jobs stay processes of their own. PIPELINE_FORK_SERVER=off: no server.
+FORK_SERVER = ForkServer()
+
+
+onstart:
+    FORK_SERVER.start(local=workflow.local_exec and workflow.is_main_process)
+
+
+onsuccess:
+    FORK_SERVER.stop()
+
+
+onerror:
+    FORK_SERVER.stop()
 
 
 include: "workflow/rules/common.smk"

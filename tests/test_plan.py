@@ -128,6 +128,8 @@ def test_calibration_on_the_tiny_preset(tmp_path, demo_config, monkeypatch):
     for unit in stored["units"].values():
         assert unit["seconds"] > 0 and unit["peak_mb"] > 100  # torch alone takes more than 100 MB
     assert stored["threads"] == 1 and len(stored["load_average_before"]) == 3 and stored["startup_seconds"] > 0
+    # A forked job skips the imports a process of its own pays (CPU seconds: load does not inflate them).
+    assert stored["startup_seconds"] < stored["startup_own_process_seconds"]
     costs = estimate(jobs, config, Timings.from_calibration(plan.read_calibration(path)))
     assert {c.rule for c in costs} == {"train", "sample", "metric"}
     assert all(c.seconds > stored["startup_seconds"] for c in costs)

@@ -13,8 +13,9 @@ A work unit is one thing calibration times on a device (`python -m pipeline plan
   moments and the paired bootstrap of FD and KID on N samples.
 
 <model> is preset, resolution and image channels. Every job also pays `startup_seconds` (the
-Python and torch start-up of `python -m pipeline <stage>`), except the target rule `all`, which
-runs nothing. Rules that only move data (prepare, calibration samples, quantize, report) are
+start-up of `python -m pipeline.launch <stage>` forked by the fork server of a local run; a
+cluster job, a process of its own, pays the calibration's `startup_own_process_seconds`), except
+the target rule `all`, which runs nothing. Rules that only move data (prepare, calibration samples, quantize, report) are
 charged the start-up alone. Hessian jobs are charged their upper bound (2 x max_iter products;
 the tolerance usually stops them sooner).
 """

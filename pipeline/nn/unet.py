@@ -211,9 +211,11 @@ class ResBlock(TimestepBlock):
         self.use_scale_shift_norm = use_scale_shift_norm
         self.resample = upsample_nearest if up else downsample_average if down else None
 
+        # SiLU after a norm overwrites the norm's fresh output (inplace): one pass over memory and one
+        # buffer less, bit-identical values and gradients (the norm's backward keeps its input).
         self.in_layers = nn.Sequential(
             normalization(channels, norm_groups),
-            nn.SiLU(),
+            nn.SiLU(inplace=True),
             nn.Conv2d(channels, out_channels, 3, padding=1),
         )
         self.emb_layers = nn.Sequential(
@@ -222,7 +224,7 @@ class ResBlock(TimestepBlock):
         )
         self.out_layers = nn.Sequential(
             normalization(out_channels, norm_groups),
-            nn.SiLU(),
+            nn.SiLU(inplace=True),
             Dropout(p=dropout),
             zero_module(nn.Conv2d(out_channels, out_channels, 3, padding=1)),
         )
@@ -517,7 +519,7 @@ class UNetModel(nn.Module):
 
         self.out = nn.Sequential(
             normalization(ch, norm_groups),
-            nn.SiLU(),
+            nn.SiLU(inplace=True),  # overwrites the norm's fresh output, as in ResBlock
             zero_module(nn.Conv2d(input_ch, out_channels, 3, padding=1)),
         )
 

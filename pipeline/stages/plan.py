@@ -26,6 +26,7 @@ import re
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -37,10 +38,11 @@ from pipeline.cost.model import (RuleCost, Timings, estimate, model_key, recipe_
                                  total_seconds)
 from pipeline.errors import PipelineError
 from pipeline.io import atomic_path
+from pipeline.launch import wire
 from pipeline.settings import config_files
 
 # The stage whose `--help` start-up is timed as every job's overhead (imports torch and the UNet).
-STARTUP_PROBE = ["-m", "pipeline", "sample", "--help"]
+STARTUP_PROBE = ["-m", "pipeline.launch", "sample", "--help"]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -333,18 +335,55 @@ def _run_measure(spec: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def measure_startup(repeats: int) -> dict[str, float]:
-    """Median start-up of a stage process that imports torch and the UNet and exits: its CPU
-    seconds (user + system; what an idle core would take) and its wall seconds (inflated by load)."""
+    """Median start-up of a stage job that imports torch and the UNet and exits, as a local run pays
+    it (forked by the fork server, pipeline/launch) and as a cluster job pays it (its own process):
+    CPU seconds (user + system, the client's and the forked child's; what an idle core would take)
+    and wall seconds (inflated by load). The server's own imports are paid once per run, not per job."""
+    own = _startup_runs(repeats, {wire.SOCKET_VARIABLE: wire.OFF})
+    folder = tempfile.mkdtemp(prefix="plan-", dir="/tmp")  # a Unix socket path holds 107 bytes at most
+    path = os.path.join(folder, "s.sock")
+    server = subprocess.Popen([sys.executable, "-m", "pipeline.launch.server", "--socket", path],
+                              stdin=subprocess.DEVNULL)
+    try:
+        while not os.path.exists(path):
+            if server.poll() is not None:
+                raise PipelineError("the fork server did not start; run `python -m pipeline.launch.server "
+                                    "--socket /tmp/x.sock` to see why.")
+            time.sleep(0.02)
+        forked = _startup_runs(repeats, {wire.SOCKET_VARIABLE: path}, server.pid)
+    finally:
+        server.terminate()
+        server.wait()
+        os.rmdir(folder)
+    return {"cpu": forked["cpu"], "wall": forked["wall"], "own_cpu": own["cpu"], "own_wall": own["wall"]}
+
+
+def _startup_runs(repeats: int, env: Mapping[str, str], server: int | None = None) -> dict[str, float]:
     import resource
+    # One thread of each pool, as Snakemake sets them for a 1-thread job (and the fork server has them).
+    env = {**os.environ, **wire.SERVER_THREADS, **env}
     cpu, wall = [], []
     for _ in range(max(repeats, 1)):
         before = resource.getrusage(resource.RUSAGE_CHILDREN)
+        served = _process_tree_cpu(server)
         start = time.perf_counter()
-        subprocess.run([sys.executable, *STARTUP_PROBE], capture_output=True, check=True)
+        done = subprocess.run([sys.executable, *STARTUP_PROBE], capture_output=True, text=True, check=True, env=env)
         wall.append(time.perf_counter() - start)
+        if "note: fork server" in done.stderr:
+            raise PipelineError(f"the start-up probe was not forked ({done.stderr.strip()}); unset the "
+                                f"variables it names and rerun --calibrate.")
         after = resource.getrusage(resource.RUSAGE_CHILDREN)
-        cpu.append(after.ru_utime - before.ru_utime + after.ru_stime - before.ru_stime)
+        cpu.append(after.ru_utime - before.ru_utime + after.ru_stime - before.ru_stime
+                   + _process_tree_cpu(server) - served)
     return {"cpu": statistics.median(cpu), "wall": statistics.median(wall)}
+
+
+def _process_tree_cpu(pid: int | None) -> float:
+    """CPU seconds of a process and its reaped children (the fork server's jobs), from /proc."""
+    if pid is None:
+        return 0.0
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return sum(int(x) for x in fields[11:15]) / os.sysconf("SC_CLK_TCK")
 
 
 def calibrate(jobs: Sequence[Job], config: Mapping[str, Any], device: str, max_batch: int,
@@ -357,7 +396,8 @@ def calibrate(jobs: Sequence[Job], config: Mapping[str, Any], device: str, max_b
         log(f"  {key}: {units[key]['seconds']:.4g} s per unit, peak {units[key]['peak_mb']:.0f} MB")
     startup = measure_startup(repeats)
     # On a GPU node the start-up is CPU work all the same; CPU seconds stay free of the load.
-    log(f"  start-up: {startup['cpu']:.2f} s CPU per job ({startup['wall']:.2f} s wall)")
+    log(f"  start-up: {startup['cpu']:.2f} s CPU per job forked by the fork server ({startup['wall']:.2f} s wall); "
+        f"{startup['own_cpu']:.2f} s CPU in a process of its own (cluster jobs)")
     return {
         "device": device, "device_label": device_label(device),
         "device_name": _cpu_model() if device == "cpu" else torch.cuda.get_device_name(torch.device(device)),
@@ -365,7 +405,8 @@ def calibrate(jobs: Sequence[Job], config: Mapping[str, Any], device: str, max_b
         "load_average_before": list(load_before), "load_average_after": list(os.getloadavg()),
         "max_batch": max_batch, "repeats": repeats, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "clock": "wall" if device != "cpu" else "process CPU seconds per thread",
-        "startup_seconds": startup["cpu"], "startup_wall_seconds": startup["wall"], "units": units,
+        "startup_seconds": startup["cpu"], "startup_wall_seconds": startup["wall"],
+        "startup_own_process_seconds": startup["own_cpu"], "units": units,
     }
 
 

@@ -18,6 +18,9 @@ from pipeline.study_files import rule_inputs
 # Jobs run `python -m pipeline ...`: put the interpreter that runs Snakemake (the venv's) first
 # on PATH, here and in every job Snakemake spawns, locally or on a cluster node.
 os.environ["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
+# Every rule's command is `f"{PIPELINE}<stage> ..."`: the launcher runs the stage through this
+# machine's fork server when the run is local (no import tax per job), in its own process otherwise.
+PIPELINE = "OMP_NUM_THREADS={threads} python -m pipeline.launch "
 RESULTS = config["results"]
 STUDY = config["study"]
 EXTRACTOR = config["fid"]["extractor"]

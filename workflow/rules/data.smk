@@ -19,7 +19,7 @@ rule prepare:
     params:
         settings=lambda w: as_settings(stage_settings(config, "prepare", dataset=w.dataset)),
     shell:
-        "OMP_NUM_THREADS={threads} python -m pipeline prepare --dataset {wildcards.dataset:q} --settings {params.settings:q} "
+        f"{PIPELINE}prepare --dataset {{wildcards.dataset:q}} --settings {{params.settings:q}} "
         "--out {output:q} --no-progress 2> {log:q}"
 
 
@@ -41,7 +41,7 @@ rule fid_reference:
     params:
         settings=lambda w: as_settings(stage_settings(config, "fid_reference", dataset=w.dataset)),
     shell:
-        "OMP_NUM_THREADS={threads} python -m pipeline fid-reference --data {input.data:q} --extractor {wildcards.extractor:q} "
+        f"{PIPELINE}fid-reference --data {{input.data:q}} --extractor {{wildcards.extractor:q}} "
         "--settings {params.settings:q} --out {output:q} --no-progress 2> {log:q}"
 
 
@@ -64,5 +64,5 @@ rule calibration_samples:
         settings=lambda w: as_settings(stage_settings(config, f"calibration_{w.kind}", dataset=w.dataset)),
         seed=config["sampling"]["seed"],
     shell:
-        "OMP_NUM_THREADS={threads} python -m pipeline calibration-samples --data {input.data:q} --kind {wildcards.kind:q} "
+        f"{PIPELINE}calibration-samples --data {{input.data:q}} --kind {{wildcards.kind:q}} "
         "--n {wildcards.n:q} --seed {params.seed} --settings {params.settings:q} --out {output:q} 2> {log:q}"

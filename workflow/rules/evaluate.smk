@@ -24,7 +24,7 @@ rule quantize:
         # {} for min-max precisions, {"quantization": {"clip": c}} for intBclip.
         settings=lambda w: as_settings(stage_settings(config, "quantize", precision=w.precision)),
     shell:
-        "OMP_NUM_THREADS={threads} python -m pipeline quantize --weights {input.weights:q} --precision {wildcards.precision:q} "
+        f"{PIPELINE}quantize --weights {{input.weights:q}} --precision {{wildcards.precision:q}} "
         "--out {output.weights:q} --codes {output.codes:q} --settings {params.settings:q} 2> {log:q}"
 
 
@@ -59,7 +59,7 @@ rule sample:
     params:
         settings=lambda w: as_settings(stage_settings(config, "sample", dataset=w.dataset)),
     shell:
-        "OMP_NUM_THREADS={threads} python -m pipeline sample --weights {input.weights:q} --dataset {wildcards.dataset:q} "
+        f"{PIPELINE}sample --weights {{input.weights:q}} --dataset {{wildcards.dataset:q}} "
         "--steps {wildcards.steps:q} --settings {params.settings:q} --out {output.samples:q} "
         "--grid {output.grid:q} --no-progress 2> {log:q}"
 
@@ -86,7 +86,7 @@ rule sample_validation:
         seed=config["report"]["selection"]["sampling_seed"],
         n=config["report"]["selection"]["n_samples"],
     shell:
-        "OMP_NUM_THREADS={threads} python -m pipeline sample --weights {input.weights:q} --dataset {wildcards.dataset:q} "
+        f"{PIPELINE}sample --weights {{input.weights:q}} --dataset {{wildcards.dataset:q}} "
         "--steps {wildcards.steps:q} --settings {params.settings:q} --seed {params.seed} --n {params.n} "
         "--out {output.samples:q} --grid {output.grid:q} --no-progress 2> {log:q}"
 
@@ -136,7 +136,7 @@ for fd_rule, (fd_samples, fd_out, fd_job) in FD_JOBS.items():
         params:
             settings=lambda w: as_settings(stage_settings(config, "fid", dataset=w.dataset)),
         shell:
-            "OMP_NUM_THREADS={threads} python -m pipeline fid --samples {input.samples:q} --reference {input.reference:q} "
+            f"{PIPELINE}fid --samples {{input.samples:q}} --reference {{input.reference:q}} "
             "--settings {params.settings:q} --out {output:q} --no-progress 2> {log:q}"
 
 
@@ -160,5 +160,5 @@ rule metric:
     params:
         settings=lambda w: as_settings(stage_settings(config, w.metric, dataset=w.dataset)),
     shell:
-        "OMP_NUM_THREADS={threads} python -m pipeline {wildcards.metric:q} --weights {input.weights:q} --data {input.data:q} "
+        f"{PIPELINE}{{wildcards.metric:q}} --weights {{input.weights:q}} --data {{input.data:q}} "
         "--dataset {wildcards.dataset:q} --settings {params.settings:q} --out {output:q} --no-progress 2> {log:q}"

@@ -24,5 +24,4 @@ rule report:
         settings=as_settings(stage_settings(config, "report")),
         out_dir=lambda w, output: os.path.dirname(output.index),
     shell:
-        "OMP_NUM_THREADS={threads} python -m pipeline report --settings {params.settings:q} "
-        "--out-dir {params.out_dir:q} 2> {log:q}"
+        f"{PIPELINE}report --settings {{params.settings:q}} --out-dir {{params.out_dir:q}} 2> {{log:q}}"

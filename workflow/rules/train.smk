@@ -27,6 +27,6 @@ rule train:
         settings=lambda w: as_settings(train_settings(config, w.dataset, w.recipe, int(w.seed))),
         out_dir=lambda w: layout.run_dir(RESULTS, w.dataset, w.recipe, w.seed),
     shell:
-        "OMP_NUM_THREADS={threads} python -m pipeline train --dataset {wildcards.dataset:q} --recipe {wildcards.recipe:q} "
+        f"{PIPELINE}train --dataset {{wildcards.dataset:q}} --recipe {{wildcards.recipe:q}} "
         "--seed {wildcards.seed:q} --settings {params.settings:q} --data {input.data:q} "
         "--out-dir {params.out_dir:q} --processes {resources.gpu} --no-progress 2> {log:q}"

@@ -1,0 +1,3 @@
+from pipeline.launch.client import main
+
+raise SystemExit(main())
