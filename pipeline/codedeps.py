@@ -31,6 +31,8 @@ PLUMBING = (
     "pipeline.device",
     "pipeline.codedeps",
     "pipeline.cost",
+    "pipeline.launch",
+    "pipeline.training.signals",  # how a run stops on SIGTERM, not what it computes
 )
 
 
