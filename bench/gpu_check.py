@@ -21,8 +21,8 @@ Writes <out-dir>/<device>.json (the JSON_SCHEMA below; rewritten whenever a step
 measurement, so a run cut short keeps what it measured) and <device>.log (every step's own output,
 as it goes). Nothing here resets or reconfigures the GPU. Without CUDA (and without --dry-run) it
 stops before any work. --dry-run writes dry-run.json and .log: every step listed as planned, the
-environment step, a CPU smoke of the presets step and ddp_nccl's code over gloo run (each with
-DRY_RUN_LIMIT), and the result checked against the schema.
+environment step, a CPU smoke of the presets step and ddp_nccl's code over gloo at world sizes 1
+and 2 run (each with DRY_RUN_LIMIT), and the result checked against the schema.
 """
 
 from __future__ import annotations
@@ -341,45 +341,15 @@ RECIPES = {"adam": "adm", "sam": "sam_rho0.1", "fsgld": "fsgld_adam"}
 MODES = ("fp32", "tf32", "bf16")
 
 
-def set_mode(mode: str, device_type: str = "cuda"):
-    """TF32 switched on only in 'tf32'; returns the autocast context of the mode (bf16 on `device_type`)."""
+def set_mode(mode: str) -> dict[str, bool]:
+    """TF32 switched on (a global flag) only in 'tf32'; returns the mode's training.cuda settings
+    for TrainingStep: bf16 autocast in 'bf16' (which TrainingStep applies on CUDA only)."""
     import torch
 
     tf32 = mode == "tf32"
     torch.backends.cuda.matmul.allow_tf32 = tf32
     torch.backends.cudnn.allow_tf32 = tf32
-    return torch.autocast(device_type, dtype=torch.bfloat16, enabled=mode == "bf16")
-
-
-# Lead: this is the training step of pipeline/stages/train.py (without DDP bookkeeping); point
-# it at the shared step of pipeline/training/step.py once that is merged.
-def train_step(forward, diffusion, optimizer, x0, t, noise, autocast) -> float:
-    """One step of the recipe's optimizer: Adam one gradient, SAM two, fSGLD n_pert perturbed ones."""
-    from pipeline.optim.fsgld import FSGLD
-    from pipeline.optim.sam import SAM
-
-    def loss():
-        with autocast:
-            return diffusion.training_losses(forward, x0, t, noise)["loss"].mean()
-
-    if isinstance(optimizer, FSGLD):
-        for _ in range(optimizer.n_pert):
-            optimizer.perturb()
-            value = loss()
-            value.backward()
-            optimizer.restore()
-    else:
-        value = loss()
-        value.backward()
-    if isinstance(optimizer, SAM):
-        optimizer.first_step()
-        optimizer.zero_grad(set_to_none=True)
-        loss().backward()
-        optimizer.second_step()
-    else:
-        optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    return float(value.detach())
+    return {"bf16": mode == "bf16"}
 
 
 def paper_model(preset: str):
@@ -393,13 +363,28 @@ def paper_model(preset: str):
     return build_unet(preset, learn_sigma=d["learn_sigma"]), diffusion
 
 
-def paper_optimizer(model, recipe: str):
-    """The recipe's optimizer over `model` as the train stage builds it from config.yaml."""
-    from pipeline.config import load_config
-    from pipeline.recipes import resolve_recipe
-    from pipeline.stages.train import build_optimizer
+def paper_step(model, diffusion, recipe_name: str, device, procs, cuda):
+    """The train stage's step (pipeline.training.step) for config.yaml's recipe over `model`.
 
-    return build_optimizer(model, resolve_recipe(load_config([REPO / "config.yaml"]), recipe), seed=0)
+    Call it as step(batch, step_index), batch = (x0, t, weights, noise, input_noise) as
+    pipeline.training.draws.draw_step returns it; the timesteps are uniform (weights 1).
+    """
+    from pipeline.config import load_config
+    from pipeline.diffusion.timestep_sampler import UniformSampler
+    from pipeline.recipes import resolve_recipe
+    from pipeline.training.optimizer import build_optimizer
+    from pipeline.training.step import TrainingStep
+
+    recipe = resolve_recipe(load_config([REPO / "config.yaml"]), recipe_name)
+    return TrainingStep(model, build_optimizer(model, recipe, 0), diffusion, UniformSampler(diffusion.num_timesteps),
+                        recipe.name, seed=0, device=device, procs=procs, cuda=cuda)
+
+
+def uniform_batch(x0, t, noise):
+    """(x0, t, noise) as TrainingStep's batch: uniform timesteps weigh 1, no input perturbation."""
+    import torch
+
+    return x0, t, torch.ones(t.shape, device=t.device), noise, None
 
 
 def step_presets(record: Recorder, dry_run: bool) -> None:
@@ -423,7 +408,7 @@ def step_presets(record: Recorder, dry_run: bool) -> None:
         def draw(batch):
             x0 = torch.rand(batch, *shape, generator=g) * 2 - 1
             t = torch.randint(0, diffusion.num_timesteps, (batch,), generator=g)
-            return x0.to(device), t.to(device), torch.randn(x0.shape, generator=g).to(device)
+            return uniform_batch(x0.to(device), t.to(device), torch.randn(x0.shape, generator=g).to(device))
 
         numerics(record, preset, model, diffusion, draw(2 if dry_run else 16))  # CPU: bf16 only differs
         for mode in ("fp32",) if dry_run else MODES:
@@ -464,7 +449,7 @@ def numerics(record, preset, model, diffusion, batch) -> None:
     """
     import torch
 
-    x0, t, noise = batch
+    x0, t, _, noise, _ = batch
     with torch.no_grad():
         for p in model.parameters():
             if not p.any():
@@ -472,7 +457,8 @@ def numerics(record, preset, model, diffusion, batch) -> None:
     model.eval()
     outputs = {}
     for mode in MODES:
-        with torch.no_grad(), set_mode(mode, x0.device.type):
+        bf16 = set_mode(mode)["bf16"]  # on the CPU too: the dry run's bf16 differs from fp32
+        with torch.no_grad(), torch.autocast(x0.device.type, dtype=torch.bfloat16, enabled=bf16):
             eps = model(diffusion.q_sample(x0, t, noise), t)[:, :x0.shape[1]].float()
             loss = diffusion.training_losses(model, x0, t, noise)["loss"].float().mean()
         outputs[mode] = (float(loss), eps)
@@ -488,34 +474,37 @@ def numerics(record, preset, model, diffusion, batch) -> None:
 
 def train_rate(record, key, model, diffusion, recipe, draw, paper_batch, mode, device,
                timed_steps: int = 3) -> float | None:
-    """Images/s of train_step at the paper's batch (halved until one GPU holds it), and peak memory.
+    """Images/s of the train stage's step at the paper's batch (halved until one GPU holds it),
+    and peak memory.
 
-    `mode` None: the CPU smoke (no autocast, one timed step).
+    `mode` None: the CPU smoke (fp32, one timed step).
     """
     import torch
 
+    from pipeline import distributed
+
     cuda = device.type == "cuda"
-    autocast = set_mode(mode) if mode else torch.autocast("cpu", enabled=False)
+    cuda_settings = set_mode(mode) if mode else {}
     timed_steps = timed_steps if cuda else 1
     batch = paper_batch
     while batch >= 1:
         try:
-            optimizer = paper_optimizer(model, recipe)
+            step = paper_step(model, diffusion, recipe, device, distributed.Processes(), cuda_settings)
             if cuda:
                 torch.cuda.reset_peak_memory_stats(device)
-            x0, t, noise = draw(batch)
-            train_step(model, diffusion, optimizer, x0, t, noise, autocast)  # warm-up
+            data = draw(batch)
+            step(data, 0)  # warm-up
             synchronize(device)
             began = time.perf_counter()
-            for _ in range(timed_steps):
-                train_step(model, diffusion, optimizer, x0, t, noise, autocast)
+            for i in range(timed_steps):
+                step(data, i + 1)
             synchronize(device)
             seconds = (time.perf_counter() - began) / timed_steps
         except torch.cuda.OutOfMemoryError:
             batch //= 2  # the paper's batch spans several GPUs; report what one holds
             continue
         finally:
-            optimizer = x0 = t = noise = None
+            step = data = None
             model.zero_grad(set_to_none=True)  # an out-of-memory step may leave gradients behind
             if cuda:
                 torch.cuda.empty_cache()
@@ -551,7 +540,7 @@ DDP_STEPS, DDP_BATCH = 4, 8
 
 
 def ddp_worker(rank: int, world_size: int, init_file: str, out: str, backend: str) -> None:
-    """One DDP process: its share of each global batch; rank 0 writes weights and losses."""
+    """One process of the group: its share of each global batch; rank 0 writes weights and losses."""
     import torch
     import torch.distributed as dist
 
@@ -569,45 +558,54 @@ def ddp_worker(rank: int, world_size: int, init_file: str, out: str, backend: st
 def ddp_trajectory(rank: int, world_size: int | None, device_type: str):
     """(initial weights, final weights, losses) of DDP_STEPS SAM steps of the tiny preset from seed 0.
 
-    world_size None: one process without DDP on the whole global batch; else this rank's share of
-    it under DDP (which all-reduces both of SAM's gradients, as the train stage does).
+    The train stage's step throughout. world_size None: one process on the whole global batch;
+    else this rank's share of it, the step's data parallelism from distributed.Processes (for
+    world size 2 and up: DDP, which all-reduces both of SAM's gradients). Losses are the
+    step's, averaged over the processes.
     """
     import torch
 
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    from pipeline import distributed
+
+    set_mode("fp32")
     torch.manual_seed(0)
     model, diffusion = paper_model("tiny")
     initial = {k: v.clone() for k, v in model.state_dict().items()}
     device = torch.device("cuda", rank) if device_type == "cuda" else torch.device("cpu")
     model = model.to(device)
-    optimizer = paper_optimizer(model, RECIPES["sam"])
-    forward = model
-    share = slice(0, DDP_BATCH)
+    procs, share = distributed.Processes(), slice(0, DDP_BATCH)
     if world_size is not None:
-        forward = torch.nn.parallel.DistributedDataParallel(model, device_ids=[rank] if device_type == "cuda" else None)
+        procs = distributed.Processes(rank=rank, world_size=world_size, local_world_size=world_size)
         share = slice(rank * DDP_BATCH // world_size, (rank + 1) * DDP_BATCH // world_size)
+    step = paper_step(model, diffusion, RECIPES["sam"], device, procs, cuda={})
+    model.train()
     g = torch.Generator().manual_seed(1)
     losses = []
-    for _ in range(DDP_STEPS):
+    for i in range(DDP_STEPS):
         x0 = torch.rand(DDP_BATCH, 3, 16, 16, generator=g) * 2 - 1
         t = torch.randint(0, diffusion.num_timesteps, (DDP_BATCH,), generator=g)
         noise = torch.randn(x0.shape, generator=g)
-        losses.append(train_step(forward, diffusion, optimizer, x0[share].to(device), t[share].to(device),
-                                 noise[share].to(device), torch.autocast(device_type, enabled=False)))
+        batch = uniform_batch(x0[share].to(device), t[share].to(device), noise[share].to(device))
+        losses.append(step(batch, i)["loss"])
     return initial, {k: v.cpu() for k, v in model.state_dict().items()}, losses
 
 
 def step_ddp_nccl(record: Recorder, dry_run: bool) -> None:
-    """DDP against one process on the same global batch; in a dry run over gloo on the CPU, world size 1."""
+    """The train stage's step under a process group against one process on the same global batch;
+    in a dry run over gloo on the CPU.
+
+    World size 1 checks that a process group of one changes nothing (the step runs without DDP
+    there, as training does); world size 2 runs DDP.
+    """
     import torch
     import torch.multiprocessing as mp
 
     device_type, backend = ("cpu", "gloo") if dry_run else ("cuda", "nccl")
-    gpus = 1 if dry_run else torch.cuda.device_count()
+    gpus = torch.cuda.device_count()
     start, alone, losses = ddp_trajectory(0, None, device_type)
     with tempfile.TemporaryDirectory() as tmp:
-        for world_size in (1,) if dry_run else (1, 2):
-            if world_size > gpus:
+        for world_size in (1, 2):
+            if not dry_run and world_size > gpus:
                 record(f"ddp/world{world_size}", {"skipped": f"{gpus} GPU(s)"})
                 continue
             out = str(Path(tmp) / f"world{world_size}.pt")

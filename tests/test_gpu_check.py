@@ -57,6 +57,9 @@ def test_dry_run_plans_every_step_and_writes_a_valid_result(tmp_path):
     assert 0 < smoke["numerics/tiny/bf16_vs_fp32"]["eps_rel_diff"] < 0.1
     ddp = steps["ddp_nccl"]["results"]["ddp/world1"]
     assert ddp["backend"] == "gloo" and ddp["bit_identical"] and ddp["loss_one_process"] == ddp["loss_ddp_rank0"]
+    # Two gloo processes run the train stage's step under DDP: the same trajectory up to summation order.
+    ddp = steps["ddp_nccl"]["results"]["ddp/world2"]
+    assert ddp["backend"] == "gloo" and ddp["same_trajectory"] and ddp["weights_apart_over_travelled"] < 1e-2
 
 
 def test_schema_rejects_a_train_measurement_without_its_rate():
