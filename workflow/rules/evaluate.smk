@@ -28,67 +28,70 @@ rule quantize:
         "--out {output.weights:q} --codes {output.codes:q} --settings {params.settings:q} 2> {log:q}"
 
 
-rule sample:
-    input:
-        weights=variant_weights,
-        code=CODE["sample"],
-    output:
-        samples=layout.samples(RESULTS, "{dataset}", "{recipe}", "{seed}", "{average}", "{precision}", "{steps}"),
-        grid=report(
-            layout.sample_grid(RESULTS, "{dataset}", "{recipe}", "{seed}", "{average}", "{precision}", "{steps}"),
-            caption="../report/sample_grid.rst",
-            category="Samples",
-            subcategory="{dataset}",
-            labels={
-                "recipe": "{recipe}",
-                "seed": "{seed}",
-                "averaging": "{average}",
-                "precision": "{precision}",
-                "T'": "{steps}",
-            },
-        ),
-    log:
-        f"{RESULTS}/logs/sample/{{dataset}}_{{recipe}}_seed{{seed}}_{{average}}_{{precision}}_T{{steps}}.log",
-    conda:
-        "../envs/pipeline.yaml"
-    threads: 1
-    resources:
-        mem_mb=8000,
-        runtime=60 * 24,
-        gpu=1,
-    params:
-        settings=lambda w: as_settings(stage_settings(config, "sample", dataset=w.dataset)),
-    shell:
-        f"{PIPELINE}sample --weights {{input.weights:q}} --dataset {{wildcards.dataset:q}} "
-        "--steps {wildcards.steps:q} --settings {params.settings:q} --out {output.samples:q} "
-        "--grid {output.grid:q} --no-progress 2> {log:q}"
+# Samples of two kinds, one command: every weights variant at each T' (sample), and the selection
+# samples, drawn with another seed, behind the rho of the +SAM rows (sample_validation; see
+# report.selection). Each entry: weights, samples, grid, the job's name in its log file, and the
+# arguments that set its seed and count (none: the sampling settings').
+SELECTION = config["report"]["selection"]
+# The study's sample grids appear in the Snakemake report, one per weights variant and T'.
+SAMPLE_GRID = report(
+    layout.sample_grid(RESULTS, "{dataset}", "{recipe}", "{seed}", "{average}", "{precision}", "{steps}"),
+    caption="../report/sample_grid.rst",
+    category="Samples",
+    subcategory="{dataset}",
+    labels={
+        "recipe": "{recipe}",
+        "seed": "{seed}",
+        "averaging": "{average}",
+        "precision": "{precision}",
+        "T'": "{steps}",
+    },
+)
+SAMPLE_JOBS = {
+    "sample": (
+        variant_weights,
+        layout.samples(RESULTS, "{dataset}", "{recipe}", "{seed}", "{average}", "{precision}", "{steps}"),
+        SAMPLE_GRID,
+        "{dataset}_{recipe}_seed{seed}_{average}_{precision}_T{steps}",
+        "",
+    ),
+    "sample_validation": (
+        lambda w: layout.trained_weights(RESULTS, w.dataset, w.recipe, w.seed, "none"),
+        layout.validation_samples(RESULTS, "{dataset}", "{recipe}", "{seed}", "{steps}"),
+        layout.validation_grid(RESULTS, "{dataset}", "{recipe}", "{seed}", "{steps}"),
+        "{dataset}_{recipe}_seed{seed}_T{steps}",
+        f"--seed {SELECTION['sampling_seed']} --n {SELECTION['n_samples']} ",
+    ),
+}
 
 
-# The rho behind the +SAM rows is chosen on samples drawn with another seed (report.selection).
-rule sample_validation:
-    input:
-        weights=lambda w: layout.trained_weights(RESULTS, w.dataset, w.recipe, w.seed, "none"),
-        code=CODE["sample"],
-    output:
-        samples=layout.validation_samples(RESULTS, "{dataset}", "{recipe}", "{seed}", "{steps}"),
-        grid=layout.validation_grid(RESULTS, "{dataset}", "{recipe}", "{seed}", "{steps}"),
-    log:
-        f"{RESULTS}/logs/sample_validation/{{dataset}}_{{recipe}}_seed{{seed}}_T{{steps}}.log",
-    conda:
-        "../envs/pipeline.yaml"
-    threads: 1
-    resources:
-        mem_mb=8000,
-        runtime=60 * 24,
-        gpu=1,
-    params:
-        settings=lambda w: as_settings(stage_settings(config, "sample", dataset=w.dataset)),
-        seed=config["report"]["selection"]["sampling_seed"],
-        n=config["report"]["selection"]["n_samples"],
-    shell:
-        f"{PIPELINE}sample --weights {{input.weights:q}} --dataset {{wildcards.dataset:q}} "
-        "--steps {wildcards.steps:q} --settings {params.settings:q} --seed {params.seed} --n {params.n} "
-        "--out {output.samples:q} --grid {output.grid:q} --no-progress 2> {log:q}"
+for sample_rule, (sample_weights, sample_out, sample_grid, sample_job, sample_draws) in SAMPLE_JOBS.items():
+
+    rule:
+        name:
+            sample_rule
+        input:
+            weights=sample_weights,
+            code=CODE["sample"],
+        output:
+            samples=sample_out,
+            grid=sample_grid,
+        log:
+            f"{RESULTS}/logs/{sample_rule}/{sample_job}.log",
+        conda:
+            "../envs/pipeline.yaml"
+        threads: 1
+        resources:
+            mem_mb=8000,
+            runtime=60 * 24,
+            gpu=1,
+        params:
+            settings=lambda w: as_settings(stage_settings(config, "sample", dataset=w.dataset)),
+            draws=sample_draws,
+        shell:
+            f"{PIPELINE}sample --weights {{input.weights:q}} --dataset {{wildcards.dataset:q}} "
+            "--steps {wildcards.steps:q} --settings {params.settings:q} {params.draws}--out {output.samples:q} "
+            "--grid {output.grid:q} --no-progress 2> {log:q}"
 
 
 # FD of three kinds of samples, one command: the study's samples (fid), the selection samples that
