@@ -110,7 +110,7 @@ def report_dir(results: str) -> str:
 
 
 REPORT_TABLES = ("table1_adm_vs_sam", "table2_fid", "table3_lpf", "table4_quantization",
-                 "rho_sweep", "claims")
+                 "rho_sweep", "claims", "power")
 REPORT_FIGURES = ("fig1_loss_surface", "fig2_samples_fp32_int8", "fig5_loss_vs_perturbation",
                   "fig6_eps_norm", "training_curves")
 
@@ -123,6 +123,7 @@ REPORT_TITLES = {
     "table4_quantization": "Table 4: quantization",
     "rho_sweep": "SAM's rho sweep",
     "claims": "Claims: effects and verdicts",
+    "power": "Power: seeds needed per claim",
     "fig1_loss_surface": "Fig. 1: loss surfaces",
     "fig2_samples_fp32_int8": "Figs. 2 and 4: samples fp32 and quantized",
     "fig5_loss_vs_perturbation": "Figs. 5, 7, 8: loss vs perturbation",

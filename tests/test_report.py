@@ -35,10 +35,12 @@ from pipeline.io import provenance, write_attrs
 from pipeline.report import build_report
 from pipeline.report.claims import claims_frame, claims_table, control_failures
 from pipeline.report.collect import METRIC_ROWS, collect, read_exposure_curves, read_perturbation
+from pipeline.report.power import power_table
 from pipeline.report.render import Table, latex_escape, to_latex, to_markdown
 from pipeline.report.study import Study, algorithm_label, select_sam
 from pipeline.report.tables import fixed, significant, table1, table2, table3
 from pipeline.settings import config_problems, stage_settings, train_settings
+from pipeline.stats.power import minimum_detectable_effect, seeds_needed
 from pipeline.stages import exposure as exposure_stage
 from pipeline.stages import hessian as hessian_stage
 from pipeline.stages import lpf as lpf_stage
@@ -667,6 +669,47 @@ def test_three_seed_cells_are_t_intervals_over_seeds(tmp_path) -> None:
     notes = " ".join(claims_table(study, data, choices).notes)
     assert "Training seeds 0, 1, 2: each effect is the mean of its per-seed values" in notes
     assert "±" not in notes  # no cell is "mean ± std" any more
+
+
+def test_power_table_gives_the_paired_spread_and_the_seeds_needed(tmp_path) -> None:
+    # +SAM's absolute LPF is ADM's plus a per-seed difference with a known mean and sd.
+    differences = [-0.004, -0.001, -0.002]
+    sam = [a + d for a, d in zip(ADM_LPF_3, differences)]
+    settings = make_study(tmp_path, seeds=(0, 1, 2), lpf={"sam_rho0.1": sam}, samples=False, metrics=("lpf",))
+    study = Study(dict(settings))
+    data = collect(study)
+    table = power_table(study, data, select_sam(study, data.validation, data.metric_name))
+    row = dict(id="C1", measure="LPF absolute (sigma 0.01)", comparison="+SAM - ADM")
+
+    n = len(differences)
+    mean = sum(differences) / n
+    sd = (sum((d - mean) ** 2 for d in differences) / (n - 1)) ** 0.5
+    mean_a, mean_b = sum(sam) / n, sum(ADM_LPF_3) / n
+    sd_a = (sum((a - mean_a) ** 2 for a in sam) / (n - 1)) ** 0.5
+    sd_b = (sum((b - mean_b) ** 2 for b in ADM_LPF_3) / (n - 1)) ** 0.5
+    r = sum((a - mean_a) * (b - mean_b) for a, b in zip(sam, ADM_LPF_3)) / ((n - 1) * sd_a * sd_b)
+    frame = table.frame
+    assert cell(frame, "seeds", **row) == "3"
+    assert float(cell(frame, "mean difference", **row)) == pytest.approx(mean, rel=1e-3)
+    assert float(cell(frame, "sd difference", **row)) == pytest.approx(sd, rel=1e-3)
+    assert float(cell(frame, "correlation", **row)) == pytest.approx(r, rel=1e-3)
+    assert float(cell(frame, "sd unpaired", **row)) == pytest.approx((sd_a ** 2 + sd_b ** 2) ** 0.5, rel=1e-3)
+    for power in (0.5, 0.8):
+        needed = seeds_needed(mean, sd, 0.95, power)
+        assert needed is not None and needed > n
+        assert cell(frame, f"seeds needed (power {power:g})", **row) == str(needed)
+    assert float(cell(frame, "MDE (study seeds)", **row)) == pytest.approx(minimum_detectable_effect(sd, 3), rel=1e-3)
+    assert study.power_target_seeds == 8
+    assert float(cell(frame, "MDE (8 seeds)", **row)) == pytest.approx(minimum_detectable_effect(sd, 8), rel=1e-3)
+    # Only rows decided on seeds, and n.a. rows never.
+    claims = claims_of(settings)
+    assert len(frame) == int((claims["interval"] == "t over 3 paired seeds").sum())
+
+
+def test_power_table_leaves_out_one_seed_rows(one_seed) -> None:
+    _, out, _ = one_seed
+    assert read_table(out, "power").empty
+    assert "rest on one training seed" in (out / "power.md").read_text(encoding="utf-8")
 
 
 def test_equivalence_claim_uses_the_lpf_margin(tmp_path) -> None:

@@ -12,6 +12,7 @@ from pipeline.report.claims import claims_table
 from pipeline.report.collect import MAKER, collect
 from pipeline.report.figures import FIGURE_BUILDERS, save_figure, samples_needed
 from pipeline.report.index import FIGURE_CAPTIONS, index_html, index_markdown, png_source
+from pipeline.report.power import power_table
 from pipeline.report.render import write_table
 from pipeline.report.study import Study, select_sam
 from pipeline.report.tables import TABLE_BUILDERS
@@ -34,7 +35,7 @@ def build_report(settings: Mapping[str, Any], out_dir: str | Path) -> list[Path]
         raise PipelineError(f"Fig. 2 needs {len(missing)} samples file(s) that do not exist:\n{shown}")
 
     tables = [builder(study, data, choices) for builder in TABLE_BUILDERS]
-    tables.append(claims_table(study, data, choices))
+    tables += [claims_table(study, data, choices), power_table(study, data, choices)]
     by_name = {table.name: table for table in tables}
     written: list[Path] = []
     for name in layout.REPORT_TABLES:

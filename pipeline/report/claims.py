@@ -58,6 +58,7 @@ class _Context:
         self.sam = [c.recipe for c in choices.get(dataset, {}).values()]
         self.flat = self.sam + study.fsgld_recipes
         self.rows: list[dict[str, str]] = []
+        self.effects: list[Effect | None] = []  # one per row: what decided it (None for an n.a. row)
 
     # -- measures --------------------------------------------------------------------------
     def lpf_measures(self, increase: bool = False) -> list[tuple[str, ArmOf]]:
@@ -107,11 +108,13 @@ class _Context:
         self.rows.append({"id": claim_id, "claim": claim, "dataset": self.dataset, "algorithm": algorithm,
                           "condition": condition, "measure": measure, "effect [CI]": effect_.cell(),
                           "interval": effect_.interval.method, "rule": outcome[1], "verdict": outcome[0]})
+        self.effects.append(effect_)
 
     def skip(self, claim_id: str, claim: str, algorithm: str, reason: str) -> None:
         self.rows.append({"id": claim_id, "claim": claim, "dataset": self.dataset, "algorithm": algorithm,
                           "condition": "", "measure": "", "effect [CI]": "", "interval": "", "rule": reason,
                           "verdict": NOT_APPLICABLE})
+        self.effects.append(None)
 
     def pairs(self, claim_id: str, relation: str) -> list[tuple[str, str]]:
         """(recipe, its own base) for every SAM and fSGLD recipe; a recipe without a base gets an n.a. row."""
@@ -194,7 +197,7 @@ def _c4_exposure(c: _Context) -> None:
             arms = [exposure_arm(c.data, c.dataset, r, c.raw, steps) for r in (recipe, other)]
             eff = c.compare(arms, abs_difference, between_runs=True)
             c.add("C4", claim, c.label(recipe), f"T'={steps}",
-                  f"|eps-norm gap| of {c.label(recipe)} - that of {c.label(other)}", eff, eff and verdict(eff, "lower"))
+                  f"|eps-norm gap|: {c.label(recipe)} - {c.label(other)}", eff, eff and verdict(eff, "lower"))
 
 
 def _c5_fewer_steps(c: _Context) -> None:
@@ -317,8 +320,10 @@ CLAIMS = (_c1_flatter, _c2_averages, _c3_quantization, _c4_exposure, _c5_fewer_s
           _c8_sam_averages, _c9_ema_quantization, _c10_rho, _positive_control, _negative_control)
 
 
-def claims_frame(study: Study, data: Collected, choices: Choices) -> pd.DataFrame:
+def claims_with_effects(study: Study, data: Collected, choices: Choices) -> tuple[pd.DataFrame, list[Effect | None]]:
+    """The claims frame and, row by row, the effect that decided each row (None for n.a. rows)."""
     rows: list[dict[str, str]] = []
+    effects: list[Effect | None] = []
     for dataset in study.datasets:
         context = _Context(study, data, choices, dataset)
         if context.base is None:
@@ -327,7 +332,12 @@ def claims_frame(study: Study, data: Collected, choices: Choices) -> pd.DataFram
             for claim in CLAIMS:
                 claim(context)
         rows += context.rows
-    return pd.DataFrame(rows, columns=COLUMNS)
+        effects += context.effects
+    return pd.DataFrame(rows, columns=COLUMNS), effects
+
+
+def claims_frame(study: Study, data: Collected, choices: Choices) -> pd.DataFrame:
+    return claims_with_effects(study, data, choices)[0]
 
 
 def control_failures(frame: pd.DataFrame) -> list[str]:

@@ -61,6 +61,8 @@ class Effect:
     basis: str  # "seeds" or "draws"
     between_runs: bool
     draw_interval: Interval | None
+    # (n, 2): per seed, the two sides whose difference is the effect (see SIDES); None for other combines.
+    sides: np.ndarray | None = None
 
     @property
     def decisive(self) -> bool:
@@ -99,6 +101,15 @@ def change_difference(a_after, a_before, b_after, b_before):
     return np.abs(a_after - a_before) - np.abs(b_after - b_before)
 
 
+# combine -> the two sides (A, B) it subtracts, so that combine(...) == A - B: what a power analysis
+# pairs seed by seed (their correlation is what pairing by seed saves).
+SIDES: dict[Callable, Callable] = {
+    difference: lambda a, b: (a, b),
+    abs_difference: lambda a, b: (abs(a), abs(b)),
+    change_difference: lambda a_after, a_before, b_after, b_before: (abs(a_after - a_before), abs(b_after - b_before)),
+}
+
+
 def effect(arms: Sequence[Arm], combine: Callable, seeds: Sequence[int], level: float,
            between_runs: bool) -> Effect | None:
     """The effect `combine(*arm values)` per seed, with its interval; None when nothing was measured.
@@ -110,21 +121,25 @@ def effect(arms: Sequence[Arm], combine: Callable, seeds: Sequence[int], level: 
                          recipes, or two seeds), as opposed to variants of one run (averages,
                          precisions, T' of the same weights).
     """
-    per_seed, first = [], None
+    per_seed, sides, first = [], [], None
     for seed in seeds:
         readings = [arm(seed) for arm in arms]
         if any(r is None for r in readings):
             continue
-        per_seed.append(float(combine(*[r.value for r in readings])))
+        values = [r.value for r in readings]
+        per_seed.append(float(combine(*values)))
+        if combine in SIDES:
+            sides.append([float(side) for side in SIDES[combine](*values)])
         first = first or readings
     if not per_seed:
         return None
+    both = np.asarray(sides, dtype=np.float64) if sides else None
     if len(per_seed) >= 2:
         # The seeds decide; the first seed's draw-level interval is not needed (nor computed).
         return Effect(t_interval(np.asarray(per_seed), level, unit="paired seeds"), np.asarray(per_seed), "seeds",
-                      between_runs, None)
+                      between_runs, None, both)
     draw = draw_level_interval(first, combine, per_seed[0], level)
-    return Effect(draw, np.asarray(per_seed), "draws", between_runs, draw)
+    return Effect(draw, np.asarray(per_seed), "draws", between_runs, draw, both)
 
 
 def draw_level_interval(readings: Sequence[Reading], combine: Callable, estimate: float, level: float) -> Interval:

@@ -20,7 +20,7 @@ from pipeline.io.atomic import atomic_path
 EXTENSIONS = ("csv", "md", "tex", "html")
 # Columns that hold names rather than numbers: left-aligned in Markdown and LaTeX.
 TEXT_COLUMNS = {"dataset", "algorithm", "recipe", "claim", "id", "condition", "held", "evidence",
-                "selected", "rho", "note", "measure", "interval", "rule", "verdict"}
+                "selected", "rho", "note", "measure", "comparison", "interval", "rule", "verdict"}
 # LaTeX: a column whose longest cell is longer than this wraps in a p{} column, sized so that the
 # table fits \linewidth (the claims' rule, measure and claim would otherwise run off the page).
 WRAP_CHARACTERS = 20

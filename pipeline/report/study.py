@@ -144,6 +144,11 @@ class Study:
         return float(self.settings["report"]["confidence"])
 
     @property
+    def power_target_seeds(self) -> int:
+        """The seed count at which the power table also gives the minimum detectable effect."""
+        return int(self.settings["report"]["power"]["target_seeds"])
+
+    @property
     def margins(self) -> dict[str, float]:
         return {k: float(v) for k, v in self.settings["report"]["margins"].items()}
 
