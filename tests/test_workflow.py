@@ -46,7 +46,7 @@ def test_lint_is_clean():
     ("recipes:\n  sam_rho0.1:\n    sam: {rho: -0.1}\n", "-0.1 is less than the minimum of 0"),
     ("study:\n  sampling_steps: [20, 2000]\n", "study.sampling_steps [2000] exceed the 1000 diffusion steps"),
     ("study:\n  recipes: [adm, nesterov]\n", "unknown recipe 'nesterov'"),
-    ("study:\n  datasets: [mnist]\n", "'mnist' is not one of"),
+    ("study:\n  datasets: [mnist]\n", "names 'mnist', which has no entry under datasets"),
     ("study:\n  precisions: [fp32, int3]\n", "'int3' does not match"),
     ("datasets:\n  cifar10:\n    source: /nonexistent/cifar\n", "datasets.cifar10.source = /nonexistent/cifar does not exist"),
 ])
