@@ -353,7 +353,7 @@ def _report(config: Mapping[str, Any]) -> ReportSettings:
     return ReportSettings(
         results=config["results"], study=dict(study), report=dict(section(config, "report")),
         extractor=section(config, "fid", "extractor"), n_samples=section(config, "sampling", "n_samples"),
-        recipes={name: resolve_recipe(config, name).describe() for name in study["recipes"]},
+        recipes={name: resolve_recipe(config, name).describe() for name in study_recipes(study)},
         averages_from_training={"ema_decay": section(config, "training", "ema", "decay"),
                                 "swa": dict(section(config, "training", "swa"))})
 
@@ -456,12 +456,52 @@ def metric_averages(study: Mapping[str, Any], metric: str) -> list[str]:
     return [a for a in study["averages"] if chosen is None or a in chosen]
 
 
-def study_variants(study: Mapping[str, Any]) -> list[tuple[str, str, int]]:
-    """Every (average, precision, T') a training run of the study is sampled and scored at."""
+def study_variants(study: Mapping[str, Any], raw_only: bool = False) -> list[tuple[str, str, int]]:
+    """Every (average, precision, T') a training run of the study is sampled and scored at
+    (raw_only: those of the raw weights, as for the runs of study.extra_seeds)."""
     return [(average, precision, steps)
-            for average in study["averages"]
+            for average in study["averages"] if not raw_only or average == RAW
             for precision in study_precisions(study, average)
             for steps in study_steps(study, precision)]
+
+
+RAW = "none"
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+    """One training run of the study; raw_only: scored on its raw weights only (study.extra_seeds)."""
+
+    recipe: str
+    seed: int
+    raw_only: bool
+
+
+def study_runs(study: Mapping[str, Any]) -> list[Run]:
+    """Every training run of the study, recipe by recipe (study.recipes, then those only in
+    study.extra_seeds), seeds ascending: study.recipes x study.seeds are scored at every variant,
+    study.extra_seeds adds runs scored on their raw weights only (a seed in both is a full run)."""
+    extra = study.get("extra_seeds") or {}
+    runs = []
+    for recipe in study_recipes(study):
+        full = set(int(s) for s in study["seeds"]) if recipe in study["recipes"] else set()
+        for seed in sorted(full | set(int(s) for s in extra.get(recipe, []))):
+            runs.append(Run(recipe, seed, seed not in full))
+    return runs
+
+
+def study_recipes(study: Mapping[str, Any]) -> list[str]:
+    """study.recipes, then the recipes named only in study.extra_seeds, in the config's order."""
+    extra = [r for r in (study.get("extra_seeds") or {}) if r not in study["recipes"]]
+    return list(study["recipes"]) + extra
+
+
+def study_seeds(study: Mapping[str, Any]) -> list[int]:
+    """Every training seed of the study (study.seeds and study.extra_seeds), ascending."""
+    seeds = set(int(s) for s in study["seeds"])
+    for extra in (study.get("extra_seeds") or {}).values():
+        seeds.update(int(s) for s in extra)
+    return sorted(seeds)
 
 
 # ------------------------------------------------------------------------------------------
@@ -578,11 +618,14 @@ def config_problems(config: Mapping[str, Any]) -> list[str]:
     if round(training["swa"]["start_fraction"] * training["steps"]) < 1:
         problems.append(f"training.swa.start_fraction = {training['swa']['start_fraction']} of {training['steps']} "
                         f"steps starts SWA at step 0, averaging in the untrained weights; raise either.")
-    for name in study["recipes"]:
+    for name in study_recipes(study):
         try:
             resolve_recipe(config, name)
         except PipelineError as err:
             problems.append(str(err))
+    if study.get("extra_seeds") and RAW not in study["averages"]:
+        problems.append(f"study.extra_seeds adds runs scored on their raw weights, but study.averages "
+                        f"{study['averages']} leaves out the raw weights (none); add none or drop extra_seeds.")
     for average in study.get("extra_precisions") or {}:
         if average not in study["averages"]:
             problems.append(f"study.extra_precisions names average '{average}', which is not in study.averages "
@@ -592,10 +635,10 @@ def config_problems(config: Mapping[str, Any]) -> list[str]:
         if unknown:
             problems.append(f"study.metric_averages.{metric} names {unknown}, not in study.averages {study['averages']}.")
     control = config["report"]["negative_control"]
-    if control["seeds"] and control["recipe"] not in study["recipes"]:
+    if control["seeds"] and control["recipe"] not in study_recipes(study):
         problems.append(f"report.negative_control.recipe = {control['recipe']} is not in study.recipes; name a "
                         f"recipe of the study or set report.negative_control.seeds to [].")
-    overlap = sorted(set(control["seeds"]) & set(study["seeds"]))
+    overlap = sorted(set(control["seeds"]) & set(study_seeds(study)))
     if overlap:
         problems.append(f"report.negative_control.seeds {overlap} are also study seeds; the control needs runs "
                         f"the study does not have (e.g. 100, 101, ...).")
@@ -614,7 +657,7 @@ def config_problems(config: Mapping[str, Any]) -> list[str]:
     if weights is not None and not Path(weights).is_file():
         problems.append(f"fid.inception_weights = {weights} is not a file.")
     selection = config["report"]["sam_selection"]
-    sam_recipes = [r for r in study["recipes"] if (config["recipes"].get(r) or {}).get("sam") is not None]
+    sam_recipes = [r for r in study_recipes(study) if (config["recipes"].get(r) or {}).get("sam") is not None]
     if selection.startswith("best_fid_") and int(selection.removeprefix("best_fid_")) not in study["sampling_steps"]:
         problems.append(f"report.sam_selection = {selection}, but T' = {selection.removeprefix('best_fid_')} "
                         f"is not in study.sampling_steps {study['sampling_steps']}.")

@@ -13,7 +13,7 @@ import dataclasses
 from typing import Any, Iterator, Mapping
 
 from pipeline import layout
-from pipeline.settings import metric_averages, study_variants
+from pipeline.settings import RAW, Run, metric_averages, study_runs, study_variants
 
 # The rule (workflow/rules/*.smk) and command behind each kind of input.
 MAKER = {
@@ -41,20 +41,20 @@ class Input:
         return MAKER[self.kind].format(name=self.name)
 
 
-def _runs(settings: Mapping[str, Any]) -> Iterator[dict[str, Any]]:
+def _runs(settings: Mapping[str, Any]) -> Iterator[tuple[dict[str, Any], Run]]:
+    """(the run's wildcards, the run) for every training run of the study (study.extra_seeds included)."""
     study = settings["study"]
     for dataset in study["datasets"]:
-        for recipe in study["recipes"]:
-            for seed in study["seeds"]:
-                yield {"dataset": dataset, "recipe": recipe, "seed": int(seed)}
+        for run in study_runs(study):
+            yield {"dataset": dataset, "recipe": run.recipe, "seed": run.seed}, run
 
 
 def _scored(settings: Mapping[str, Any]) -> list[Input]:
     """FID and samples of every run's scored (average, precision, T')."""
     results, extractor = settings["results"], settings["extractor"]
     inputs = []
-    for run in _runs(settings):
-        for average, precision, steps in study_variants(settings["study"]):
+    for run, kind in _runs(settings):
+        for average, precision, steps in study_variants(settings["study"], raw_only=kind.raw_only):
             key = {**run, "average": average, "precision": precision, "steps": steps}
             inputs.append(Input(layout.fid(results, *run.values(), average, precision, steps, extractor), "fid", key))
             inputs.append(Input(layout.samples(results, *run.values(), average, precision, steps), "sample", key))
@@ -69,16 +69,18 @@ def _validation(settings: Mapping[str, Any]) -> list[Input]:
     steps = int(selection.removeprefix("best_fid_"))
     return [Input(layout.validation_fid(settings["results"], *run.values(), steps, settings["extractor"]),
                   "validation", {**run, "average": "none", "precision": "fp32", "steps": steps})
-            for run in _runs(settings) if settings["recipes"][run["recipe"]].get("sam") is not None]
+            for run, _ in _runs(settings) if settings["recipes"][run["recipe"]].get("sam") is not None]
 
 
 def _logs_and_metrics(settings: Mapping[str, Any]) -> list[Input]:
     results, study = settings["results"], settings["study"]
     inputs = []
-    for run in _runs(settings):
+    for run, kind in _runs(settings):
         inputs.append(Input(layout.train_log(results, *run.values()), "train", dict(run)))
         for name in study["metrics"]:
             for average in metric_averages(study, name):
+                if kind.raw_only and average != RAW:
+                    continue
                 inputs.append(Input(layout.metric(results, *run.values(), average, name), "metric",
                                     {**run, "average": average}, name))
     return inputs

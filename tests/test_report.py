@@ -39,7 +39,8 @@ from pipeline.report.power import power_table
 from pipeline.report.render import Table, latex_escape, to_latex, to_markdown
 from pipeline.report.study import Study, algorithm_label, select_sam
 from pipeline.report.tables import fixed, significant, table1, table2, table3
-from pipeline.settings import config_problems, stage_settings, train_settings
+from pipeline.study_files import report_inputs
+from pipeline.settings import config_problems, stage_settings, study_runs, train_settings
 from pipeline.stats.power import minimum_detectable_effect, seeds_needed
 from pipeline.stages import exposure as exposure_stage
 from pipeline.stages import hessian as hessian_stage
@@ -242,16 +243,17 @@ CALIBRATION = {"floor": 1.5, "static": 300.0}
 def make_study(root: Path, *, dataset: str = "cifar10", extractor: str = "inception", seeds=(0,),
                sam_selection: str = "best_fid_20", lpf: dict | None = None,
                lpf_ema_offset: float | None = None, samples: bool = True, control_seeds=(),
-               metrics=("lpf", "perturbation", "surface", "hessian", "exposure")) -> dict:
+               metrics=("lpf", "perturbation", "surface", "hessian", "exposure"), extra_seeds=None) -> dict:
     """Write every input of the micro study under root/results; return the report settings.
 
     samples=False leaves out the samples files, which only Fig. 2 reads (tests of the claims
-    alone do not build figures).
+    alone do not build figures). extra_seeds: study.extra_seeds (runs with raw weights only).
     """
     config = deep_merge(load_config([DEFAULT_CONFIG]), {
         "results": str(root / "results"),
         "study": {"datasets": [dataset], "recipes": RECIPES, "seeds": list(seeds), "averages": AVERAGES,
-                  "precisions": ["fp32", "int8"], "sampling_steps": STEPS, "metrics": list(metrics)},
+                  "precisions": ["fp32", "int8"], "sampling_steps": STEPS, "metrics": list(metrics),
+                  "extra_seeds": dict(extra_seeds or {})},
         "fid": {"extractor": extractor},
         "report": {"sam_selection": sam_selection, "show_paper_numbers": True,
                    "negative_control": {"recipe": "adm", "seeds": list(control_seeds)}},
@@ -260,39 +262,39 @@ def make_study(root: Path, *, dataset: str = "cifar10", extractor: str = "incept
     results, metric_name = config["results"], "FID" if extractor == "inception" else "FD-EffNetLite0"
     lpf = {**LPF, **(lpf or {})}
     channels = 1 if dataset == "fashion_mnist" else 3
-    for recipe in RECIPES:
-        for seed in seeds:
-            write_train_log(Path(layout.train_log(results, dataset, recipe, seed)),
-                            train_settings(config, dataset, recipe, seed),
-                            {name: [0.1, 0.09, 0.08] if name != "lr" else [1e-4] * 3
-                             for name in ("loss", "mse", "vb", "grad_norm", "lr")},
-                            [0.5], SimpleNamespace(n_averaged=2), processes=1)
-            if recipe in VALIDATION_FID:
-                # Selection samples exist for T'=20 only; their noise level is irrelevant to the choice.
-                write_fid(layout.validation_fid(results, dataset, recipe, seed, 20, extractor), metric_name,
-                          extractor, VALIDATION_FID[recipe] + SEED_SHIFT[seed], 0.1)
-            for average in AVERAGES:
-                for precision in ("fp32", "int8"):
-                    for steps in STEPS:
-                        write_fid(layout.fid(results, dataset, recipe, seed, average, precision, steps, extractor),
-                                  metric_name, extractor, fid_value(recipe, average, precision, steps, seed),
-                                  fd_noise(recipe, average))
-                        if samples:
-                            write_samples(layout.samples(results, dataset, recipe, seed, average, precision, steps),
-                                          shade=40 * RECIPES.index(recipe), channels=channels)
-                metric = lambda name: layout.metric(results, dataset, recipe, seed, average, name)  # noqa: E731
-                value = lpf_value(recipe, average, seed, lpf)
-                if lpf_ema_offset is not None and recipe == "adm" and average == "ema":
-                    value = lpf_value("adm", "none", seed, lpf) + lpf_ema_offset
-                flat = lpf_value(recipe, "none", 0, lpf)
-                writers = {"lpf": lambda p: write_lpf(p, value, recipe, average),
-                           "perturbation": lambda p: write_perturbation(p, 100 * flat),
-                           "surface": lambda p: write_surface(p, 100 * flat),
-                           "hessian": lambda p: write_hessian(p, HESSIAN_TOP[recipe], HESSIAN_CONVERGED[recipe]),
-                           "exposure": lambda p: write_exposure(p, GAP[recipe])}
-                for name in metrics:
-                    Path(metric(name)).parent.mkdir(parents=True, exist_ok=True)
-                    writers[name](metric(name))
+    for run in study_runs(config["study"]):
+        recipe, seed = run.recipe, run.seed
+        write_train_log(Path(layout.train_log(results, dataset, recipe, seed)),
+                        train_settings(config, dataset, recipe, seed),
+                        {name: [0.1, 0.09, 0.08] if name != "lr" else [1e-4] * 3
+                         for name in ("loss", "mse", "vb", "grad_norm", "lr")},
+                        [0.5], SimpleNamespace(n_averaged=2), processes=1)
+        if recipe in VALIDATION_FID:
+            # Selection samples exist for T'=20 only; their noise level is irrelevant to the choice.
+            write_fid(layout.validation_fid(results, dataset, recipe, seed, 20, extractor), metric_name,
+                      extractor, VALIDATION_FID[recipe] + SEED_SHIFT[seed], 0.1)
+        for average in ["none"] if run.raw_only else AVERAGES:
+            for precision in ("fp32", "int8"):
+                for steps in STEPS:
+                    write_fid(layout.fid(results, dataset, recipe, seed, average, precision, steps, extractor),
+                              metric_name, extractor, fid_value(recipe, average, precision, steps, seed),
+                              fd_noise(recipe, average))
+                    if samples:
+                        write_samples(layout.samples(results, dataset, recipe, seed, average, precision, steps),
+                                      shade=40 * RECIPES.index(recipe), channels=channels)
+            metric = lambda name: layout.metric(results, dataset, recipe, seed, average, name)  # noqa: E731
+            value = lpf_value(recipe, average, seed, lpf)
+            if lpf_ema_offset is not None and recipe == "adm" and average == "ema":
+                value = lpf_value("adm", "none", seed, lpf) + lpf_ema_offset
+            flat = lpf_value(recipe, "none", 0, lpf)
+            writers = {"lpf": lambda p: write_lpf(p, value, recipe, average),
+                       "perturbation": lambda p: write_perturbation(p, 100 * flat),
+                       "surface": lambda p: write_surface(p, 100 * flat),
+                       "hessian": lambda p: write_hessian(p, HESSIAN_TOP[recipe], HESSIAN_CONVERGED[recipe]),
+                       "exposure": lambda p: write_exposure(p, GAP[recipe])}
+            for name in metrics:
+                Path(metric(name)).parent.mkdir(parents=True, exist_ok=True)
+                writers[name](metric(name))
     for seed in control_seeds:
         # The negative control's ADM runs: raw fp32 weights at the smallest T', and LPF.
         write_train_log(Path(layout.train_log(results, dataset, "adm", seed)), train_settings(config, dataset, "adm", seed),
@@ -765,6 +767,33 @@ def test_negative_control_runs_are_paired_with_the_study_seeds(tmp_path) -> None
     assert any("negative control on cifar10 (LPF absolute" in flag for flag in control_failures(failed))
 
 
+def test_extra_seeds_narrow_raw_weight_claims_only(tmp_path) -> None:
+    """study.extra_seeds: seed 3 of ADM and SAM rho 0.1, raw weights only. Comparisons of raw weights
+    between those two use 4 seeds, comparisons with other recipes or of EMA/SWA the 3 they share; the
+    negative control pairs all 4 ADM seeds; the whole report builds (figures, answers, power table)."""
+    settings = make_study(tmp_path, seeds=(0, 1, 2), extra_seeds={"adm": [3], "sam_rho0.1": [3]},
+                          control_seeds=(100, 101, 102, 103))
+    required = [item.path for item in report_inputs(settings)]
+    assert layout.fid(settings["results"], "cifar10", "adm", 3, "none", "int8", 20, "inception") in required
+    assert not [p for p in required if "/seed3/" in p and ("/ema/" in p or "/swa/" in p or "_ema" in p)]
+    out = tmp_path / "results" / "report"
+    build_report(settings, out)
+    claims = read_table(out, "claims")
+    c1 = lpf_rows(claims, "C1", algorithm="+SAM")
+    assert len(c1) and (c1["seeds"] == "4").all() and (c1["interval"] == "t over 4 paired seeds").all(), c1
+    c8 = claims[claims["id"] == "C8"]
+    assert len(c8) and (c8["seeds"] == "3").all(), c8.to_string()
+    fsgld = claims[(claims["id"] == "C5") & claims["algorithm"].str.contains("fSGLD")]
+    assert len(fsgld) and (fsgld["seeds"] == "3").all(), fsgld.to_string()
+    nc = claims[claims["id"] == "NC"]
+    assert (nc["condition"] == "seeds 0, 1, 2, 3 vs 100, 101, 102, 103, raw weights").all(), nc.to_string()
+    assert (nc["seeds"] == "4").all()
+    page = (out / "index.md").read_text()
+    assert "+SAM is flatter than ADM: held 4 (4 seeds)" in page
+    assert "+fSGLD (Adam base, ext.) is flatter than ADM: held 5 (3 seeds)" in page
+    assert "raw weights only (study.extra_seeds): ADM (adm) 3; +SAM (sam_rho0.1) 3" in (out / "claims.md").read_text()
+
+
 def test_metrics_outside_the_study_leave_their_columns_out(tmp_path) -> None:
     settings = make_study(tmp_path, samples=False, metrics=("lpf",))
     study = Study(dict(settings))
@@ -946,3 +975,19 @@ def test_bootstrap_intervals_are_centred_on_the_estimate() -> None:
     other = Reading(4.0, replicates - 1.0, BOOTSTRAP)
     diff = draw_level_interval([Reading(5.0, replicates, BOOTSTRAP), other], difference, 1.0, 0.95)
     assert (diff.low, diff.high) == pytest.approx((1.0, 1.0))
+
+
+def test_extra_seeds_are_checked_against_the_study() -> None:
+    base = load_config([DEFAULT_CONFIG])
+    raw_less = deep_merge(base, {"study": {"averages": ["ema"], "extra_seeds": {"adm": [1]}}})
+    assert any("study.extra_seeds adds runs scored on their raw weights" in p for p in config_problems(raw_less))
+    unknown = deep_merge(base, {"study": {"extra_seeds": {"sam_rho7": [1]}}})
+    assert any("sam_rho7" in p for p in config_problems(unknown))
+    overlap = deep_merge(base, {"study": {"extra_seeds": {"adm": [100]}},
+                                "report": {"negative_control": {"seeds": [100]}}})
+    assert any("negative_control.seeds [100] are also study seeds" in p for p in config_problems(overlap))
+    # Runs: study.recipes x study.seeds in full, then the extra ones raw-only; a recipe only named there joins.
+    study = {"recipes": ["adm", "sam_rho0.1"], "seeds": [0, 1], "extra_seeds": {"adm": [1, 5], "sgd": [2]}}
+    assert [(r.recipe, r.seed, r.raw_only) for r in study_runs(study)] == [
+        ("adm", 0, False), ("adm", 1, False), ("adm", 5, True), ("sam_rho0.1", 0, False), ("sam_rho0.1", 1, False),
+        ("sgd", 2, True)]

@@ -27,7 +27,7 @@ class Answer:
     claim: str
     counts: dict[str, int]
     effects: list[str]
-    seeds: int
+    seeds: str  # training seeds behind the rows' effects: "3", or "3-8" when rows differ; "" if none
 
     def verdicts(self) -> str:
         """"held 2, inconclusive 1" (verdicts with no row left out)."""
@@ -41,11 +41,12 @@ def verdict_counts(frame: pd.DataFrame) -> dict[str, int]:
     return counts
 
 
-def _seeds(study: Study, claim_id: str) -> int:
-    """Training seeds behind a claim's intervals: the negative control pairs the study's seeds with its own."""
-    if claim_id == "NC":
-        return min(len(study.seeds), len(study.negative_control_seeds))
-    return len(study.seeds)
+def _seeds(rows: pd.DataFrame) -> str:
+    """The rows' seed counts as one cell: "3", "3-8", or "" when no row was measured."""
+    counts = sorted(int(n) for n in rows["seeds"] if str(n).strip())
+    if not counts:
+        return ""
+    return str(counts[0]) if counts[0] == counts[-1] else f"{counts[0]}-{counts[-1]}"
 
 
 def _effect(row: pd.Series, several_datasets: bool, several_conditions: bool) -> str:
@@ -63,7 +64,7 @@ def answers(study: Study, frame: pd.DataFrame) -> list[Answer]:
     for (claim_id, claim), rows in frame.groupby(["id", "claim"], sort=False):
         conditions = rows["condition"].nunique() > 1
         effects = [_effect(row, several, conditions) for _, row in rows.iterrows()]
-        result.append(Answer(claim_id, claim, verdict_counts(rows), effects, _seeds(study, claim_id)))
+        result.append(Answer(claim_id, claim, verdict_counts(rows), effects, _seeds(rows)))
     return result
 
 

@@ -42,7 +42,7 @@ from pipeline.report.study import Study, algorithm_label
 from pipeline.report.tables import Choices, choice_notes, has_metric, raw_average, seeds_note, weights_name
 
 NOT_APPLICABLE = "n.a."
-COLUMNS = ["id", "claim", "dataset", "algorithm", "condition", "measure", "effect [CI]", "interval", "rule",
+COLUMNS = ["id", "claim", "dataset", "algorithm", "condition", "measure", "effect [CI]", "seeds", "interval", "rule",
            "verdict"]
 
 ArmOf = Callable[[str, str], Arm]  # (recipe, average) -> arm
@@ -107,12 +107,12 @@ class _Context:
             return
         self.rows.append({"id": claim_id, "claim": claim, "dataset": self.dataset, "algorithm": algorithm,
                           "condition": condition, "measure": measure, "effect [CI]": effect_.cell(),
-                          "interval": effect_.interval.method, "rule": outcome[1], "verdict": outcome[0]})
+                          "seeds": str(len(effect_.per_seed)), "interval": effect_.interval.method, "rule": outcome[1], "verdict": outcome[0]})
         self.effects.append(effect_)
 
     def skip(self, claim_id: str, claim: str, algorithm: str, reason: str) -> None:
         self.rows.append({"id": claim_id, "claim": claim, "dataset": self.dataset, "algorithm": algorithm,
-                          "condition": "", "measure": "", "effect [CI]": "", "interval": "", "rule": reason,
+                          "condition": "", "measure": "", "effect [CI]": "", "seeds": "", "interval": "", "rule": reason,
                           "verdict": NOT_APPLICABLE})
         self.effects.append(None)
 
@@ -289,7 +289,7 @@ def _negative_control(c: _Context) -> None:
     """The control recipe's study seeds against its runs with report.negative_control.seeds, paired in order,
     on LPF and on the metric at the smallest T': the same rules as every between-run claim."""
     recipe = c.study.negative_control_recipe
-    pairs = list(zip(c.seeds, c.study.negative_control_seeds))
+    pairs = list(zip(c.study.seeds_of(recipe), c.study.negative_control_seeds))
     claim = f"negative control: {c.label(recipe)} differs from {c.label(recipe)} trained with other seeds"
     if not pairs:
         c.skip("NC", claim, c.label(recipe), "report.negative_control.seeds is empty: no control runs")
@@ -358,8 +358,8 @@ def control_failures(frame: pd.DataFrame) -> list[str]:
 
 
 def claims_table(study: Study, data: Collected, choices: Choices) -> Table:
-    """The claims table: columns id, claim, dataset, algorithm, condition, measure, effect [CI], interval, rule,
-    verdict."""
+    """The claims table: columns id, claim, dataset, algorithm, condition, measure, effect [CI], seeds (training
+    seeds behind the effect), interval, rule, verdict."""
     frame = claims_frame(study, data, choices)
     level = f"{100 * study.confidence:g}%"
     notes = [f"Each row: the effect (mean over training seeds) with its {level} confidence interval, how the "

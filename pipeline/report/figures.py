@@ -71,9 +71,9 @@ def _featured(study: Study, choices: Choices, dataset: str) -> list[str]:
     return [r for r in [study.baseline, *chosen, *study.fsgld_recipes] if r is not None]
 
 
-def _mean_over_seeds(study: Study, read: Callable[[int], np.ndarray]) -> tuple[np.ndarray, np.ndarray | None]:
-    """Mean over the study's seeds of read(seed), and the std over seeds (None with one seed)."""
-    stack = np.stack([read(seed) for seed in study.seeds])
+def _mean_over_seeds(seeds: list[int], read: Callable[[int], np.ndarray]) -> tuple[np.ndarray, np.ndarray | None]:
+    """Mean over `seeds` of read(seed), and the std over them (None with one seed)."""
+    stack = np.stack([read(seed) for seed in seeds])
     return stack.mean(axis=0), (stack.std(axis=0, ddof=1) if len(stack) > 1 else None)
 
 
@@ -99,7 +99,7 @@ def fig1_loss_surface(study: Study, data: Collected, choices: Choices) -> Figure
         surfaces = {}
         for recipe in panels[dataset]:
             per_seed = [read_surface(layout.metric(study.results, dataset, recipe, seed, raw, "surface"))
-                        for seed in study.seeds]
+                        for seed in study.seeds_of(recipe, raw)]
             surfaces[recipe] = np.mean([s["losses"] for s in per_seed], axis=0)
             x, y, terms = per_seed[0]["x"], per_seed[0]["y"], per_seed[0]["loss_terms"]
         # One colour scale per dataset, so the panels' flatness compares by eye.
@@ -148,17 +148,19 @@ def sample_columns(study: Study) -> list[tuple[str, int]]:
 
 
 def fig2_samples(study: Study, data: Collected, choices: Choices) -> Figure:
-    seed = study.seeds[0]
     name = data.metric_name
     rows = sample_rows(study, choices)
+    first_seeds = {study.seeds_of(recipe, average)[0] for _, recipe, average in rows}
     if not rows:
         return _message_figure("Figs. 2 and 4", "the study has neither ADM, SAM nor fSGLD recipes to show.")
     columns = sample_columns(study)
     fig = Figure(figsize=(max(2.6 * len(columns), 6.5), 2.9 * len(rows)), layout="constrained")
-    fig.suptitle(f"Figs. 2 and 4: first {GRID_IMAGES} samples per variant (training seed {seed})\n"
+    fig.suptitle(f"Figs. 2 and 4: first {GRID_IMAGES} samples per variant "
+                 f"({_seed_words(first_seeds)})\n"
                  f"sample i starts from the same noise in every panel;\npanel titles: {name} on all samples")
     axes = fig.subplots(len(rows), len(columns), squeeze=False)
     for r, (dataset, recipe, average) in enumerate(rows):
+        seed = study.seeds_of(recipe, average)[0]
         for c, (precision, steps) in enumerate(columns):
             path = layout.samples(study.results, dataset, recipe, seed, average, precision, steps)
             grid = mosaic(read_samples(path, GRID_IMAGES))
@@ -193,14 +195,17 @@ def fig5_loss_vs_perturbation(study: Study, data: Collected, choices: Choices) -
     for col, dataset in enumerate(study.datasets):
         for recipe in study.table_recipes(choices, dataset):
             for average in study.metric_averages("perturbation"):
+                seeds = study.seeds_of(recipe, average)
+                if not seeds:
+                    continue
                 curves = {s: read_perturbation(layout.metric(study.results, dataset, recipe, s, average,
-                                                             "perturbation")) for s in study.seeds}
-                radii = curves[study.seeds[0]]["radii"]
+                                                             "perturbation")) for s in seeds}
+                radii = curves[seeds[0]]["radii"]
                 label = algorithm_label(study.label(recipe), average)
                 for row, key in enumerate(("loss", "difference")):
-                    mean, spread = _mean_over_seeds(study, lambda s: curves[s][f"{key}_mean"])
+                    mean, spread = _mean_over_seeds(seeds, lambda s: curves[s][f"{key}_mean"])
                     if spread is None:
-                        spread = curves[study.seeds[0]][f"{key}_std"]
+                        spread = curves[seeds[0]][f"{key}_std"]
                     ax = axes[row, col]
                     (line,) = ax.plot(radii, mean, color=colours[recipe], linestyle=LINESTYLES[average])
                     labelled.setdefault(label, line)
@@ -234,15 +239,18 @@ def fig6_eps_norm(study: Study, data: Collected, choices: Choices) -> Figure:
     for row, dataset in enumerate(study.datasets):
         for recipe in study.table_recipes(choices, dataset):
             for average in study.metric_averages("exposure"):
+                seeds = study.seeds_of(recipe, average)
+                if not seeds:
+                    continue
                 curves = {s: read_exposure_curves(layout.metric(study.results, dataset, recipe, s, average,
-                                                                "exposure")) for s in study.seeds}
+                                                                "exposure")) for s in seeds}
                 label = algorithm_label(study.label(recipe), average)
                 for col, steps in enumerate(steps_list):
                     ax = axes[row, col]
-                    first = curves[study.seeds[0]][steps]
+                    first = curves[seeds[0]][steps]
                     t = first["timesteps"]
-                    training = _mean_over_seeds(study, lambda s: curves[s][steps]["training"])[0]
-                    sampling = _mean_over_seeds(study, lambda s: curves[s][steps]["sampling"])[0]
+                    training = _mean_over_seeds(seeds, lambda s: curves[s][steps]["training"])[0]
+                    sampling = _mean_over_seeds(seeds, lambda s: curves[s][steps]["sampling"])[0]
                     # One "Training" reference as in the paper (ADM's); the others' training curves faint.
                     if recipe == study.baseline and average == raw_average(study):
                         labelled.setdefault("training inputs, ADM", ax.plot(t, training, color="black",
@@ -287,7 +295,7 @@ def smooth(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 def training_runs(study: Study) -> list[tuple[str, int, str]]:
     """(recipe, seed, label) of every run the report reads a train.h5 of: the study's and the control's."""
-    runs = [(recipe, seed, study.label(recipe)) for recipe in study.recipes for seed in study.seeds]
+    runs = [(recipe, seed, study.label(recipe)) for recipe in study.recipes for seed in study.seeds_of(recipe)]
     control = study.negative_control_recipe
     runs += [(control, seed, f"{study.label(control)}, negative control") for seed in study.negative_control_seeds]
     return runs
@@ -336,7 +344,7 @@ def sample_rows(study: Study, choices: Choices) -> list[tuple[str, str, str]]:
     rows = []
     for dataset in study.datasets:
         for recipe in _featured(study, choices, dataset):
-            for average in [a for a in ("none", "ema") if a in study.averages]:
+            for average in [a for a in ("none", "ema") if a in study.averages and study.seeds_of(recipe, a)]:
                 # fSGLD is this project's extension: its raw weights suffice beside the paper's rows.
                 if average == "ema" and study.recipe(recipe).kind == "fsgld":
                     continue
@@ -344,8 +352,13 @@ def sample_rows(study: Study, choices: Choices) -> list[tuple[str, str, str]]:
     return rows
 
 
+def _seed_words(seeds: set[int]) -> str:
+    return f"training seed {next(iter(seeds))}" if len(seeds) == 1 else "first training seed of each row's recipe"
+
+
 def samples_needed(study: Study, choices: Choices) -> list[str]:
     """The samples.h5 files Fig. 2 reads (first training seed)."""
-    return [layout.samples(study.results, dataset, recipe, study.seeds[0], average, precision, steps)
+    return [layout.samples(study.results, dataset, recipe, study.seeds_of(recipe, average)[0], average, precision,
+                           steps)
             for dataset, recipe, average in sample_rows(study, choices)
             for precision, steps in sample_columns(study)]

@@ -235,7 +235,7 @@ def count_line(frame: pd.DataFrame) -> str:
 # index.html: the whole report on one page.
 
 # The claims columns in reading order for the page (the CSV keeps the table's own order).
-CLAIMS_ORDER = ["id", "verdict", "effect [CI]", "claim", "algorithm", "measure", "dataset", "condition", "interval",
+CLAIMS_ORDER = ["id", "verdict", "effect [CI]", "seeds", "claim", "algorithm", "measure", "dataset", "condition", "interval",
                 "rule"]
 
 
@@ -342,7 +342,8 @@ def index_html(study: Study, data: Collected, choices: Choices, tables: Sequence
 def answers_markdown(study: Study, claims: Table) -> list[str]:
     lines = ["## Answers", "", f"**{count_line(claims.frame)}**", "", prose.ANSWERS_INTRO, ""]
     for a in answers(study, claims.frame):
-        lines.append(f"- **{a.claim_id}** {a.claim}: {a.verdicts()} ({a.seeds} seed{'s' * (a.seeds != 1)}); "
+        seeds = f" ({a.seeds} seed{'s' * (a.seeds != '1')})" if a.seeds else ""
+        lines.append(f"- **{a.claim_id}** {a.claim}: {a.verdicts()}{seeds}; "
                      + "; ".join(a.effects))
     return lines + [""]
 

@@ -13,7 +13,8 @@ import pandas as pd
 
 from pipeline.errors import PipelineError
 from pipeline.recipes import KINDS, Recipe, recipe_from_description
-from pipeline.settings import metric_averages, study_precisions, study_steps, study_variants
+from pipeline.settings import (RAW, metric_averages, study_precisions, study_recipes, study_runs, study_seeds,
+                               study_steps, study_variants)
 
 AVERAGE_SUFFIX = {"none": "", "ema": "+EMA", "swa": "+SWA"}
 # How Tables 3 and 5 of the paper head their average columns.
@@ -64,7 +65,23 @@ class Study:
 
     @property
     def seeds(self) -> list[int]:
+        """Every training seed (study.seeds and study.extra_seeds), ascending; a recipe or variant may have
+        fewer (seeds_of), and every comparison uses the seeds both sides have."""
+        return study_seeds(self.settings["study"])
+
+    @property
+    def full_seeds(self) -> list[int]:
+        """study.seeds: the seeds of study.recipes scored at every variant."""
         return [int(s) for s in self.settings["study"]["seeds"]]
+
+    def seeds_of(self, recipe: str, average: str = RAW) -> list[int]:
+        """The seeds `recipe` was trained with and scored on at `average`."""
+        return [run.seed for run in study_runs(self.settings["study"])
+                if run.recipe == recipe and (average == RAW or not run.raw_only)]
+
+    @property
+    def extra_seeds(self) -> dict[str, list[int]]:
+        return {r: [int(s) for s in seeds] for r, seeds in (self.settings["study"].get("extra_seeds") or {}).items()}
 
     @property
     def averages(self) -> list[str]:
@@ -165,7 +182,7 @@ class Study:
     @property
     def recipes(self) -> list[str]:
         """Every recipe of the study in the paper's row order (pipeline.recipes.KINDS; stable within a kind)."""
-        names = list(self.settings["study"]["recipes"])
+        names = study_recipes(self.settings["study"])
         return sorted(names, key=lambda name: KINDS.index(self.recipe(name).kind))
 
     @property

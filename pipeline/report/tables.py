@@ -68,8 +68,14 @@ def seeds_note(study: Study) -> str:
     if len(seeds) == 1:
         return f"One training seed ({seeds[0]})."
     # Cells are no longer mean ± std: each effect is the mean of its per-seed values with a t interval.
-    return (f"Training seeds {', '.join(map(str, seeds))}: each effect is the mean of its per-seed values, "
+    note = (f"Training seeds {', '.join(map(str, seeds))}: each effect is the mean of its per-seed values, "
             f"its interval Student-t over them.")
+    if study.extra_seeds:
+        extra = "; ".join(f"{study.label(r)} ({r}) {', '.join(map(str, s))}" for r, s in study.extra_seeds.items())
+        note += (f" Every recipe of study.recipes has seeds {', '.join(map(str, study.full_seeds))} at every variant; "
+                 f"raw weights only (study.extra_seeds): {extra}. A comparison uses the seeds both sides have "
+                 f"(the claims' seeds column).")
+    return note
 
 
 def metric_note(metric_name: str) -> str:
@@ -134,8 +140,10 @@ def _change(study: Study, after, before) -> str:
 def interval_note(study: Study) -> str:
     level = f"{100 * study.confidence:g}%"
     if len(study.seeds) > 1:
-        return (f"Cells: mean over training seeds {', '.join(map(str, study.seeds))} [{level} t interval of the mean "
-                f"over seeds]; changes are paired per seed.")
+        over = (f"the training seeds each model has ({', '.join(map(str, study.seeds))} in all)" if study.extra_seeds
+                else f"training seeds {', '.join(map(str, study.seeds))}")
+        return (f"Cells: mean over {over} [{level} t interval of the mean over seeds]; changes are paired per "
+                f"seed.")
     return (f"Cells: value [{level} draw-level interval: bootstrap over sample indices for FD and KID, centred on the "
             f"value, t over Monte-Carlo draws for LPF, over images for the eps-norm gap]. One training seed: these "
             f"intervals leave out the seed-to-seed variation, which is larger.")
