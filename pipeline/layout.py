@@ -139,8 +139,8 @@ def report_tables(results: str) -> list[str]:
 
 
 def report_figures(results: str) -> list[str]:
-    """Every figure of the report, each as PNG and PDF."""
-    return [f"{report_dir(results)}/{name}.{ext}" for name in REPORT_FIGURES for ext in ("png", "pdf")]
+    """Every figure of the report, each as PNG, PDF and an HTML page with its caption (the one the HTML report shows)."""
+    return [f"{report_dir(results)}/{name}.{ext}" for name in REPORT_FIGURES for ext in ("png", "pdf", "html")]
 
 
 def report_index(results: str) -> str:

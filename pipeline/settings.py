@@ -491,8 +491,9 @@ def study_runs(study: Mapping[str, Any]) -> list[Run]:
 
 
 def study_recipes(study: Mapping[str, Any]) -> list[str]:
-    """study.recipes, then the recipes named only in study.extra_seeds, in the config's order."""
-    extra = [r for r in (study.get("extra_seeds") or {}) if r not in study["recipes"]]
+    """study.recipes, then the recipes named only in study.extra_seeds (with one seed or more), in the config's
+    order: an overlay empties another's entry with `recipe: []`."""
+    extra = [r for r, seeds in (study.get("extra_seeds") or {}).items() if seeds and r not in study["recipes"]]
     return list(study["recipes"]) + extra
 
 

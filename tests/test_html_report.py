@@ -53,8 +53,12 @@ def test_report_shows_the_claims_and_index_as_html(report_html) -> None:
 
 def test_every_figure_and_table_has_its_caption(report_html) -> None:
     results = embedded_results(report_html)
-    fig6 = next(entry for path, entry in results.items() if path.endswith("fig6_eps_norm.png"))
+    fig6 = next(entry for path, entry in results.items() if path.endswith("fig6_eps_norm.html"))
     assert "the sampling chain runs left to right" in fig6["caption"]
+    # The figure's own page shows its caption under the image, not only behind the info button.
+    page = decoded(fig6)
+    assert "data:image/png;base64," in page and "<figcaption>" in page and "Figs. 6, 7, 8" in page
+    assert fig6["labels"]["title"] and not any(path.endswith("fig6_eps_norm.png") for path in results)
     for path, entry in results.items():
         assert entry["caption"].strip(), f"{path} has no caption"
 

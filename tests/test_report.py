@@ -407,7 +407,11 @@ def test_every_listed_output_exists_and_is_of_its_kind(one_seed) -> None:
         if path.endswith(".pdf"):
             assert data.startswith(b"%PDF")
         if path.endswith(".html"):
-            assert data.decode().startswith("<!doctype html>") and "<table>" in data.decode(), path
+            page = data.decode()
+            figure = Path(path).stem in layout.REPORT_FIGURES
+            # A figure's page: the image inline, its caption visible under it (Snakemake's report shows this page).
+            assert page.startswith("<!doctype html>") and ("<figcaption>" in page and "data:image/png;base64," in page
+                                                          if figure else "<table>" in page), path
         if path.endswith(".tex"):
             assert "\\begin{tabular}" in data.decode() and "\\caption{" in data.decode()
             # Every non-ASCII character of the cells (σ, §, †, ±, →) is spelled as a LaTeX command.

@@ -11,7 +11,8 @@ from pipeline.io.atomic import atomic_path
 from pipeline.report.claims import claims_table
 from pipeline.report.collect import MAKER, collect
 from pipeline.report.figures import FIGURE_BUILDERS, save_figure, samples_needed
-from pipeline.report.index import FIGURE_CAPTIONS, index_html, index_markdown, png_source
+from pipeline.report.index import FIGURE_CAPTIONS, claims_html, figures_html, index_html, index_markdown, png_source
+from pipeline.report.render import html_page
 from pipeline.report.power import power_table
 from pipeline.report.render import write_table
 from pipeline.report.study import Study, select_sam
@@ -39,7 +40,8 @@ def build_report(settings: Mapping[str, Any], out_dir: str | Path) -> list[Path]
     by_name = {table.name: table for table in tables}
     written: list[Path] = []
     for name in layout.REPORT_TABLES:
-        written += write_table(by_name[name], out_dir)
+        # The claims page states each rule once above the table, as index.html does, so it fits 1,280 px.
+        written += write_table(by_name[name], out_dir, claims_html(by_name[name]) if name == "claims" else None)
     for name in layout.REPORT_FIGURES:
         written += save_figure(FIGURE_BUILDERS[name](study, data, choices), out_dir, name)
 
@@ -48,6 +50,10 @@ def build_report(settings: Mapping[str, Any], out_dir: str | Path) -> list[Path]
     sources = {name: png_source(out_dir / f"{name}.png") for name in layout.REPORT_FIGURES}
     pages = {out_dir / "index.md": index_markdown(study, data, choices, ordered, captions),
              out_dir / "index.html": index_html(study, data, choices, ordered, captions, sources)}
+    # One page per figure with its caption under it: what Snakemake's HTML report shows for a figure.
+    pages.update({out_dir / f"{name}.html": html_page(captions[name].split(":")[0],
+                                                      figures_html({name: captions[name]}, sources))
+                  for name in layout.REPORT_FIGURES})
     for index, text in pages.items():
         with atomic_path(index) as tmp:
             tmp.write_text(text, encoding="utf-8")

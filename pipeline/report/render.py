@@ -47,11 +47,12 @@ class Table:
     notes: list[str] = dataclasses.field(default_factory=list)
 
 
-def write_table(table: Table, out_dir: str | Path) -> list[Path]:
-    """Write {name}.csv, {name}.md, {name}.tex and {name}.html into `out_dir`, each atomically."""
+def write_table(table: Table, out_dir: str | Path, html_body: str | None = None) -> list[Path]:
+    """Write {name}.csv, {name}.md, {name}.tex and {name}.html into `out_dir`, each atomically
+    (html_body: the HTML page's body under the title, in place of the plain grid and notes)."""
     out_dir = Path(out_dir)
     texts = {"csv": table.frame.to_csv(index=False, lineterminator="\n"),
-             "md": to_markdown(table), "tex": to_latex(table), "html": to_html(table)}
+             "md": to_markdown(table), "tex": to_latex(table), "html": to_html(table, html_body)}
     paths = []
     for ext in EXTENSIONS:
         path = out_dir / f"{table.name}.{ext}"
@@ -177,9 +178,11 @@ def html_list(items: list[str], ordered: bool = False) -> str:
     return f"<{tag}>\n" + "\n".join(f"<li>{html.escape(item)}</li>" for item in items) + f"\n</{tag}>"
 
 
-def to_html(table: Table) -> str:
-    """The table as a page: title, cells, notes."""
-    body = f"<h3>{html.escape(table.title)}</h3>\n{html_grid(table.frame)}"
-    if table.notes:
-        body += "\n" + html_list(table.notes)
-    return html_page(table.title, body)
+def to_html(table: Table, body: str | None = None) -> str:
+    """The table as a page: title, then `body`, by default the cells (scrolling sideways when wider than the
+    window, so no column is cut off) and the notes."""
+    if body is None:
+        body = f'<div class="wide">{html_grid(table.frame)}</div>'
+        if table.notes:
+            body += "\n" + html_list(table.notes)
+    return html_page(table.title, f"<h3>{html.escape(table.title)}</h3>\n{body}")

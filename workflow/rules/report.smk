@@ -5,10 +5,13 @@ rule report:
     input:
         **report_inputs(),
     output:
-        # The HTML report shows the .html tables and .png figures inline, each with its caption;
-        # the CSV, Markdown, LaTeX and PDF copies stay in the report folder only.
+        # The HTML report shows the .html tables and figure pages (image and caption) inline;
+        # the CSV, Markdown, LaTeX, PNG and PDF copies stay in the report folder only.
         tables=[html_report_item(path, "Tables") for path in layout.report_tables(RESULTS)],
-        figures=[html_report_item(path, "Figures") for path in layout.report_figures(RESULTS)],
+        figures=[
+            html_report_item(path, "Figures") if path.endswith(".html") else path
+            for path in layout.report_figures(RESULTS)
+        ],
         index=layout.report_index(RESULTS),
         index_html=html_report_item(layout.report_index_html(RESULTS), "Index"),
     log:
