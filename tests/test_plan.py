@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 
 import pytest
 
@@ -97,6 +98,12 @@ def test_fixture_plan_gives_exact_totals(demo_config):
     # The SAM run (355 s) outlasts its 3-minute budget and its measured 900 MB its 800 MB.
     assert "warning: train: the longest job (0:05:55) exceeds its runtime resource" in text
     assert "warning: train: measured peak 900 MB exceeds mem_mb 800" in text
+    assert "wall-clock" not in text  # no side-by-side measurement, no local wall-clock claim
+    # With one: total x slowdown / copies (675.1 s x 1.5 / 2 = 506.3 s).
+    side = {"unit": "sample/fmnist16/16px/c1/b500", "copies": 2, "seconds": [0.0012, 0.0012], "slowdown": 1.5}
+    assert plan.wall_clock_lines(total_seconds(costs.values()), {"side_by_side": side}) == [
+        "on this machine, 2 one-thread jobs at a time (--cores 2), each 1.50x slower than alone (measured on "
+        "sample/fmnist16/16px/c1/b500): about 0:08:26 of wall-clock"]
 
 
 def test_missing_timing_names_the_unit_and_the_fix(demo_config):
@@ -128,6 +135,10 @@ def test_calibration_on_the_tiny_preset(tmp_path, demo_config, monkeypatch):
     for unit in stored["units"].values():
         assert unit["seconds"] > 0 and unit["peak_mb"] > 100  # torch alone takes more than 100 MB
     assert stored["threads"] == 1 and len(stored["load_average_before"]) == 3 and stored["startup_seconds"] > 0
+    side = stored["side_by_side"]  # one copy per core of the sample unit, at once
+    if (os.cpu_count() or 1) > 1:
+        assert side["unit"] == "sample/tiny/16px/c1/b4" and len(side["seconds"]) == side["copies"] == os.cpu_count()
+        assert side["slowdown"] > 0
     # A forked job skips the imports a process of its own pays (CPU seconds: load does not inflate them).
     assert stored["startup_seconds"] < stored["startup_own_process_seconds"]
     costs = estimate(jobs, config, Timings.from_calibration(plan.read_calibration(path)))

@@ -320,18 +320,26 @@ def _measure_fid_fixed(spec, cuda) -> float:
 # ---------------------------------------------------------------------------------------------
 # Calibration driver and the estimate.
 
-def _run_measure(spec: Mapping[str, Any]) -> dict[str, Any]:
+def _measure_command(spec: Mapping[str, Any]) -> tuple[list[str], dict[str, str]]:
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
-    done = subprocess.run([sys.executable, "-m", "pipeline", "plan", "--measure", json.dumps(spec)],
-                          capture_output=True, text=True, env=env, check=False)
-    if done.returncode < 0:
+    return [sys.executable, "-m", "pipeline", "plan", "--measure", json.dumps(spec)], env
+
+
+def _run_measure(spec: Mapping[str, Any]) -> dict[str, Any]:
+    command, env = _measure_command(spec)
+    done = subprocess.run(command, capture_output=True, text=True, env=env, check=False)
+    return _measured(spec, done.returncode, done.stdout, done.stderr)
+
+
+def _measured(spec: Mapping[str, Any], returncode: int, stdout: str, stderr: str) -> dict[str, Any]:
+    if returncode < 0:
         # SIGKILL with no traceback is the kernel's out-of-memory killer, most of the time.
-        raise PipelineError(f"calibrating {spec['key']} was killed by signal {-done.returncode} (out of "
+        raise PipelineError(f"calibrating {spec['key']} was killed by signal {-returncode} (out of "
                             f"memory?); lower --max-batch or calibrate on a larger machine.")
-    if done.returncode != 0:
-        tail = (done.stderr.strip().splitlines() or ["(no output)"])[-1]
+    if returncode != 0:
+        tail = (stderr.strip().splitlines() or ["(no output)"])[-1]
         raise PipelineError(f"calibrating {spec['key']} failed: {tail}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    return json.loads(stdout.strip().splitlines()[-1])
 
 
 def measure_startup(repeats: int) -> dict[str, float]:
@@ -369,8 +377,8 @@ def _startup_runs(repeats: int, env: Mapping[str, str], server: int | None = Non
         start = time.perf_counter()
         done = subprocess.run([sys.executable, *STARTUP_PROBE], capture_output=True, text=True, check=True, env=env)
         wall.append(time.perf_counter() - start)
-        if "note: fork server" in done.stderr:
-            raise PipelineError(f"the start-up probe was not forked ({done.stderr.strip()}); unset the "
+        if "note: fork server" in stderr:
+            raise PipelineError(f"the start-up probe was not forked ({stderr.strip()}); unset the "
                                 f"variables it names and rerun --calibrate.")
         after = resource.getrusage(resource.RUSAGE_CHILDREN)
         cpu.append(after.ru_utime - before.ru_utime + after.ru_stime - before.ru_stime
@@ -386,6 +394,16 @@ def _process_tree_cpu(pid: int | None) -> float:
     return sum(int(x) for x in fields[11:15]) / os.sysconf("SC_CLK_TCK")
 
 
+def measure_side_by_side(spec: Mapping[str, Any], copies: int) -> list[float]:
+    """Seconds per unit of `copies` measurements of one unit run at once, as Snakemake runs 1-thread jobs
+    side by side on a local machine (they share caches, memory bandwidth and, on SMT, cores)."""
+    command, env = _measure_command(spec)
+    running = [subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+               for _ in range(copies)]
+    outputs = [(process.communicate(), process.returncode) for process in running]
+    return [_measured(spec, code, out, err)["seconds"] for (out, err), code in outputs]
+
+
 def calibrate(jobs: Sequence[Job], config: Mapping[str, Any], device: str, max_batch: int,
               repeats: int, log=print) -> dict[str, Any]:
     import torch
@@ -394,6 +412,15 @@ def calibrate(jobs: Sequence[Job], config: Mapping[str, Any], device: str, max_b
     for key in sorted(required_units(jobs, config)):
         units[key] = _run_measure(unit_spec(key, config, device, max_batch, repeats))
         log(f"  {key}: {units[key]['seconds']:.4g} s per unit, peak {units[key]['peak_mb']:.0f} MB")
+    side_by_side = None
+    copies = os.cpu_count() or 1
+    probe = next((k for k in sorted(units) if k.startswith(("train/", "sample/"))), None)
+    if device == "cpu" and copies > 1 and probe is not None:
+        # How much slower a unit runs with one copy per core beside it: the local wall-clock estimate uses it.
+        times = measure_side_by_side(unit_spec(probe, config, device, max_batch, repeats), copies)
+        side_by_side = {"unit": probe, "copies": copies, "seconds": times,
+                        "slowdown": statistics.median(times) / units[probe]["seconds"]}
+        log(f"  side by side: {probe} {side_by_side['slowdown']:.2f}x slower with {copies} copies at once")
     startup = measure_startup(repeats)
     # On a GPU node the start-up is CPU work all the same; CPU seconds stay free of the load.
     log(f"  start-up: {startup['cpu']:.2f} s CPU per job forked by the fork server ({startup['wall']:.2f} s wall); "
@@ -401,12 +428,13 @@ def calibrate(jobs: Sequence[Job], config: Mapping[str, Any], device: str, max_b
     return {
         "device": device, "device_label": device_label(device),
         "device_name": _cpu_model() if device == "cpu" else torch.cuda.get_device_name(torch.device(device)),
-        "torch": torch.__version__, "threads": int(os.environ.get("OMP_NUM_THREADS", torch.get_num_threads())),
+        # The units are timed in processes with OMP_NUM_THREADS (1 unless set), as 1-thread jobs run.
+        "torch": torch.__version__, "threads": int(os.environ.get("OMP_NUM_THREADS", "1")),
         "load_average_before": list(load_before), "load_average_after": list(os.getloadavg()),
         "max_batch": max_batch, "repeats": repeats, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "clock": "wall" if device != "cpu" else "process CPU seconds per thread",
         "startup_seconds": startup["cpu"], "startup_wall_seconds": startup["wall"],
-        "startup_own_process_seconds": startup["own_cpu"], "units": units,
+        "startup_own_process_seconds": startup["own_cpu"], "units": units, "side_by_side": side_by_side,
     }
 
 
@@ -458,7 +486,19 @@ def format_estimate(costs: Sequence[RuleCost], stale_only: bool, calibration: Ma
         if over_mem:
             warnings.append(f"{c.rule}: measured peak {c.peak_mb:.0f} MB exceeds mem_mb {c.mem_mb:.0f}")
     lines.append(f"{'total':<20} {sum(c.jobs for c in costs):>5} {total / 3600:>9.2f}")
+    lines += wall_clock_lines(total, calibration)
     return "\n".join(lines + [f"warning: {w}" for w in warnings])
+
+
+def wall_clock_lines(total_seconds_: float, calibration: Mapping[str, Any]) -> list[str]:
+    """The local wall-clock estimate: the device-hours of 1-thread jobs run one per core, each slowed by
+    the side-by-side factor calibration measured (ignores the tail where fewer jobs than cores are ready)."""
+    side = calibration.get("side_by_side")
+    if not side:
+        return []
+    wall = total_seconds_ * side["slowdown"] / side["copies"]
+    return [f"on this machine, {side['copies']} one-thread jobs at a time (--cores {side['copies']}), each "
+            f"{side['slowdown']:.2f}x slower than alone (measured on {side['unit']}): about {_hms(wall)} of wall-clock"]
 
 
 def run(args: argparse.Namespace) -> None:
