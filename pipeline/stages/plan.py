@@ -101,9 +101,9 @@ def unit_spec(key: str, config: Mapping[str, Any], device: str, max_batch: int, 
                     measured_batch=min(batch, max_batch))
         if kind == "train":
             recipe_kind_name = rest.split("/")[4]
-            recipe = next(r for r in section(config, "study", "recipes")
+            from pipeline.settings import study_recipes, train_settings
+            recipe = next(r for r in study_recipes(section(config, "study"))
                           if recipe_kind(config, r) == recipe_kind_name)
-            from pipeline.settings import train_settings
             spec["train_settings"] = train_settings(config, dataset, recipe, 0)
     elif kind == "extract":
         extractor, resolution, channels = rest.split("/")
