@@ -377,8 +377,8 @@ def _startup_runs(repeats: int, env: Mapping[str, str], server: int | None = Non
         start = time.perf_counter()
         done = subprocess.run([sys.executable, *STARTUP_PROBE], capture_output=True, text=True, check=True, env=env)
         wall.append(time.perf_counter() - start)
-        if "note: fork server" in stderr:
-            raise PipelineError(f"the start-up probe was not forked ({stderr.strip()}); unset the "
+        if "note: fork server" in done.stderr:
+            raise PipelineError(f"the start-up probe was not forked ({done.stderr.strip()}); unset the "
                                 f"variables it names and rerun --calibrate.")
         after = resource.getrusage(resource.RUSAGE_CHILDREN)
         cpu.append(after.ru_utime - before.ru_utime + after.ru_stime - before.ru_stime
