@@ -100,10 +100,11 @@ def test_fixture_plan_gives_exact_totals(demo_config):
     assert "warning: train: measured peak 900 MB exceeds mem_mb 800" in text
     assert "wall-clock" not in text  # no side-by-side measurement, no local wall-clock claim
     # With one: total x slowdown / copies (675.1 s x 1.5 / 2 = 506.3 s).
-    side = {"unit": "sample/fmnist16/16px/c1/b500", "copies": 2, "seconds": [0.0012, 0.0012], "slowdown": 1.5}
+    side = {"units": {"train/fmnist16/16px/c1/b64/adamw": 1.6, "sample/fmnist16/16px/c1/b500": 1.4}, "copies": 2,
+            "slowdown": 1.5}
     assert plan.wall_clock_lines(total_seconds(costs.values()), {"side_by_side": side}) == [
-        "on this machine, 2 one-thread jobs at a time (--cores 2), each 1.50x slower than alone (measured on "
-        "sample/fmnist16/16px/c1/b500): about 0:08:26 of wall-clock"]
+        "on this machine, 2 one-thread jobs at a time (--cores 2), each 1.50x slower than alone (the mean of "
+        "train/fmnist16/16px/c1/b64/adamw 1.60x, sample/fmnist16/16px/c1/b500 1.40x): about 0:08:26 of wall-clock"]
 
 
 def test_missing_timing_names_the_unit_and_the_fix(demo_config):
@@ -135,10 +136,11 @@ def test_calibration_on_the_tiny_preset(tmp_path, demo_config, monkeypatch):
     for unit in stored["units"].values():
         assert unit["seconds"] > 0 and unit["peak_mb"] > 100  # torch alone takes more than 100 MB
     assert stored["threads"] == 1 and len(stored["load_average_before"]) == 3 and stored["startup_seconds"] > 0
-    side = stored["side_by_side"]  # one copy per core of the sample unit, at once
+    side = stored["side_by_side"]  # one copy per core of a training and a sampling unit, at once
     if (os.cpu_count() or 1) > 1:
-        assert side["unit"] == "sample/tiny/16px/c1/b4" and len(side["seconds"]) == side["copies"] == os.cpu_count()
-        assert side["slowdown"] > 0
+        assert set(side["units"]) == {"train/tiny/16px/c1/b4/adamw+sam", "sample/tiny/16px/c1/b4"}
+        assert side["copies"] == os.cpu_count() and side["slowdown"] == pytest.approx(
+            sum(side["units"].values()) / 2) and side["slowdown"] > 0
     # A forked job skips the imports a process of its own pays (CPU seconds: load does not inflate them).
     assert stored["startup_seconds"] < stored["startup_own_process_seconds"]
     costs = estimate(jobs, config, Timings.from_calibration(plan.read_calibration(path)))

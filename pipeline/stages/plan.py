@@ -414,13 +414,17 @@ def calibrate(jobs: Sequence[Job], config: Mapping[str, Any], device: str, max_b
         log(f"  {key}: {units[key]['seconds']:.4g} s per unit, peak {units[key]['peak_mb']:.0f} MB")
     side_by_side = None
     copies = os.cpu_count() or 1
-    probe = next((k for k in sorted(units) if k.startswith(("train/", "sample/"))), None)
-    if device == "cpu" and copies > 1 and probe is not None:
+    # The first training and the first sampling unit: most of a plan's time, and they slow down differently.
+    probes = [next(k for k in sorted(units) if k.startswith(kind)) for kind in ("train/", "sample/")
+              if any(k.startswith(kind) for k in units)]
+    if device == "cpu" and copies > 1 and probes:
         # How much slower a unit runs with one copy per core beside it: the local wall-clock estimate uses it.
-        times = measure_side_by_side(unit_spec(probe, config, device, max_batch, repeats), copies)
-        side_by_side = {"unit": probe, "copies": copies, "seconds": times,
-                        "slowdown": statistics.median(times) / units[probe]["seconds"]}
-        log(f"  side by side: {probe} {side_by_side['slowdown']:.2f}x slower with {copies} copies at once")
+        slowdowns = {}
+        for probe in probes:
+            times = measure_side_by_side(unit_spec(probe, config, device, max_batch, repeats), copies)
+            slowdowns[probe] = statistics.median(times) / units[probe]["seconds"]
+            log(f"  side by side: {probe} {slowdowns[probe]:.2f}x slower with {copies} copies at once")
+        side_by_side = {"units": slowdowns, "copies": copies, "slowdown": statistics.mean(slowdowns.values())}
     startup = measure_startup(repeats)
     # On a GPU node the start-up is CPU work all the same; CPU seconds stay free of the load.
     log(f"  start-up: {startup['cpu']:.2f} s CPU per job forked by the fork server ({startup['wall']:.2f} s wall); "
@@ -497,8 +501,11 @@ def wall_clock_lines(total_seconds_: float, calibration: Mapping[str, Any]) -> l
     if not side:
         return []
     wall = total_seconds_ * side["slowdown"] / side["copies"]
+    # Calibrations from before the training probe hold one unit ("unit") instead of "units".
+    units = side["units"] if "units" in side else {side["unit"]: side["slowdown"]}
+    measured = ", ".join(f"{unit} {factor:.2f}x" for unit, factor in units.items())
     return [f"on this machine, {side['copies']} one-thread jobs at a time (--cores {side['copies']}), each "
-            f"{side['slowdown']:.2f}x slower than alone (measured on {side['unit']}): about {_hms(wall)} of wall-clock"]
+            f"{side['slowdown']:.2f}x slower than alone (the mean of {measured}): about {_hms(wall)} of wall-clock"]
 
 
 def run(args: argparse.Namespace) -> None:
