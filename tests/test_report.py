@@ -243,15 +243,17 @@ CALIBRATION = {"floor": 1.5, "static": 300.0}
 def make_study(root: Path, *, dataset: str = "cifar10", extractor: str = "inception", seeds=(0,),
                sam_selection: str = "best_fid_20", lpf: dict | None = None,
                lpf_ema_offset: float | None = None, samples: bool = True, control_seeds=(),
-               metrics=("lpf", "perturbation", "surface", "hessian", "exposure"), extra_seeds=None) -> dict:
+               metrics=("lpf", "perturbation", "surface", "hessian", "exposure"), extra_seeds=None,
+               recipes=None) -> dict:
     """Write every input of the micro study under root/results; return the report settings.
 
     samples=False leaves out the samples files, which only Fig. 2 reads (tests of the claims
-    alone do not build figures). extra_seeds: study.extra_seeds (runs with raw weights only).
+    alone do not build figures). extra_seeds: study.extra_seeds (runs with raw weights only);
+    recipes: study.recipes (default RECIPES; the others then join through extra_seeds alone).
     """
     config = deep_merge(load_config([DEFAULT_CONFIG]), {
         "results": str(root / "results"),
-        "study": {"datasets": [dataset], "recipes": RECIPES, "seeds": list(seeds), "averages": AVERAGES,
+        "study": {"datasets": [dataset], "recipes": list(recipes or RECIPES), "seeds": list(seeds), "averages": AVERAGES,
                   "precisions": ["fp32", "int8"], "sampling_steps": STEPS, "metrics": list(metrics),
                   "extra_seeds": dict(extra_seeds or {})},
         "fid": {"extractor": extractor},
@@ -979,6 +981,23 @@ def test_bootstrap_intervals_are_centred_on_the_estimate() -> None:
     other = Reading(4.0, replicates - 1.0, BOOTSTRAP)
     diff = draw_level_interval([Reading(5.0, replicates, BOOTSTRAP), other], difference, 1.0, 0.95)
     assert (diff.low, diff.high) == pytest.approx((1.0, 1.0))
+
+
+def test_recipes_named_only_in_extra_seeds_join_the_report(tmp_path) -> None:
+    """The CPU study's shape: ADM and SAM rho 0.1 at every variant, the other recipes raw-only runs."""
+    settings = make_study(tmp_path, seeds=(0, 1, 2), recipes=["adm", "sam_rho0.1"], control_seeds=(100, 101, 102),
+                          extra_seeds={"sam_rho0.01": [0, 1, 2], "fsgld_adam": [0, 1, 2]}, sam_selection="rho=0.1")
+    out = tmp_path / "results" / "report"
+    build_report(settings, out)
+    claims = read_table(out, "claims")
+    assert set(lpf_rows(claims, "C10")["seeds"]) == {"3"}  # the rho grid, from raw-only runs of rho 0.01
+    c5 = claims[(claims["id"] == "C5") & claims["algorithm"].str.contains("fSGLD")]
+    assert len(c5) == 2 and (c5["verdict"] != "n.a.").all(), c5.to_string()
+    table3 = read_table(out, "table3_lpf")
+    # fSGLD-Adam has raw-weight runs only: one row, no empty +EMA/+SWA rows.
+    assert list(table3.loc[table3["recipe"] == "fsgld_adam", "algorithm"]) == ["+fSGLD (Adam base, ext.)"]
+    assert list(read_table(out, "table2_fid").query("recipe == 'sam_rho0.1'")["algorithm"]) == [
+        "+SAM", "+SAM+EMA", "+SAM+SWA"]
 
 
 def test_extra_seeds_are_checked_against_the_study() -> None:

@@ -79,6 +79,10 @@ class Study:
         return [run.seed for run in study_runs(self.settings["study"])
                 if run.recipe == recipe and (average == RAW or not run.raw_only)]
 
+    def averages_of(self, recipe: str) -> list[str]:
+        """The averages `recipe` has runs scored at (only the raw weights for a recipe of study.extra_seeds alone)."""
+        return [average for average in self.averages if self.seeds_of(recipe, average)]
+
     @property
     def extra_seeds(self) -> dict[str, list[int]]:
         return {r: [int(s) for s in seeds] for r, seeds in (self.settings["study"].get("extra_seeds") or {}).items()}

@@ -261,7 +261,7 @@ def table2(study: Study, data: Collected, choices: Choices) -> Table:
         comparable = paper.fid_comparable(study.show_paper_numbers, dataset, name)
         scale = {kind: calibration_reading(data, dataset, kind, "value") for kind in CALIBRATION_ROWS}
         for recipe in study.table_recipes(choices, dataset):
-            for average in study.averages:
+            for average in study.averages_of(recipe):
                 algorithm = algorithm_label(study.label(recipe), average)
                 row = {"dataset": dataset, "algorithm": algorithm, "recipe": recipe}
                 for steps in study.steps_for(base):
@@ -321,7 +321,7 @@ def table3(study: Study, data: Collected, choices: Choices) -> Table:
     for dataset in study.datasets:
         show_paper = study.show_paper_numbers and dataset in paper.LPF
         for recipe in study.table_recipes(choices, dataset):
-            for average in study.averages:
+            for average in study.averages_of(recipe):
                 algorithm = algorithm_label(study.label(recipe), average)
                 row = {"dataset": dataset, "algorithm": algorithm, "recipe": recipe}
                 for scaling in _scalings(data) if with_lpf else ():
@@ -363,7 +363,7 @@ def table4(study: Study, data: Collected, choices: Choices) -> Table:
     for dataset in study.datasets:
         comparable = paper.fid_comparable(study.show_paper_numbers, dataset, name)
         for recipe in study.table_recipes(choices, dataset):
-            for average in study.averages:
+            for average in study.averages_of(recipe):
                 quantized = [p for p in study.precisions_for(average) if p != "fp32"]
                 if "fp32" not in study.precisions_for(average) or not quantized:
                     continue
