@@ -40,7 +40,10 @@ FIGURE_CAPTIONS = {
     "fig6_eps_norm": "Figs. 6, 7, 8: mean L2 norm of the predicted noise eps_theta per timestep, training inputs "
                      "vs the sampling chain.",
     "training_curves": "Training curves (not in the paper): loss, mse, vb and gradient norm per step for every "
-                       "run and seed, smoothed; dashed grey: the negative control's runs.",
+                       "run and seed, smoothed; dashed grey: the negative control's runs. mse and vb are plain "
+                       "means over the sampled timesteps: they step up when the loss-second-moment sampler, "
+                       "once every timestep has 10 recorded losses, starts drawing the high-loss timesteps more "
+                       "often; loss is importance-weighted and stays comparable across that point.",
 }
 
 
