@@ -67,12 +67,12 @@ def test_bad_config_gives_one_clear_message(tmp_path, overlay, message):
 DEMO_PLAN = {"prepare": 1, "calibration_samples": 2, "fid_calibration": 2, "fid_reference": 1, "train": 4,
              "quantize": 9, "sample": 28, "fid": 28, "sample_validation": 1, "fid_validation": 1, "metric": 28,
              "report": 1, "all": 1}
-# cpu-study: 7 recipes x 3 seeds = 21 runs; (3 averages x fp32, int8) + raw int6, int4 = 8 variants per run at
-# T'=20, 5 of them quantized; 9 metric jobs per run; selection samples for the 2 SAM recipes x 3 seeds; three
-# negative-control ADM runs.
+# cpu-study: ADM and SAM rho 0.1 x 3 seeds at every variant (raw and EMA in fp32 and int8, SWA in fp32: 5
+# scored variants at T'=20; 9 metric jobs: LPF and exposure on 3 averages, the rest on raw weights); SAM rho
+# 0.01, SGD, fSGLD, fSGLD-Adam and IP x 3 seeds on raw weights only (fp32 and int8; 5 metric jobs); three
+# negative-control ADM runs (raw fp32 and LPF). rho is fixed, so no selection samples.
 CPU_STUDY_PLAN = {"prepare": 1, "calibration_samples": 2, "fid_calibration": 2, "fid_reference": 1, "train": 24,
-                  "quantize": 105, "sample": 171, "fid": 171, "sample_validation": 6, "fid_validation": 6,
-                  "metric": 192, "report": 1, "all": 1}
+                  "quantize": 27, "sample": 63, "fid": 63, "metric": 132, "report": 1, "all": 1}
 
 
 @pytest.mark.parametrize("overlay, plan, results", [("config/demo.yaml", DEMO_PLAN, "results/demo"),
