@@ -604,7 +604,9 @@ def test_control_failures_flags_fabricated_rows() -> None:
     assert len(flags) == 4
     assert "negative control on cifar10 (LPF nc) came out 'held'" in flags[0]
     assert "negative control on cifar10 (FID nc) came out 'not held'" in flags[1]
-    assert "positive control on cifar10 (LPF pc) is 'not held'" in flags[2]
+    assert "positive control on cifar10 (LPF pc) is 'not held': by this measure SAM at its largest rho is decidedly " \
+           "less flat" in flags[2]
+    assert "did not detect even its strongest intervention" in flags[3]
     assert "positive control on cifar10 (FID pc) is 'inconclusive'" in flags[3]
 
 

@@ -350,7 +350,13 @@ def control_failures(frame: pd.DataFrame) -> list[str]:
                          f"study's intervals are too narrow; treat every verdict with suspicion.")
     for _, row in frame[frame["id"] == "PC"].iterrows():
         # With one seed the control cannot be decided at all: that is the one-seed rule, not a failure.
-        if row["verdict"] not in ("held", NOT_APPLICABLE) and "one training seed" not in row["rule"]:
+        if row["verdict"] == "not held":
+            flags.append(f"the positive control on {row['dataset']} ({row['measure']}) is 'not held': by this "
+                         f"measure SAM at its largest rho is decidedly less flat than ADM, the opposite of what the "
+                         f"control expects; the measure does not see what SAM changes here, so read its other "
+                         f"verdicts with care (LPF also rises with the unperturbed loss: see the LPF increase "
+                         f"over the loss).")
+        elif row["verdict"] not in ("held", NOT_APPLICABLE) and "one training seed" not in row["rule"]:
             flags.append(f"the positive control on {row['dataset']} ({row['measure']}) is '{row['verdict']}': the "
                          f"study did not detect even its strongest intervention, so 'inconclusive' elsewhere says "
                          f"little about whether an effect exists.")
