@@ -143,7 +143,8 @@ def mosaic(images: np.ndarray, columns: int = GRID_COLUMNS, padding: int = 1) ->
 def sample_columns(study: Study) -> list[tuple[str, int]]:
     """(precision, T') of Fig. 2's columns: fp32 at every T', then the first quantized precision."""
     columns = [("fp32", steps) for steps in study.steps_for("fp32")] if "fp32" in study.precisions else []
-    quantized = [p for p in study.settings["study"]["precisions"] if p != "fp32"][:1]
+    # The first quantized precision of study.precisions, else of extra_precisions (e.g. none: [int8]).
+    quantized = study.quantized_precisions[:1]
     return columns + [(precision, steps) for precision in quantized for steps in study.steps_for(precision)]
 
 
@@ -162,9 +163,12 @@ def fig2_samples(study: Study, data: Collected, choices: Choices) -> Figure:
     for r, (dataset, recipe, average) in enumerate(rows):
         seed = study.seeds_of(recipe, average)[0]
         for c, (precision, steps) in enumerate(columns):
+            ax = axes[r, c]
+            if not study.scored(average, precision, steps):
+                ax.set_axis_off()  # e.g. SWA without int8: that variant was not sampled
+                continue
             path = layout.samples(study.results, dataset, recipe, seed, average, precision, steps)
             grid = mosaic(read_samples(path, GRID_IMAGES))
-            ax = axes[r, c]
             if grid.shape[2] == 1:
                 ax.imshow(grid[..., 0], cmap="gray", vmin=0, vmax=255, interpolation="nearest")
             else:
@@ -361,4 +365,4 @@ def samples_needed(study: Study, choices: Choices) -> list[str]:
     return [layout.samples(study.results, dataset, recipe, study.seeds_of(recipe, average)[0], average, precision,
                            steps)
             for dataset, recipe, average in sample_rows(study, choices)
-            for precision, steps in sample_columns(study)]
+            for precision, steps in sample_columns(study) if study.scored(average, precision, steps)]
