@@ -190,7 +190,7 @@ def fig5_loss_vs_perturbation(study: Study, data: Collected, choices: Choices) -
     if "perturbation" not in study.metrics:
         return _message_figure(title, "perturbation is not in study.metrics, so it was not measured.")
     colours = _colours(study)
-    fig = Figure(figsize=(5.0 * len(study.datasets) + 1.0, 8.5), layout="constrained")
+    fig = Figure(figsize=(max(10.0, 5.0 * len(study.datasets) + 1.0), 8.5), layout="constrained")
     fig.suptitle(title)
     axes = fig.subplots(2, len(study.datasets), squeeze=False)
     # What the shaded bands are, as the legend's last entry.
@@ -236,7 +236,9 @@ def fig6_eps_norm(study: Study, data: Collected, choices: Choices) -> Figure:
         return _message_figure(title, "exposure is not in study.metrics, so it was not measured.")
     colours = _colours(study)
     steps_list = sorted(set(data.exposure["steps"].tolist()))
-    fig = Figure(figsize=(5.0 * len(steps_list) + 1.0, 4.0 * len(study.datasets) + 1.4), layout="constrained")
+    # At least 10 inches wide: the legend's three columns of long labels must fit under one panel.
+    fig = Figure(figsize=(max(10.0, 5.0 * len(steps_list) + 1.0), 4.0 * len(study.datasets) + 1.4),
+                 layout="constrained")
     fig.suptitle(title)
     axes = fig.subplots(len(study.datasets), len(steps_list), squeeze=False)
     labelled: dict[str, object] = {}
