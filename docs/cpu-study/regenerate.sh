@@ -25,7 +25,8 @@ mkdir -p "$here/tables" "$here/figures" "$here/pilot"
 report="$results/report"
 for table in "$report"/*.md; do
     name=$(basename "$table")
-    [ "$name" = index.md ] || cp "$table" "$here/tables/$name"
+    # index.md is the README's source; claims and power sit at the top of docs/cpu-study already.
+    case "$name" in index.md|claims.md|power.md) ;; *) cp "$table" "$here/tables/$name" ;; esac
 done
 cp "$report"/*.png "$here/figures/"
 cp "$report/claims.csv" "$report/claims.md" "$here/"
