@@ -13,6 +13,9 @@ with at least MIN_STEP_SECONDS of the budget left and gets no more than what is 
                   train-step images/s at the paper's batches for Adam, SAM and fSGLD in fp32,
                   TF32 and bf16 autocast, peak memory, SAM/Adam and fSGLD/Adam; sampling
                   images/s at T' = 20 and 100
+  forward_compile cifar10's sampling loop at T' = 20 with the forward compiled as the pipeline
+                  compiles it, against eager: speed-up, compile seconds, the forward work above
+                  which compiling pays (config forward_compile.min_gflop.cuda)
   ddp_nccl        DDP over NCCL with world size 1 (and 2 with two GPUs) against one process
   plan_calibrate  plan --calibrate --device cuda for config.yaml: GPU-hours per rule
   demo            the demo DAG with device: cuda and --cores = CPU count: wall time
@@ -49,12 +52,13 @@ STEPS: list[tuple[str, int, str]] = [
     ("environment", 30, "device, torch, CUDA, cuDNN and NCCL versions"),
     ("cuda_tests", 100, "pytest -m cuda (device placement, dtypes, sampler, metrics, resume)"),
     ("presets", 180, "cifar10/adm64: bf16 and TF32 vs fp32; train images/s, peak memory; sampling images/s"),
+    ("forward_compile", 150, "cifar10 sampling forward compiled vs eager: speed-up, compile seconds, break-even"),
     ("ddp_nccl", 45, "DDP over NCCL, world size 1 (and 2 with two GPUs) vs one process"),
     ("plan_calibrate", 150, "plan --calibrate on CUDA for config.yaml: GPU-hours per rule"),
     ("demo", 600, "the demo DAG with device: cuda, --cores = CPU count: wall time"),
 ]
 DRY_RUN_LIMIT = 150
-DRY_RUN_STEPS = ("environment", "presets", "ddp_nccl")  # the steps a dry run runs on the CPU
+DRY_RUN_STEPS = ("environment", "presets", "forward_compile", "ddp_nccl")  # the steps a dry run runs on the CPU
 STATUSES = ["planned", "ok", "failed", "timeout", "skipped"]
 JSON_SCHEMA: dict[str, Any] = {
     "type": "object",
@@ -536,6 +540,52 @@ def sample_rates(record, preset, model, steps_list, batch, device) -> None:
                                              "steps": steps, "seconds": round(seconds, 2)})
 
 
+def step_forward_compile(record: Recorder, dry_run: bool) -> None:
+    """The sample stage's loop with pipeline.nn.forward_compile against eager: the numbers behind
+    forward_compile.min_gflop.cuda. A dry run: the tiny preset on the CPU, batch 2, T' = 2."""
+    import torch
+
+    from pipeline.config import load_config
+    from pipeline.nn.forward_compile import compile_forward, flops_per_image
+    from pipeline.stages.sample import build_sampling_model, sample_range, sampling_diffusion
+
+    config = load_config([REPO / "config.yaml"])
+    device = torch.device("cpu" if dry_run else "cuda")
+    preset, steps, batch = ("tiny", 2, 2) if dry_run else ("cifar10", 20, config["sampling"]["batch_size"])
+    torch.manual_seed(0)
+    model, _ = paper_model(preset)
+    settings = {"preset": preset, "resolution": model.image_size,
+                "diffusion": {"steps": 1000, "noise_schedule": "cosine", "learn_sigma": True}}
+    net = build_sampling_model(settings, model.state_dict(), device)
+    diffusion = sampling_diffusion(settings, steps)
+    flops = flops_per_image(net, (net.in_channels, net.image_size, net.image_size))
+
+    def seconds() -> float:
+        synchronize(device)
+        began = time.perf_counter()
+        sample_range(net, diffusion, seed=0, start=0, stop=batch, batch_size=batch, image_size=net.image_size)
+        synchronize(device)
+        return time.perf_counter() - began
+
+    seconds()  # warm-up
+    eager = min(seconds() for _ in range(2))
+    began = time.perf_counter()
+    compile_forward(net, batch)
+    with torch.no_grad():
+        net(torch.zeros(batch, net.in_channels, net.image_size, net.image_size, device=device),
+            torch.zeros(batch, dtype=torch.int64, device=device))
+    synchronize(device)
+    compile_seconds = time.perf_counter() - began
+    compiled = min(seconds() for _ in range(2))
+    work = batch * steps * flops / 1e9
+    saved_per_gflop = (eager - compiled) / work
+    record(f"forward_compile/{preset}/T{steps}", {
+        "batch": batch, "gflop_per_batch_loop": round(work, 2), "eager_seconds": round(eager, 4),
+        "compiled_seconds": round(compiled, 4), "speedup": round(eager / compiled, 3),
+        "compile_seconds": round(compile_seconds, 1),
+        "break_even_gflop": round(compile_seconds / saved_per_gflop) if saved_per_gflop > 0 else None})
+
+
 DDP_STEPS, DDP_BATCH = 4, 8
 
 
@@ -698,6 +748,7 @@ def step_demo(record: Recorder, dry_run: bool) -> None:
 
 WORKERS: dict[str, Callable[[Recorder, bool], None]] = {
     "environment": step_environment, "cuda_tests": step_cuda_tests, "presets": step_presets,
+    "forward_compile": step_forward_compile,
     "ddp_nccl": step_ddp_nccl, "plan_calibrate": step_plan_calibrate, "demo": step_demo,
 }
 

@@ -7,8 +7,11 @@
    single-thread fp32 matmul peak (a 1024^3 torch.mm), timed in interleaved rounds with part 3
    (best of each); FLOPs of one forward counted by
    torch.utils.flop_counter (convolutions and matmuls, the work that has a peak);
-3. compiled vs eager: the same loop with the UNet under torch.compile (skipped with --no-compile;
-   the first compile on a machine takes about 2 minutes, later processes read inductor's cache).
+3. compiled vs eager: the same loop with the UNet's forward compiled as the pipeline compiles it
+   (pipeline.nn.forward_compile), and the compile's cost in a new process with an empty inductor
+   cache (a machine's first run) and again with that cache filled (every later process): from
+   them, the forward work above which compiling pays, the number behind `forward_compile.min_gflop`
+   (skipped with --no-compile).
 
 Timings on a shared machine are noisy: read the ratios, with the load average printed beside them.
 
@@ -30,6 +33,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from pipeline.launch import wire
+from pipeline.nn.forward_compile import compile_forward
 from pipeline.nn.presets import build_unet
 from pipeline.stages.sample import build_sampling_model, sample_range, sampling_diffusion
 
@@ -112,11 +116,11 @@ def sampling(steps: int, batch: int, repeats: int, compile_too: bool) -> None:
 
     nets = {"eager": model}
     if compile_too:
-        began = time.perf_counter()
-        nets["compiled"] = torch.compile(model)
+        compiled = build_sampling_model(settings, unet.state_dict(), torch.device("cpu"))
+        compile_forward(compiled, batch)
         with torch.no_grad():
-            nets["compiled"](x, t)
-        compile_seconds = time.perf_counter() - began
+            compiled(x, t)
+        nets["compiled"] = compiled
     a, b = torch.randn(1024, 1024), torch.randn(1024, 1024)
     with torch.no_grad():
         model(x, t)  # warm-up
@@ -136,11 +140,49 @@ def sampling(steps: int, batch: int, repeats: int, compile_too: bool) -> None:
     if not compile_too:
         print("3. compiled vs eager: skipped (--no-compile)")
         return
-    print(f"3. compiled (torch.compile, inductor; {compile_seconds:.0f} s to compile here, in this process)")
+    print("3. compiled (torch.compile, inductor, as pipeline.nn.forward_compile does it)")
     print(f"   sampling (compiled)       {work / best['compiled']:6.1f} GFLOP/s   "
           f"{work / best['compiled'] / peak:5.1%} of peak   ({best['compiled']:.2f} s per batch)")
     print(f"   compiled / eager time: {best['compiled'] / best['eager']:.3f}  "
           f"(speed-up {best['eager'] / best['compiled']:.2f}x)")
+    saved_per_gflop = (best["eager"] - best["compiled"]) / work
+    with tempfile.TemporaryDirectory() as cache:
+        cold = compile_seconds(batch, cache)
+        warm = compile_seconds(batch, cache)
+    for label, seconds in (("empty cache (first run)", cold), ("filled cache (later runs)", warm)):
+        pays = (f"pays above {seconds / saved_per_gflop:,.0f} GFLOP of forwards "
+                f"({seconds / saved_per_gflop * 1e9 / flops_per_image:,.0f} image-forwards of {PRESET})"
+                if saved_per_gflop > 0 else "never pays: compiled is not faster")
+        print(f"   compile in a new process, {label}: {seconds:5.1f} s; {pays}")
+
+
+COMPILE_TIMER = """
+import sys, time, torch
+from pipeline.nn.forward_compile import compile_forward
+from pipeline.stages.sample import build_sampling_model
+from pipeline.nn.presets import build_unet
+torch.set_num_threads(1)
+batch, preset, channels = int(sys.argv[1]), sys.argv[2], int(sys.argv[3])
+unet = build_unet(preset, in_channels=channels)
+settings = {"preset": preset, "resolution": unet.image_size,
+            "diffusion": {"steps": 1000, "noise_schedule": "cosine", "learn_sigma": True}}
+model = build_sampling_model(settings, unet.state_dict(), torch.device("cpu"))
+x = torch.zeros(batch, channels, unet.image_size, unet.image_size)
+t = torch.full((batch,), 999)
+began = time.perf_counter()
+compile_forward(model, batch)
+with torch.no_grad():
+    model(x, t)
+print(time.perf_counter() - began)
+"""
+
+
+def compile_seconds(batch: int, cache_dir: str) -> float:
+    """Seconds to compile the forward and run its first batch, in a new process using `cache_dir`."""
+    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": cache_dir, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([sys.executable, "-c", COMPILE_TIMER, str(batch), PRESET, str(CHANNELS)],
+                            cwd=REPO, env=env, capture_output=True, text=True, check=True)
+    return float(result.stdout.strip().splitlines()[-1])
 
 
 def main() -> None:

@@ -29,6 +29,8 @@ from pipeline.precision import CLIP, parse_precision, precision_scheme
 from pipeline.recipes import Recipe, resolve_recipe
 
 MISSING = dataclasses.MISSING
+# The measures whose forwards forward_compile may compile (pipeline.nn.forward_compile).
+COMPILED_METRICS = ("lpf", "perturbation", "surface", "exposure")
 
 
 class _Omitted:
@@ -170,6 +172,8 @@ class SampleSettings(ModelSettings):
     batch_size: int = setting("sampling.batch_size")
     chunk_size: int = setting("sampling.chunk_size")
     seed: int = setting("sampling.seed")
+    # A mapping given by hand may leave it out: the forward then runs eager (compiling is an optimisation).
+    forward_compile: dict[str, Any] = setting("forward_compile", OMITTED)
 
 
 def _json_types(node: Mapping[str, Any]) -> set[str]:
@@ -261,6 +265,7 @@ class MetricSettings(StageSettings):
     datasets: dict[str, Any] = setting("datasets", OMITTED)
     training: dict[str, Any] = setting("training", OMITTED)
     metrics: dict[str, Any] = setting("metrics", OMITTED)
+    forward_compile: dict[str, Any] = setting("forward_compile", OMITTED)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -306,7 +311,8 @@ def _train(config: Mapping[str, Any], dataset: str, recipe: str, seed: int) -> T
 
 
 def _sample(config: Mapping[str, Any], dataset: str) -> SampleSettings:
-    return SampleSettings(**_model(config, dataset), **dict(section(config, "sampling")))
+    return SampleSettings(**_model(config, dataset), **dict(section(config, "sampling")),
+                          forward_compile=dict(section(config, "forward_compile")))
 
 
 def _prepare(config: Mapping[str, Any], dataset: str) -> PrepareSettings:
@@ -343,9 +349,12 @@ def _metric(config: Mapping[str, Any], metric: str, dataset: str | None) -> Metr
     # stage says so when it needs the entry and finds none).
     known = dataset is not None and dataset in (config.get("datasets") or {})
     datasets = {dataset: {"preset": section(config, "datasets", dataset, "preset")}} if known else OMITTED
+    # The Hessian never compiles (double backward), so forward_compile edits leave its jobs alone.
+    compiled = (dict(section(config, "forward_compile")) if metric in COMPILED_METRICS else OMITTED)
     return MetricSettings(device=config.get("device", "auto"), datasets=datasets,
                           training={"diffusion": dict(section(config, "training", "diffusion"))},
-                          metrics={metric: dict(section(config, "metrics", metric))})
+                          metrics={metric: dict(section(config, "metrics", metric))},
+                          forward_compile=compiled)
 
 
 def _report(config: Mapping[str, Any]) -> ReportSettings:

@@ -55,6 +55,8 @@ def test_dry_run_plans_every_step_and_writes_a_valid_result(tmp_path):
     assert smoke["sample/tiny/T2"]["images_per_second"] > 0
     assert smoke["numerics/tiny/tf32_vs_fp32"]["eps_rel_diff"] == 0  # TF32 acts on CUDA only
     assert 0 < smoke["numerics/tiny/bf16_vs_fp32"]["eps_rel_diff"] < 0.1
+    compiled = steps["forward_compile"]["results"]["forward_compile/tiny/T2"]
+    assert compiled["batch"] == 2 and compiled["compile_seconds"] > 0 and compiled["speedup"] > 0
     ddp = steps["ddp_nccl"]["results"]["ddp/world1"]
     assert ddp["backend"] == "gloo" and ddp["bit_identical"] and ddp["loss_one_process"] == ddp["loss_ddp_rank0"]
     # Two gloo processes run the train stage's step under DDP: the same trajectory up to summation order.

@@ -80,8 +80,8 @@ def test_planning_refuses_duplicates_nonfinite_numbers_and_typos_in_one_line_eac
 def test_top_level_typo_is_one_line_not_the_schema(tmp_path):
     result = plan(tmp_path, "trainig: {steps: 5}\n")
     assert problem_lines(result) == [
-        "(top level): unknown key(s) trainig; allowed: datasets, device, fid, metrics, quantization, recipes, "
-        "report, results, sampling, study, training"]
+        "(top level): unknown key(s) trainig; allowed: datasets, device, fid, forward_compile, metrics, quantization, "
+        "recipes, report, results, sampling, study, training"]
     out = result.stdout + result.stderr
     assert "additionalProperties" not in out and "definitions" not in out
     assert len(out.splitlines()) < 15, out

@@ -50,6 +50,8 @@ def run(args: argparse.Namespace) -> None:
         raise PipelineError("steps must be a non-empty list of step counts >= 1.")
     images = read_images(ctx.data_path, image_subset(ctx.data_shape[0], count, seed))
     image_shape = ctx.image_shape
+    # Each image passes every step of each chain twice: on training inputs and along its own chain.
+    ctx.compile_forward(2 * count * sum(steps_list), min(batch_size, count))
 
     arrays: dict[str, object] = {"reference_l2": reference_norm(image_shape),
                                  "reference_sq": float(np.prod(image_shape)),

@@ -77,10 +77,13 @@ def run(args: argparse.Namespace) -> None:
     sigmas = sorted({float(s["sigma"]), *(float(x) for x in s["sigma_sweep"])})
     scalings = checked_scalings(s["scalings"])
 
+    evaluations = 1 + len(scalings) * len(sigmas) * int(s["draws"])
+    ctx.compile_forward(evaluations * len(evalset), min(int(s["batch_size"]), len(evalset)))
+
     def loss_fn() -> float:
         return evaluation_loss(ctx.model, diffusion, evalset, int(s["batch_size"]), terms)
 
-    with ctx.bar(1 + len(scalings) * len(sigmas) * int(s["draws"]),
+    with ctx.bar(evaluations,
                  f"{int(s['draws'])} draws x {len(sigmas)} sigmas x {len(scalings)} scalings") as bar:
         results = low_pass_loss(trainable_parameters(ctx.model), loss_fn, sigmas, int(s["draws"]),
                                 int(s["seed"]), on_evaluation=ticker(bar), scalings=scalings)

@@ -26,6 +26,7 @@ from pipeline.errors import PipelineError
 from pipeline.device import resolve_device
 from pipeline.flatness.model_setup import ModelSettings, load_model
 from pipeline.flatness.weights import num_elements, parameter_norm, trainable_parameters
+from pipeline.nn.forward_compile import CompilePolicy, apply_policy
 from pipeline.io import provenance, write_attrs
 from pipeline.io.integrity import open_verified_h5, sealed_h5
 from pipeline.progress import Progress, duration
@@ -77,6 +78,14 @@ class MeasureContext:
     data_shape: tuple[int, int, int, int]
     progress: bool
     started: float
+    compile_policy: CompilePolicy = dataclasses.field(default_factory=CompilePolicy)
+    forward_compiled: bool = False
+
+    def compile_forward(self, image_forwards: int, batch_size: int) -> None:
+        """Compile the model's forward if config forward_compile says a job of `image_forwards`
+        images pays (batch_size: the loop's full batch)."""
+        self.forward_compiled = apply_policy(self.model, self.compile_policy, self.device, image_forwards,
+                                             batch_size, self.image_shape, self.name)
 
     @property
     def image_shape(self) -> tuple[int, int, int]:
@@ -153,7 +162,8 @@ def prepare(args: argparse.Namespace, name: str, defaults: Mapping[str, Any]) ->
     model = load_model(model_settings, args.weights, device, image_size=shape[1])
     return MeasureContext(name=name, settings=settings, model_settings=model_settings, model_source=source,
                           model=model, device=device, data_path=data_path, data_shape=shape,
-                          progress=not args.no_progress, started=started)
+                          progress=not args.no_progress, started=started,
+                          compile_policy=CompilePolicy.from_config(config.get("forward_compile")))
 
 
 def write_results(ctx: MeasureContext, args: argparse.Namespace, arrays: Mapping[str, Any],
@@ -171,6 +181,7 @@ def write_results(ctx: MeasureContext, args: argparse.Namespace, arrays: Mapping
         "weights": str(Path(args.weights)),
         "data": str(ctx.data_path),
         "device": str(ctx.device),
+        "forward_compiled": ctx.forward_compiled,
         **(extra or {}),
     }
     attrs = provenance(ctx.name, settings, wall_seconds=round(time.time() - ctx.started, 3),

@@ -47,10 +47,13 @@ def run(args: argparse.Namespace) -> None:
     terms = effective_terms(diffusion, s["terms"])
     evalset = load_evaluation_set(ctx.data_path, int(s["n_eval"]), int(s["seed"]), diffusion.num_timesteps)
 
+    nonzero = sum(1 for r in radii if r != 0.0)
+    ctx.compile_forward((1 + int(s["directions"]) * nonzero) * len(evalset),
+                        min(int(s["batch_size"]), len(evalset)))
+
     def loss_fn() -> float:
         return evaluation_loss(ctx.model, diffusion, evalset, int(s["batch_size"]), terms)
 
-    nonzero = sum(1 for r in radii if r != 0.0)
     with ctx.bar(1 + int(s["directions"]) * nonzero,
                  f"{int(s['directions'])} directions x {nonzero} radii") as bar:
         result = loss_along_directions(trainable_parameters(ctx.model), loss_fn, radii, int(s["directions"]),

@@ -44,6 +44,7 @@ from pipeline.errors import PipelineError
 from pipeline.io import atomic_path, provenance, write_attrs
 from pipeline.io.integrity import DamagedFile, discard_if_damaged, seal_zip, sealed_h5, verify_zip
 from pipeline.io.checkpoint import load_weights
+from pipeline.nn.forward_compile import CompilePolicy, apply_policy
 from pipeline.nn.presets import build_unet
 from pipeline.nn.unet import UNetModel
 from pipeline.settings import read_settings
@@ -152,12 +153,18 @@ def sample_to_file(settings: Mapping[str, Any], weights: str | Path, out: str | 
     model = build_sampling_model(settings, load_weights(weights), device)
     diffusion = sampling_diffusion(settings, steps)
     image_size = int(settings["resolution"])
+    # The whole job's work decides, not what a resumed run has left: every chunk takes one path.
+    compiled = apply_policy(model, CompilePolicy.from_config(settings.get("forward_compile")), device,
+                            n * int(steps), min(batch_size, chunk_size, n),
+                            (model.in_channels, image_size, image_size), f"sample T'={steps}")
 
     # Only what changes the pixels identifies a run; batch size and device do not.
     run_key = {"weights_sha256": file_sha256(weights), "preset": settings["preset"],
                "resolution": image_size, "channels": model.in_channels,
                "diffusion": dict(settings["diffusion"]), "steps": int(steps), "n_samples": n,
-               "seed": seed, "chunk_size": chunk_size, "clip_denoised": True}
+               "seed": seed, "chunk_size": chunk_size, "clip_denoised": True,
+               # compiled forwards move a pixel by at most one level: their chunks do not mix with eager ones
+               "forward_compiled": compiled}
     scratch = out.parent / f".{out.name}.chunks"
     _open_scratch(scratch, run_key)
 

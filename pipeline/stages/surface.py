@@ -57,6 +57,7 @@ def run(args: argparse.Namespace) -> None:
 
     # The origin, when on the grid, reuses L(theta).
     evaluations = 1 + len(coordinates) ** 2 - int(np.count_nonzero(coordinates == 0.0)) ** 2
+    ctx.compile_forward(evaluations * len(evalset), min(int(s["batch_size"]), len(evalset)))
     with ctx.bar(evaluations, f"{int(s['grid'])}x{int(s['grid'])} grid", unit="grid points") as bar:
         result = loss_surface(trainable_parameters(ctx.model), loss_fn, coordinates, coordinates,
                               int(s["seed"]), ignore=s["ignore"], on_evaluation=ticker(bar))
