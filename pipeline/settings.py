@@ -29,6 +29,8 @@ from pipeline.precision import CLIP, parse_precision, precision_scheme
 from pipeline.recipes import Recipe, resolve_recipe
 
 MISSING = dataclasses.MISSING
+# The average name of the raw (unaveraged) weights.
+RAW = "none"
 # The measures whose forwards forward_compile may compile (pipeline.nn.forward_compile).
 COMPILED_METRICS = ("lpf", "perturbation", "surface", "exposure")
 
@@ -472,9 +474,6 @@ def study_variants(study: Mapping[str, Any], raw_only: bool = False) -> list[tup
             for average in study["averages"] if not raw_only or average == RAW
             for precision in study_precisions(study, average)
             for steps in study_steps(study, precision)]
-
-
-RAW = "none"
 
 
 @dataclasses.dataclass(frozen=True)

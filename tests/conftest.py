@@ -40,6 +40,17 @@ def torch_device(request) -> torch.device:
     return torch.device(request.param)
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Test-sized tensors gain nothing from a second thread, and on a shared machine an OpenMP
+    thread waiting for a descheduled partner costs more than it gives. A module takes it with
+    `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def run_snakemake(workdir: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(workdir)}
     result = subprocess.run([*SNAKEMAKE, *args], cwd=workdir, env=env, capture_output=True, text=True)

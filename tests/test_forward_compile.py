@@ -18,12 +18,7 @@ CPU = torch.device("cpu")
 SHAPE = (3, 16, 16)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def random_tiny_unet(seed: int = 0) -> torch.nn.Module:

@@ -22,12 +22,7 @@ from pipeline.settings import stage_settings
 from pipeline.stages.quantize import read_codes
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def mixed_state_dict() -> dict[str, torch.Tensor]:

@@ -27,14 +27,7 @@ SAMPLE_STEPS = 5      # respaced steps T' where only the pixels' identity matter
 QUANT_STEPS = 10      # T' of the fp32-vs-int8 comparison (its bounds were measured at 10)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Test-sized tensors gain nothing from a second thread, and on a shared machine an OpenMP
-    thread waiting for a descheduled partner costs more than it gives."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def weight_tensors(seed: int = 0) -> dict[str, torch.Tensor]:
