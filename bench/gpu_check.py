@@ -9,6 +9,9 @@ with at least MIN_STEP_SECONDS of the budget left and gets no more than what is 
 
   environment     device, torch / CUDA / cuDNN / NCCL versions, GPU and CPU counts
   cuda_tests      pytest -m cuda: the test suite's CUDA cases
+  cuda_numerics   cifar10's Adam step under the pipeline's CUDA numerics (deterministic
+                  kernels, no TF32), plain fp32 and torch's default: images/s, and whether two
+                  runs from the same weights and batches end bit-identical
   presets         cifar10 and adm64: bf16 and TF32 against fp32 on one batch (loss, eps);
                   train-step images/s at the paper's batches for Adam, SAM and fSGLD in fp32,
                   TF32 and bf16 autocast, peak memory, SAM/Adam and fSGLD/Adam; sampling
@@ -24,8 +27,9 @@ Writes <out-dir>/<device>.json (the JSON_SCHEMA below; rewritten whenever a step
 measurement, so a run cut short keeps what it measured) and <device>.log (every step's own output,
 as it goes). Nothing here resets or reconfigures the GPU. Without CUDA (and without --dry-run) it
 stops before any work. --dry-run writes dry-run.json and .log: every step listed as planned, the
-environment step, a CPU smoke of the presets step and ddp_nccl's code over gloo at world sizes 1
-and 2 run (each with DRY_RUN_LIMIT), and the result checked against the schema.
+environment step, CPU smokes of cuda_numerics, presets and forward_compile, and ddp_nccl's code
+over gloo at world sizes 1 and 2 run (each with DRY_RUN_LIMIT), and the result checked against the
+schema.
 """
 
 from __future__ import annotations
@@ -51,6 +55,7 @@ MIN_STEP_SECONDS = 20
 STEPS: list[tuple[str, int, str]] = [
     ("environment", 30, "device, torch, CUDA, cuDNN and NCCL versions"),
     ("cuda_tests", 100, "pytest -m cuda (device placement, dtypes, sampler, metrics, resume)"),
+    ("cuda_numerics", 90, "cifar10 training: deterministic fp32 (the pipeline's) vs fp32 and vs torch's default; bit-identity"),
     ("presets", 180, "cifar10/adm64: bf16 and TF32 vs fp32; train images/s, peak memory; sampling images/s"),
     ("forward_compile", 150, "cifar10 sampling forward compiled vs eager: speed-up, compile seconds, break-even"),
     ("ddp_nccl", 45, "DDP over NCCL, world size 1 (and 2 with two GPUs) vs one process"),
@@ -58,7 +63,7 @@ STEPS: list[tuple[str, int, str]] = [
     ("demo", 600, "the demo DAG with device: cuda, --cores = CPU count: wall time"),
 ]
 DRY_RUN_LIMIT = 150
-DRY_RUN_STEPS = ("environment", "presets", "forward_compile", "ddp_nccl")  # the steps a dry run runs on the CPU
+DRY_RUN_STEPS = ("environment", "cuda_numerics", "presets", "forward_compile", "ddp_nccl")  # the steps a dry run runs on the CPU
 STATUSES = ["planned", "ok", "failed", "timeout", "skipped"]
 JSON_SCHEMA: dict[str, Any] = {
     "type": "object",
@@ -527,10 +532,11 @@ def sample_rates(record, preset, model, steps_list, batch, device) -> None:
     settings = {"preset": preset, "resolution": model.image_size,
                 "diffusion": {"steps": 1000, "noise_schedule": "cosine", "learn_sigma": True}}
     net = build_sampling_model(settings, model.state_dict(), device)
+    # Warm-up at the timed batch: the first call at a new shape builds cuDNN's plans (seconds).
+    sample_range(net, sampling_diffusion(settings, 2), seed=0, start=0, stop=batch, batch_size=batch,
+                 image_size=model.image_size)
     for steps in steps_list:
         diffusion = sampling_diffusion(settings, steps)
-        sample_range(net, diffusion, seed=0, start=0, stop=min(batch, 2), batch_size=batch,
-                     image_size=model.image_size)  # warm-up
         synchronize(device)
         began = time.perf_counter()
         sample_range(net, diffusion, seed=0, start=0, stop=batch, batch_size=batch, image_size=model.image_size)
@@ -540,17 +546,76 @@ def sample_rates(record, preset, model, steps_list, batch, device) -> None:
                                              "steps": steps, "seconds": round(seconds, 2)})
 
 
+NUMERICS_MODES = {  # name: (deterministic kernels, TF32 in cuDNN convolutions, TF32 in matmuls)
+    "torch_default": (False, True, False),
+    "fp32": (False, False, False),
+    "pipeline": (True, False, False),  # pipeline.device.use_exact_cuda_numerics
+}
+
+
+def step_cuda_numerics(record: Recorder, dry_run: bool) -> None:
+    """What the pipeline's CUDA numerics cost: cifar10's Adam step at batch 128 under the
+    pipeline's settings (deterministic kernels, no TF32), plain fp32, and torch's default (TF32
+    convolutions); for each, images/s and whether two runs of a few steps from the same weights
+    and batches end bit-identical. A dry run: the tiny preset on the CPU, batch 2."""
+    import torch
+
+    from pipeline import distributed
+    from pipeline.device import use_exact_cuda_numerics
+
+    device = torch.device("cpu" if dry_run else "cuda")
+    preset, batch, steps = ("tiny", 2, 2) if dry_run else ("cifar10", 128, 4)
+    torch.manual_seed(0)
+    model, diffusion = paper_model(preset)
+    model = model.to(device)
+    initial = {k: v.clone() for k, v in model.state_dict().items()}
+    shape = (model.in_channels, model.image_size, model.image_size)
+    g = torch.Generator().manual_seed(1)
+    x0 = torch.rand(batch, *shape, generator=g) * 2 - 1
+    t = torch.randint(0, diffusion.num_timesteps, (batch,), generator=g)
+    data = uniform_batch(x0.to(device), t.to(device), torch.randn(x0.shape, generator=g).to(device))
+
+    def run() -> tuple[dict[str, torch.Tensor], float]:
+        """Weights after `steps` steps from `initial`, and the seconds per step after the first."""
+        model.load_state_dict(initial)
+        step = paper_step(model, diffusion, RECIPES["adam"], device, distributed.Processes(), {})
+        step(data, 0)
+        synchronize(device)
+        began = time.perf_counter()
+        for i in range(1, steps):
+            step(data, i)
+        synchronize(device)
+        return {k: v.clone() for k, v in model.state_dict().items()}, (time.perf_counter() - began) / (steps - 1)
+
+    for name, (deterministic, conv_tf32, matmul_tf32) in NUMERICS_MODES.items():
+        if name == "pipeline":
+            use_exact_cuda_numerics()
+        else:
+            torch.use_deterministic_algorithms(deterministic)
+            torch.backends.cudnn.allow_tf32 = conv_tf32
+            torch.backends.cuda.matmul.allow_tf32 = matmul_tf32
+        (first, seconds), (second, _) = run(), run()
+        record(f"cuda_numerics/{preset}/{name}", {
+            "batch": batch, "images_per_second": round(batch / seconds, 2),
+            "deterministic": torch.are_deterministic_algorithms_enabled(),
+            "conv_tf32": torch.backends.cudnn.allow_tf32, "matmul_tf32": torch.backends.cuda.matmul.allow_tf32,
+            "two_runs_bit_identical": all(torch.equal(first[k], second[k]) for k in first)})
+
+
 def step_forward_compile(record: Recorder, dry_run: bool) -> None:
     """The sample stage's loop with pipeline.nn.forward_compile against eager: the numbers behind
     forward_compile.min_gflop.cuda. A dry run: the tiny preset on the CPU, batch 2, T' = 2."""
     import torch
 
     from pipeline.config import load_config
+    from pipeline.device import use_exact_cuda_numerics
     from pipeline.nn.forward_compile import compile_forward, flops_per_image
     from pipeline.stages.sample import build_sampling_model, sample_range, sampling_diffusion
 
     config = load_config([REPO / "config.yaml"])
     device = torch.device("cpu" if dry_run else "cuda")
+    if not dry_run:
+        use_exact_cuda_numerics()  # as the sample stage runs: deterministic kernels, fp32 without TF32
     preset, steps, batch = ("tiny", 2, 2) if dry_run else ("cifar10", 20, config["sampling"]["batch_size"])
     torch.manual_seed(0)
     model, _ = paper_model(preset)
@@ -747,7 +812,8 @@ def step_demo(record: Recorder, dry_run: bool) -> None:
 
 
 WORKERS: dict[str, Callable[[Recorder, bool], None]] = {
-    "environment": step_environment, "cuda_tests": step_cuda_tests, "presets": step_presets,
+    "environment": step_environment, "cuda_tests": step_cuda_tests, "cuda_numerics": step_cuda_numerics,
+    "presets": step_presets,
     "forward_compile": step_forward_compile,
     "ddp_nccl": step_ddp_nccl, "plan_calibrate": step_plan_calibrate, "demo": step_demo,
 }

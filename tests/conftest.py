@@ -37,6 +37,11 @@ DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.cuda, CUDA_SKIP])]
 
 @pytest.fixture(params=DEVICES)
 def torch_device(request) -> torch.device:
+    if request.param == "cuda":
+        # The numerics every pipeline process that takes a GPU runs under (process-wide switches).
+        from pipeline.device import use_exact_cuda_numerics
+
+        use_exact_cuda_numerics()
     return torch.device(request.param)
 
 

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
 from pipeline import device
 from pipeline.errors import PipelineError
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def test_processes_claim_distinct_names_until_none_is_free(tmp_path, monkeypatch):
@@ -40,6 +44,17 @@ def test_cuda_without_a_gpu_is_a_clear_error():
     assert device.resolve_device("auto").type == "cpu"
 
 
+def test_exact_cuda_numerics_are_deterministic_fp32():
+    """The switches a process that takes a GPU sets (in a new process: they are process-wide)."""
+    code = ("import os, torch; from pipeline.device import use_exact_cuda_numerics; use_exact_cuda_numerics(); "
+            "print(torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.allow_tf32, "
+            "torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.benchmark, "
+            "os.environ['CUBLAS_WORKSPACE_CONFIG'])")
+    env = {k: v for k, v in os.environ.items() if k != "CUBLAS_WORKSPACE_CONFIG"}
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["True", "False", "False", "False", ":4096:8"]
+
+
 @pytest.mark.cuda
 @pytest.mark.skipif(not device.torch.cuda.is_available(), reason="needs a CUDA device; torch sees none")
 def test_cuda_resolves_to_a_claimed_gpu(tmp_path, monkeypatch):
@@ -47,6 +62,7 @@ def test_cuda_resolves_to_a_claimed_gpu(tmp_path, monkeypatch):
     monkeypatch.setattr(device, "_held_locks", {})
     claimed = device.resolve_device("cuda")
     assert claimed.type == "cuda" and claimed.index == device.torch.cuda.current_device()
+    assert device.torch.are_deterministic_algorithms_enabled() and not device.torch.backends.cudnn.allow_tf32
     assert list(device._held_locks) == [f"gpu-{device.torch.cuda.get_device_properties(claimed.index).uuid}"]
     assert device.resolve_device("auto") == claimed
 

@@ -458,12 +458,14 @@ STAGE_RUNS = {
 
 
 @pytest.mark.parametrize("stage", list(STAGE_RUNS))
-def test_stage_command_lines_write_their_keys(stage, stage_inputs) -> None:
+def test_stage_command_lines_write_their_keys(stage, stage_inputs, torch_device) -> None:
+    """Each metric's command line, end to end; on CUDA under the pipeline's deterministic kernels,
+    which refuse any operation that has no deterministic CUDA implementation."""
     folder, data, weights, config = stage_inputs
     flags, keys = STAGE_RUNS[stage]
-    out = folder / f"{stage}.h5"
+    out = folder / f"{stage}-{torch_device.type}.h5"
     argv = [stage, "--weights", str(weights), "--data", str(data), "--preset", "tiny", "--out", str(out),
-            "--device", "cpu", "--no-progress", "--config", str(DEFAULT_CONFIG), "--config", str(config), *flags]
+            "--device", torch_device.type, "--no-progress", "--config", str(DEFAULT_CONFIG), "--config", str(config), *flags]
     assert cli_main(argv) == 0
     with h5py.File(out, "r") as f:
         assert set(f.keys()) == keys

@@ -57,6 +57,10 @@ def test_dry_run_plans_every_step_and_writes_a_valid_result(tmp_path):
     assert 0 < smoke["numerics/tiny/bf16_vs_fp32"]["eps_rel_diff"] < 0.1
     compiled = steps["forward_compile"]["results"]["forward_compile/tiny/T2"]
     assert compiled["batch"] == 2 and compiled["compile_seconds"] > 0 and compiled["speedup"] > 0
+    numerics = steps["cuda_numerics"]["results"]
+    assert numerics["cuda_numerics/tiny/pipeline"]["deterministic"]
+    assert not numerics["cuda_numerics/tiny/torch_default"]["deterministic"]
+    assert all(m["two_runs_bit_identical"] and m["images_per_second"] > 0 for m in numerics.values())
     ddp = steps["ddp_nccl"]["results"]["ddp/world1"]
     assert ddp["backend"] == "gloo" and ddp["bit_identical"] and ddp["loss_one_process"] == ddp["loss_ddp_rank0"]
     # Two gloo processes run the train stage's step under DDP: the same trajectory up to summation order.

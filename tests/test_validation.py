@@ -497,7 +497,7 @@ def test_absurd_training_size_warns_in_one_line_and_a_key_silences_it():
     (line,) = size_warnings(config)
     assert line.startswith("training lsun_tower/sam_rho0.1 (and 18 more run(s)): 10000000 steps at batch 256 on "
                            "preset adm64 would take about ")
-    assert line.endswith(" days at a default 5e+13 FLOP/s on cuda, beyond training.max_expected_days = 30; lower "
+    assert line.endswith(" days at a default 3e+13 FLOP/s on cuda, beyond training.max_expected_days = 30; lower "
                          "training.steps, or set training.max_expected_days (null silences this).")
     days = float(line.split("about ")[1].split(" days")[0].replace(",", ""))
     assert 300 < days < 3000
