@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from pipeline.nn.presets import PRESETS, build_unet, unet_kwargs
@@ -253,3 +255,61 @@ def test_class_conditioning() -> None:
     assert (out_a[1] - out_b[1]).abs().max() > 1e-3
     with pytest.raises(ValueError):
         model(x, t)
+
+
+# ------------------------------------------------------------------------------------------
+# GroupNorm on channels-last CPU activations (pipeline.nn.channels_last_norm), as sampling runs it.
+
+@pytest.mark.parametrize("shape, groups", [((5, 32, 16, 16), 8), ((3, 64, 8, 8), 32), ((2, 96, 4, 4), 8),
+                                           ((1, 16, 2, 2), 8)])
+def test_channels_last_group_norm_is_group_norm_to_fp32_rounding(shape, groups) -> None:
+    from pipeline.nn.channels_last_norm import group_norm_channels_last
+
+    generator = torch.Generator().manual_seed(0)
+    # An offset mean, as activations have: a one-pass variance would lose digits here.
+    x = (torch.randn(shape, generator=generator) * 0.5 + 3.0).contiguous(memory_format=torch.channels_last)
+    weight, bias = torch.randn(shape[1], generator=generator), torch.randn(shape[1], generator=generator)
+    exact = F.group_norm(x.double(), groups, weight.double(), bias.double(), 1e-5)
+    ours = group_norm_channels_last(x, groups, weight, bias, 1e-5)
+    torchs = F.group_norm(x, groups, weight, bias, 1e-5)
+    assert ours.shape == x.shape and ours.is_contiguous(memory_format=torch.channels_last)
+    error, torch_error = (ours.double() - exact).abs().max(), (torchs.double() - exact).abs().max()
+    assert error <= 2 * torch_error + 1e-7, (float(error), float(torch_error))
+
+
+def test_sampling_model_swaps_group_norm_and_keeps_parameters_and_fallbacks() -> None:
+    from pipeline.nn.channels_last_norm import ChannelsLastGroupNorm, use_channels_last_group_norm
+    from pipeline.nn.unet import GroupNorm32
+
+    model = randomize_(build_unet("tiny"), seed=5).eval()
+    reference = copy.deepcopy(model)
+    weights = {name: p for name, p in model.named_parameters()}
+    use_channels_last_group_norm(model.to(memory_format=torch.channels_last))
+    norms = [m for m in model.modules() if isinstance(m, GroupNorm32)]
+    assert norms and all(type(m) is ChannelsLastGroupNorm for m in norms)
+    assert all(p is weights[name] for name, p in model.named_parameters())  # in-place edits reach them
+    x = torch.randn(3, 3, 16, 16, generator=torch.Generator().manual_seed(6))
+    t = torch.tensor([1, 500, 999])
+    x_last = x.contiguous(memory_format=torch.channels_last)
+    torchs = copy.deepcopy(reference).to(memory_format=torch.channels_last)
+    with torch.no_grad():
+        exact = copy.deepcopy(reference).double()(x.double(), t)
+        error = (model(x_last, t).double() - exact).abs().max()
+        torch_error = (torchs(x_last, t).double() - exact).abs().max()
+        assert error <= 2 * torch_error, (float(error), float(torch_error))  # the whole forward, as accurate
+        plain = copy.deepcopy(model).to(memory_format=torch.contiguous_format)
+        assert torch.equal(plain(x, t), reference(x, t))  # NCHW input: PyTorch's own kernel, same bits
+        assert not torch.equal(model(x_last, t), torchs(x_last, t))  # channels-last: ours
+    # With autograd on, the norm is PyTorch's (ours is for sampling's no-grad forwards).
+    assert torch.equal(model(x_last, t), torchs(x_last, t))
+
+
+def test_sample_stage_builds_channels_last_norms_on_cpu() -> None:
+    from pipeline.nn.channels_last_norm import ChannelsLastGroupNorm
+    from pipeline.stages.sample import build_sampling_model
+
+    unet = build_unet("tiny")
+    settings = {"preset": "tiny", "resolution": unet.image_size,
+                "diffusion": {"steps": 1000, "noise_schedule": "cosine", "learn_sigma": True}}
+    model = build_sampling_model(settings, unet.state_dict(), torch.device("cpu"))
+    assert any(type(m) is ChannelsLastGroupNorm for m in model.modules())

@@ -44,6 +44,7 @@ from pipeline.errors import PipelineError
 from pipeline.io import atomic_path, provenance, write_attrs
 from pipeline.io.integrity import DamagedFile, discard_if_damaged, seal_zip, sealed_h5, verify_zip
 from pipeline.io.checkpoint import load_weights
+from pipeline.nn.channels_last_norm import use_channels_last_group_norm
 from pipeline.nn.forward_compile import CompilePolicy, apply_policy
 from pipeline.nn.presets import build_unet
 from pipeline.nn.unet import UNetModel
@@ -88,9 +89,10 @@ def build_sampling_model(settings: Mapping[str, Any], state_dict: Mapping[str, t
     except RuntimeError as err:
         raise PipelineError(f"the weights do not fit preset '{settings['preset']}': {err}") from None
     model = model.to(device).eval()
-    # oneDNN's convolutions run about 9% faster in NHWC (cifar10 preset, batch 8, 2 threads).
+    # oneDNN's convolutions run faster in NHWC; its GroupNorm kernel does not, so ours replaces it
+    # (fmnist16, batch 250, one thread: the forward takes 0.81x the time; bench/group_norm.py).
     if device.type == "cpu":
-        model = model.to(memory_format=torch.channels_last)
+        model = use_channels_last_group_norm(model.to(memory_format=torch.channels_last))
     return model
 
 
