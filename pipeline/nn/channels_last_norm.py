@@ -15,7 +15,8 @@ than through nn.GroupNorm.
 
 `use_channels_last_group_norm(model)` swaps every GroupNorm32 of a model for one that takes this
 path for fp32 channels-last CPU input and PyTorch's kernel for anything else (NCHW, CUDA,
-reduced precision, autograd). The parameters stay the same tensors, so in-place weight edits
+reduced precision, autograd, and forwards compiled by torch.compile, where inductor fuses
+PyTorch's norm with the SiLU after it and ours ran slower: bench/overhead.py). The parameters stay the same tensors, so in-place weight edits
 reach the new modules.
 """
 
@@ -52,9 +53,10 @@ class ChannelsLastGroupNorm(GroupNorm32):
     """GroupNorm32 that normalises fp32 channels-last CPU input with group_norm_channels_last."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Under torch.compile, PyTorch's norm: inductor fuses it with its neighbours, ours it does not.
         if (x.device.type == "cpu" and x.dtype == torch.float32 and x.dim() == 4 and self.affine
-                and not torch.is_grad_enabled() and x.is_contiguous(memory_format=torch.channels_last)
-                and not x.is_contiguous()):
+                and not torch.is_grad_enabled() and not torch.compiler.is_compiling()
+                and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()):
             return group_norm_channels_last(x, self.num_groups, self.weight, self.bias, self.eps)
         return super().forward(x)
 
