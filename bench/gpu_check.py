@@ -372,6 +372,26 @@ def paper_model(preset: str):
     return build_unet(preset, learn_sigma=d["learn_sigma"]), diffusion
 
 
+def seeded_model(preset: str, device):
+    """The preset's UNet from seed 0 on `device`, its diffusion, a copy of its initial weights, and
+    draw(batch): TrainingStep batches of uniform images and timesteps from one generator (seed 1)."""
+    import torch
+
+    torch.manual_seed(0)
+    model, diffusion = paper_model(preset)
+    model = model.to(device)
+    initial = {k: v.clone() for k, v in model.state_dict().items()}
+    shape = (model.in_channels, model.image_size, model.image_size)
+    g = torch.Generator().manual_seed(1)
+
+    def draw(batch: int):
+        x0 = torch.rand(batch, *shape, generator=g) * 2 - 1
+        t = torch.randint(0, diffusion.num_timesteps, (batch,), generator=g)
+        return uniform_batch(x0.to(device), t.to(device), torch.randn(x0.shape, generator=g).to(device))
+
+    return model, diffusion, initial, draw
+
+
 def paper_step(model, diffusion, recipe_name: str, device, procs, cuda):
     """The train stage's step (pipeline.training.step) for config.yaml's recipe over `model`.
 
@@ -407,18 +427,7 @@ def step_presets(record: Recorder, dry_run: bool) -> None:
     runs = [("tiny", 2)] if dry_run else [(config["datasets"][name]["preset"], config["datasets"][name]["batch_size"])
                                           for name in PAPER_DATASETS]
     for preset, paper_batch in runs:
-        torch.manual_seed(0)
-        model, diffusion = paper_model(preset)
-        model = model.to(device)
-        initial = {k: v.clone() for k, v in model.state_dict().items()}
-        shape = (model.in_channels, model.image_size, model.image_size)
-        g = torch.Generator().manual_seed(1)
-
-        def draw(batch):
-            x0 = torch.rand(batch, *shape, generator=g) * 2 - 1
-            t = torch.randint(0, diffusion.num_timesteps, (batch,), generator=g)
-            return uniform_batch(x0.to(device), t.to(device), torch.randn(x0.shape, generator=g).to(device))
-
+        model, diffusion, initial, draw = seeded_model(preset, device)
         numerics(record, preset, model, diffusion, draw(2 if dry_run else 16))  # CPU: bf16 only differs
         for mode in ("fp32",) if dry_run else MODES:
             rates = {}
@@ -565,15 +574,8 @@ def step_cuda_numerics(record: Recorder, dry_run: bool) -> None:
 
     device = torch.device("cpu" if dry_run else "cuda")
     preset, batch, steps = ("tiny", 2, 2) if dry_run else ("cifar10", 128, 4)
-    torch.manual_seed(0)
-    model, diffusion = paper_model(preset)
-    model = model.to(device)
-    initial = {k: v.clone() for k, v in model.state_dict().items()}
-    shape = (model.in_channels, model.image_size, model.image_size)
-    g = torch.Generator().manual_seed(1)
-    x0 = torch.rand(batch, *shape, generator=g) * 2 - 1
-    t = torch.randint(0, diffusion.num_timesteps, (batch,), generator=g)
-    data = uniform_batch(x0.to(device), t.to(device), torch.randn(x0.shape, generator=g).to(device))
+    model, diffusion, initial, draw = seeded_model(preset, device)
+    data = draw(batch)
 
     def run() -> tuple[dict[str, torch.Tensor], float]:
         """Weights after `steps` steps from `initial`, and the seconds per step after the first."""
