@@ -68,7 +68,7 @@ def use_channels_last_group_norm(model: nn.Module) -> nn.Module:
         for name, child in list(parent.named_children()):
             if type(child) is GroupNorm32:
                 norm = ChannelsLastGroupNorm(child.num_groups, child.num_channels, eps=child.eps,
-                                             affine=child.affine, device=child.weight.device)
+                                             affine=child.affine)
                 norm.weight, norm.bias = child.weight, child.bias
                 norm.train(child.training)
                 setattr(parent, name, norm)

@@ -89,8 +89,9 @@ def build_sampling_model(settings: Mapping[str, Any], state_dict: Mapping[str, t
     except RuntimeError as err:
         raise PipelineError(f"the weights do not fit preset '{settings['preset']}': {err}") from None
     model = model.to(device).eval()
-    # oneDNN's convolutions run faster in NHWC; its GroupNorm kernel does not, so ours replaces it
-    # (fmnist16, batch 250, one thread: the forward takes 0.81x the time; bench/group_norm.py).
+    # oneDNN's convolutions run faster in NHWC; PyTorch's GroupNorm for NHWC does not, so ours
+    # replaces it (fmnist16, batch 250, one thread: the forward takes 0.79-0.83x the time;
+    # bench/group_norm.py).
     if device.type == "cpu":
         model = use_channels_last_group_norm(model.to(memory_format=torch.channels_last))
     return model
