@@ -228,7 +228,8 @@ class CalibrationSettings(StageSettings):
 
 @dataclasses.dataclass(frozen=True)
 class FidReferenceSettings(StageSettings):
-    """Config `fid:` without the bootstrap (drawn in the fid stage: it must not recompute the reference).
+    """Config `fid:` without FID_ONLY_KEYS (the bootstrap, the subset KID: fid-stage work that must not
+    recompute the reference).
 
     Every key is optional: the stage falls back on its flags, then on built-in defaults.
     """
@@ -240,10 +241,16 @@ class FidReferenceSettings(StageSettings):
     kid_rows: int = setting("fid.kid_rows", OMITTED)
 
 
+# Keys of config `fid:` that only the fid stage reads: editing them must not recompute a reference.
+FID_ONLY_KEYS = ("bootstrap", "kid_subsets", "kid_subset_size")
+
+
 @dataclasses.dataclass(frozen=True)
 class FidSettings(FidReferenceSettings):
     """Config `fid:`."""
 
+    kid_subsets: int = setting("fid.kid_subsets", OMITTED)
+    kid_subset_size: int = setting("fid.kid_subset_size", OMITTED)
     bootstrap: dict[str, Any] = setting("fid.bootstrap", OMITTED)
 
 
@@ -335,7 +342,7 @@ def _fid(config: Mapping[str, Any]) -> FidSettings:
 
 
 def _fid_reference(config: Mapping[str, Any]) -> FidReferenceSettings:
-    return FidReferenceSettings(**{k: v for k, v in section(config, "fid").items() if k != "bootstrap"})
+    return FidReferenceSettings(**{k: v for k, v in section(config, "fid").items() if k not in FID_ONLY_KEYS})
 
 
 def _quantize(config: Mapping[str, Any], precision: str) -> QuantizeSettings:

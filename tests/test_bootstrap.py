@@ -8,8 +8,8 @@ import pytest
 
 from pipeline.errors import PipelineError
 from pipeline.fidelity import frechet_distance, kernel_distance, resolve_extractor
-from pipeline.fidelity.bootstrap import (check_paired, fd_replicates, kid_replicates, polynomial_kernel,
-                                         psd_sqrt, read_fid_replicates, resample_positions)
+from pipeline.fidelity.bootstrap import (_symmetric_quadratic_forms, check_paired, fd_replicates, kid_replicates,
+                                         polynomial_kernel, psd_sqrt, read_fid_replicates, resample_positions)
 from pipeline.fidelity.stats import read_reference
 from pipeline.stages.fid_reference import build_reference
 from pipeline.stats import paired_bootstrap_difference
@@ -121,8 +121,7 @@ def test_fid_files_of_the_same_n_pair_up(tmp_path, monkeypatch):
         settings = ('{"extractor": "%s", "inception_weights": null, "reference_images": null, "batch_size": 30, '
                     '"kid_rows": 40, "bootstrap": {"fd_replicates": 20, "kid_replicates": 30, "seed": 1}}' % TINY)
         assert run_cli(["fid", "--samples", str(samples), "--reference", str(reference), "--out",
-                        str(outs[name]), "--settings", settings, "--kid-subsets", "5",
-                        "--no-progress"], monkeypatch) == 0
+                        str(outs[name]), "--settings", settings, "--no-progress"], monkeypatch) == 0
     good, bad = read_fid_replicates(outs["good"]), read_fid_replicates(outs["bad"])
     check_paired(good, bad)
     assert good.fd_replicates.shape == (20,) and good.kid_replicates.shape == (30,)
@@ -130,8 +129,10 @@ def test_fid_files_of_the_same_n_pair_up(tmp_path, monkeypatch):
         attrs = dict(f.attrs)
     assert attrs["bootstrap_seed"] == 1 and attrs["bootstrap_kid_sample_rows"] == 40
     assert attrs["bootstrap_kid_reference_rows"] == 50 and "left out" in attrs["bootstrap_fd_resampled"]
-    for kept in ("value", "kid_mean", "kid_std", "metric_name", "n_samples"):
+    for kept in ("value", "kid_value", "metric_name", "n_samples"):
         assert kept in attrs
+    # torch-fidelity's subset KID is off unless asked for (fid.kid_subsets, --kid-subsets).
+    assert attrs["kid_subsets"] == 0 and "kid_mean" not in attrs and "kid_std" not in attrs
     # The replicates scatter around the point values, and the paired difference is clearly positive.
     assert good.fd_replicates.min() < 1.5 * good.value and np.isfinite(good.kid_value)
     difference = paired_bootstrap_difference(bad.value, bad.fd_replicates, good.value, good.fd_replicates)
@@ -152,3 +153,13 @@ def test_bootstrap_settings_reach_the_fid_stage_but_not_the_reference():
     assert stage_settings(config, "fid")["bootstrap"] == {"fd_replicates": 50, "kid_replicates": 200, "seed": 0}
     reference = stage_settings(config, "fid_reference")
     assert "bootstrap" not in reference and reference["kid_rows"] == config["fid"]["kid_rows"]
+
+
+@pytest.mark.parametrize("block_rows", [1, 3, 7, 40, 1024])
+def test_symmetric_kernel_blocks_give_the_full_quadratic_forms(block_rows):
+    # Only blocks on and right of the diagonal are built; any block size must give w^T K w.
+    rng = np.random.default_rng(6)
+    x = rng.normal(0.2, 1, (23, 5))
+    weights = rng.integers(0, 3, (4, 23)).astype(float)
+    full = np.einsum("wi,ij,wj->w", weights, polynomial_kernel(x, x), weights)
+    np.testing.assert_allclose(_symmetric_quadratic_forms(x, weights, block_rows), full, rtol=1e-12)

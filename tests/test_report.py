@@ -893,7 +893,7 @@ def test_calibration_rows_are_collected_and_required(tmp_path) -> None:
     collected = collect(Study(settings))
     frame = collected.calibration.sort_values("kind").reset_index(drop=True)
     n = settings["n_samples"]
-    assert list(frame.columns) == ["dataset", "kind", "n", "value", "kid_mean", "kid_std", "kid_value",
+    assert list(frame.columns) == ["dataset", "kind", "n", "value", "kid_value",
                                    "fd_replicates", "kid_replicates", "bootstrap_seed", "n_samples", "source"]
     assert frame.kind.tolist() == ["floor", "static"] and (frame.dataset == "cifar10").all() and (frame.n == n).all()
     assert frame.value.tolist() == [CALIBRATION["floor"], CALIBRATION["static"]]

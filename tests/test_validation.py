@@ -408,7 +408,7 @@ def test_settings_types_agree_with_the_schema():
     assert keys("sampling") == fields(s.SampleSettings, "sampling.")
     # fid.extractor is checked where it is resolved (pipeline.fidelity.extractors knows the names).
     assert keys("fid") == fields(s.FidSettings, "fid.") | {"extractor"}
-    assert keys("fid") - {"bootstrap"} == fields(s.FidReferenceSettings, "fid.") | {"extractor"}
+    assert keys("fid") - set(s.FID_ONLY_KEYS) == fields(s.FidReferenceSettings, "fid.") | {"extractor"}
     assert keys("#dataset") == fields(s.PrepareSettings, "#dataset.")
 
 

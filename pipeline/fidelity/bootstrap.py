@@ -105,7 +105,13 @@ def fd_replicates(features: np.ndarray, ref_mu: np.ndarray, ref_sigma: np.ndarra
 
 def polynomial_kernel(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """k(x, y) = (x . y / D + 1)^3 for rows of a (m, D) and b (r, D) -> (m, r), torch-fidelity's KID kernel."""
-    return (a @ b.T / a.shape[1] + 1.0) ** 3
+    kernel = a @ b.T
+    kernel /= a.shape[1]
+    kernel += 1.0
+    # Two multiplications instead of `** 3`, which numpy evaluates by pow() per element (1.8x slower).
+    cube = kernel * kernel
+    cube *= kernel
+    return cube
 
 
 def _quadratic_forms(left: np.ndarray, right: np.ndarray, left_weights: np.ndarray,
@@ -131,6 +137,25 @@ def _counts(n: int, seed: int, replicates: int, stream: str) -> np.ndarray:
     return counts
 
 
+def _symmetric_quadratic_forms(features: np.ndarray, weights: np.ndarray, block_rows: int = KERNEL_BLOCK_ROWS
+                               ) -> np.ndarray:
+    """(W,) values w^T K(features, features) w for every weight row w of weights (W, m).
+
+    K is symmetric, so only the blocks on and right of the diagonal are built, and each block
+    right of it counts twice: half the kernel arithmetic of building all of K.
+    """
+    m = features.shape[0]
+    total = np.zeros(weights.shape[0])
+    for start in range(0, m, block_rows):
+        stop = min(start + block_rows, m)
+        block = polynomial_kernel(features[start:stop], features[start:])  # (stop - start, m - start)
+        partial = weights[:, start:stop] @ block
+        own = stop - start
+        total += (partial[:, :own] * weights[:, start:stop]).sum(axis=1)
+        total += 2.0 * (partial[:, own:] * weights[:, stop:]).sum(axis=1)
+    return total
+
+
 def _within_term(features: np.ndarray, counts: np.ndarray) -> np.ndarray:
     """Mean of k(x_i, x_j) over pairs of distinct rows i != j of each resample, (W,).
 
@@ -142,7 +167,7 @@ def _within_term(features: np.ndarray, counts: np.ndarray) -> np.ndarray:
     unbiased off-diagonal mean (sum K - tr K) / (m (m - 1)).
     """
     diagonal = ((features ** 2).sum(axis=1) / features.shape[1] + 1.0) ** 3
-    total = _quadratic_forms(features, features, counts, counts, polynomial_kernel)
+    total = _symmetric_quadratic_forms(features, counts)
     squared = counts ** 2
     return (total - squared @ diagonal) / (counts.sum(axis=1) ** 2 - squared.sum(axis=1))
 

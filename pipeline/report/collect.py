@@ -52,8 +52,8 @@ class Collected:
     """The scalars of every input, plus the conventions their provenance records.
 
     fid: dataset, recipe, seed, average, precision, steps, value (FD), kid_value (unbiased KID on all
-        rows), kid_mean, kid_std (torch-fidelity's subset KID), fd_replicates, kid_replicates (paired
-        bootstrap arrays, aligned across files), bootstrap_seed, n_samples.
+        rows), fd_replicates, kid_replicates (paired bootstrap arrays, aligned across files),
+        bootstrap_seed, n_samples.
     validation: the same columns for the selection samples of the SAM recipes (raw fp32 weights).
     lpf: dataset, recipe, seed, average, scaling (absolute | filter), sigma, main (the configured sigma
         rather than the sweep), loss, lpf, difference, stderr, draw_losses (array, aligned across files).
@@ -65,7 +65,7 @@ class Collected:
         gap_sq_mean, reference_l2.
     train: dataset, recipe, seed, steps (logged), swa_snapshots, lr_first, lr_last, settings (YAML).
     calibration: dataset, kind ("floor": held-out real images, "static": noise), n (N asked for,
-        the models' N), value, kid_mean, kid_std, n_samples (images used: fewer than n when a
+        the models' N), value, kid_value, fd_replicates, kid_replicates, bootstrap_seed, n_samples (images used: fewer than n when a
         dataset holds fewer held-out images), source (where the images came from).
     conventions: {metric name: {"settings": [distinct settings blocks], attr: [distinct values]}}.
     """
@@ -95,7 +95,6 @@ def collect(study: Study) -> Collected:
             if item.kind in ("fid", "validation", "calibration"):
                 names.add(str(f.attrs["metric_name"]))
                 row = {**item.key, "value": float(f.attrs["value"]),
-                       "kid_mean": float(f.attrs["kid_mean"]), "kid_std": float(f.attrs["kid_std"]),
                        "kid_value": float(f.attrs["kid_value"]),
                        "fd_replicates": np.asarray(f["fd_replicates"][...], dtype=np.float64),
                        "kid_replicates": np.asarray(f["kid_replicates"][...], dtype=np.float64),

@@ -4,8 +4,10 @@ Reads samples.h5 ("images", uint8 N x H x W x C) and a fid_ref_{extractor}.h5 wr
 `fid-reference`, extracts the samples' features with the same extractor through torch-fidelity
 (on the GPU when torch sees one), and writes fid_{extractor}.h5 (or --out) whose attributes
 hold metric_name ("FID" only for Inception, "FD-EffNetLite0" for the offline proxy), value,
-kid_mean, kid_std, the extractor, the weights' SHA-256, N and the torch-fidelity version, with
-the samples' provenance.
+kid_value (the unbiased KID on all kid rows), the extractor, the weights' SHA-256, N and the
+torch-fidelity version, with the samples' provenance; with --kid-subsets > 0 also kid_mean and
+kid_std, torch-fidelity's KID over random subsets (same expectation, larger variance, and a third
+of the job's time at N = 2,000, so off by default).
 
 Paired bootstrap (config fid.bootstrap; pipeline.fidelity.bootstrap): datasets fd_replicates
 (B_fd,) and kid_replicates (B_kid,), one value per replicate, and the point KID on all rows with
@@ -48,14 +50,14 @@ logger = logging.getLogger(__name__)
 
 def evaluate(samples: str | Path, reference: str | Path, out: str | Path | None = None, *,
              inception_weights: str | Path | None = None, max_samples: int | None = None,
-             kid_rows: int = DEFAULT_KID_ROWS, kid_subsets: int = 100, kid_subset_size: int = 1000,
+             kid_rows: int = DEFAULT_KID_ROWS, kid_subsets: int = 0, kid_subset_size: int = 1000,
              batch_size: int = 64, seed: int = 0, progress: bool = False,
              fd_bootstrap: int = 0, kid_bootstrap: int = 0, bootstrap_seed: int = 0,
              settings: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """Compute FD and KID of `samples` against `reference`, write `out`, return its attributes.
 
     fd_bootstrap / kid_bootstrap: paired bootstrap replicates of FD and KID (0 = none), drawn
-    from bootstrap_seed. `out` defaults to fid_{extractor}.h5 beside the samples; the returned
+    from bootstrap_seed. kid_subsets > 0 adds torch-fidelity's subset KID (kid_mean, kid_std). `out` defaults to fid_{extractor}.h5 beside the samples; the returned
     mapping also holds the path written under "out" (the replicate arrays are in the file only).
     """
     start = time.time()
@@ -87,9 +89,12 @@ def evaluate(samples: str | Path, reference: str | Path, out: str | Path | None 
         raise PipelineError(f"samples give {stats.feature_dim}-d features but the reference holds "
                             f"{ref.stats.feature_dim}-d ones.")
     value = frechet_distance(stats.mu, stats.sigma, ref.stats.mu, ref.stats.sigma)
-    kid_mean, kid_std, subset_size = kernel_distance(stats.kid_features, ref.stats.kid_features,
-                                                     subsets=kid_subsets, subset_size=kid_subset_size,
-                                                     seed=seed)
+    subset_kid = {}
+    if kid_subsets:
+        kid_mean, kid_std, subset_size = kernel_distance(stats.kid_features, ref.stats.kid_features,
+                                                         subsets=kid_subsets, subset_size=kid_subset_size,
+                                                         seed=seed)
+        subset_kid = {"kid_mean": kid_mean, "kid_std": kid_std, "kid_subset_size": subset_size}
     fd_reps = np.empty(0)
     if fd_bootstrap:
         with Progress(logger, f"fid {extractor.metric_name} bootstrap", fd_bootstrap, "replicates",
@@ -99,8 +104,9 @@ def evaluate(samples: str | Path, reference: str | Path, out: str | Path | None 
     kid_value, kid_reps = kid_replicates(stats.kid_features, ref.stats.kid_features, kid_bootstrap,
                                          bootstrap_seed)
 
-    numbers = {"FD": value, "KID mean": kid_mean, "KID std": kid_std, "KID value": kid_value,
-               "FD bootstrap replicates": fd_reps, "KID bootstrap replicates": kid_reps}
+    numbers = {"FD": value, "KID value": kid_value, "FD bootstrap replicates": fd_reps,
+               "KID bootstrap replicates": kid_reps, **{name: subset_kid[name] for name in ("kid_mean", "kid_std")
+                                                      if name in subset_kid}}
     for label, number in numbers.items():
         if not np.isfinite(number).all():
             raise PipelineError(f"fid: the {label} of {samples} against {reference} is not finite, so "
@@ -109,10 +115,8 @@ def evaluate(samples: str | Path, reference: str | Path, out: str | Path | None 
     attrs.update({
         "metric_name": extractor.metric_name,
         "value": value,
-        "kid_mean": kid_mean,
-        "kid_std": kid_std,
         "kid_subsets": kid_subsets,
-        "kid_subset_size": subset_size,
+        **subset_kid,
         "kid_value": kid_value,
         "kid_value_estimator": "unbiased MMD^2, kernel (x.y/D + 1)^3, all kid rows of both sides",
         "bootstrap_seed": bootstrap_seed,
@@ -168,9 +172,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--kid-rows", type=int_at_least(2), default=None,
                         help=f"features of at most this many samples are kept for KID "
                              f"(default: fid.kid_rows, else {DEFAULT_KID_ROWS})")
-    parser.add_argument("--kid-subsets", type=positive_int, default=100, help="KID: number of random subsets")
-    parser.add_argument("--kid-subset-size", type=int_at_least(2), default=1000,
-                        help="KID: rows per subset (capped at the smaller side)")
+    parser.add_argument("--kid-subsets", type=nonnegative_int, default=None,
+                        help="torch-fidelity's subset KID: random subsets drawn (default: fid.kid_subsets, "
+                             "else 0 = not computed; the report reads the unbiased KID on all rows)")
+    parser.add_argument("--kid-subset-size", type=int_at_least(2), default=None,
+                        help="rows per subset, capped at the smaller side (default: fid.kid_subset_size, "
+                             "else 1000)")
     parser.add_argument("--batch-size", type=positive_int, default=None,
                         help="images per extractor forward (default: fid.batch_size, else 64)")
     parser.add_argument("--seed", type=nonnegative_int, default=0, help="seed of the subsets (samples and KID)")
@@ -193,8 +200,11 @@ def run(args: argparse.Namespace) -> None:
     fd_bootstrap = args.fd_replicates if args.fd_replicates is not None else boot.get("fd_replicates", 0)
     kid_bootstrap = args.kid_replicates if args.kid_replicates is not None else boot.get("kid_replicates", 0)
     bootstrap_seed = args.bootstrap_seed if args.bootstrap_seed is not None else boot.get("seed", 0)
+    kid_subsets = args.kid_subsets if args.kid_subsets is not None else fid.get("kid_subsets", 0)
+    kid_subset_size = (args.kid_subset_size if args.kid_subset_size is not None
+                       else fid.get("kid_subset_size", 1000))
     lower_bounds = {"max-samples": (args.max_samples, 2), "kid-rows": (kid_rows, 2),
-                    "kid-subsets": (args.kid_subsets, 1), "kid-subset-size": (args.kid_subset_size, 2),
+                    "kid-subsets": (kid_subsets, 0), "kid-subset-size": (kid_subset_size, 2),
                     "batch-size": (batch_size, 1), "fd-replicates": (fd_bootstrap, 0),
                     "kid-replicates": (kid_bootstrap, 0)}
     for flag, (value, least) in lower_bounds.items():
@@ -204,15 +214,14 @@ def run(args: argparse.Namespace) -> None:
     weights = args.inception_weights or fid.get("inception_weights")
     settings = {"samples": str(samples), "reference": str(args.reference), "inception_weights": weights,
                 "max_samples": args.max_samples, "kid_rows": kid_rows,
-                "kid_subsets": args.kid_subsets, "kid_subset_size": args.kid_subset_size,
+                "kid_subsets": kid_subsets, "kid_subset_size": kid_subset_size,
                 "batch_size": batch_size, "seed": args.seed, "fd_replicates": fd_bootstrap,
                 "kid_replicates": kid_bootstrap, "bootstrap_seed": bootstrap_seed}
     attrs = evaluate(samples, args.reference, args.out, inception_weights=weights,
                      max_samples=args.max_samples, kid_rows=kid_rows,
                      fd_bootstrap=fd_bootstrap, kid_bootstrap=kid_bootstrap, bootstrap_seed=bootstrap_seed,
-                     kid_subsets=args.kid_subsets, kid_subset_size=args.kid_subset_size,
+                     kid_subsets=kid_subsets, kid_subset_size=kid_subset_size,
                      batch_size=batch_size, seed=args.seed, progress=not args.no_progress,
                      settings=settings)
     logger.info(f"fid: wrote {attrs['out']}: {attrs['metric_name']} = {attrs['value']:.4f}, KID = "
-                f"{attrs['kid_mean']:.5f} +- {attrs['kid_std']:.5f} (N = {attrs['n_samples']}, "
-                f"{attrs['extractor']})")
+                f"{attrs['kid_value']:.5f} (N = {attrs['n_samples']}, {attrs['extractor']})")
