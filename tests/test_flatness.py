@@ -526,3 +526,33 @@ def test_settings_and_network_resolution(tmp_path) -> None:
     with pytest.raises(PipelineError, match="which network"):
         resolve_model_settings(Namespace(weights=str(tmp_path / "x" / "w.pt"), preset=None, dataset=None),
                                config, in_channels=3)
+
+
+def test_inference_measures_run_channels_last_on_cpu_within_rounding_of_nchw(stage_inputs, tmp_path,
+                                                                            monkeypatch) -> None:
+    """LPF (as perturbation, surface and exposure) runs the UNet channels-last with
+    ChannelsLastGroupNorm on the CPU, to fp32 rounding of the NCHW numbers; the Hessian stays NCHW."""
+    from pipeline.nn.channels_last_norm import ChannelsLastGroupNorm
+    from pipeline.stages import metric_common
+
+    folder, data, weights, config = stage_inputs
+    built = []
+    convert = metric_common.channels_last_inference
+    monkeypatch.setattr(metric_common, "channels_last_inference", lambda model: built.append(convert(model)) or built[-1])
+
+    def run(stage: str, out, flags) -> None:
+        assert cli_main([stage, "--weights", str(weights), "--data", str(data), "--preset", "tiny", "--out", str(out),
+                         "--device", "cpu", "--no-progress", "--config", str(DEFAULT_CONFIG), "--config",
+                         str(config), *flags]) == 0
+
+    run("lpf", tmp_path / "last.h5", STAGE_RUNS["lpf"][0])
+    assert len(built) == 1 and any(type(m) is ChannelsLastGroupNorm for m in built[0].modules())
+    convs = [m.weight for m in built[0].modules() if isinstance(m, nn.Conv2d)]
+    assert all(w.is_contiguous(memory_format=torch.channels_last) for w in convs)
+    run("hessian", tmp_path / "hessian.h5", STAGE_RUNS["hessian"][0])
+    assert len(built) == 1  # autograd through the norm: PyTorch's NCHW kernels
+    monkeypatch.setattr(metric_common, "INFERENCE_MEASURES", ())
+    run("lpf", tmp_path / "plain.h5", STAGE_RUNS["lpf"][0])
+    with h5py.File(tmp_path / "last.h5") as last, h5py.File(tmp_path / "plain.h5") as plain:
+        for key in ("loss", "sweep/draw_losses", "filter/sweep/draw_losses"):
+            np.testing.assert_allclose(last[key][()], plain[key][()], rtol=1e-5)

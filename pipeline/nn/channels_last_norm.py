@@ -1,6 +1,7 @@
 """GroupNorm for channels-last activations on the CPU, where PyTorch's own kernel is slow.
 
-The sample stage runs the UNet channels-last on the CPU because oneDNN's convolutions are faster
+The sample stage and the measures without autograd (LPF, perturbation, surface, exposure) run the
+UNet channels-last on the CPU (`channels_last_inference`) because oneDNN's convolutions are faster
 in that layout. PyTorch's GroupNorm kernel for channels-last input is not: on one thread, for the
 fmnist16 preset at batch 250, it takes 29% of the forward against 5% for the same norm in NCHW
 (bench/group_norm.py), which cancels the convolutions' gain.
@@ -73,3 +74,14 @@ def use_channels_last_group_norm(model: nn.Module) -> nn.Module:
                 norm.train(child.training)
                 setattr(parent, name, norm)
     return model
+
+
+def channels_last_inference(model: nn.Module) -> nn.Module:
+    """`model` (in place) with channels-last parameters and ChannelsLastGroupNorm: the CPU layout
+    for forwards without autograd (sampling, the loss-based measures, exposure).
+
+    The parameters stay the same Parameter objects, now strided NHWC, so in-place perturbations
+    (p.copy_, p.add_) reach the forward; their logical values are unchanged. Inputs may stay NCHW:
+    a channels-last first-layer weight makes the first convolution's output channels-last.
+    """
+    return use_channels_last_group_norm(model.to(memory_format=torch.channels_last))

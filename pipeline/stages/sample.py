@@ -44,7 +44,7 @@ from pipeline.errors import PipelineError
 from pipeline.io import atomic_path, provenance, write_attrs
 from pipeline.io.integrity import DamagedFile, discard_if_damaged, seal_zip, sealed_h5, verify_zip
 from pipeline.io.checkpoint import load_weights
-from pipeline.nn.channels_last_norm import use_channels_last_group_norm
+from pipeline.nn.channels_last_norm import channels_last_inference
 from pipeline.nn.forward_compile import CompilePolicy, apply_policy
 from pipeline.nn.presets import build_unet
 from pipeline.nn.unet import UNetModel
@@ -93,7 +93,7 @@ def build_sampling_model(settings: Mapping[str, Any], state_dict: Mapping[str, t
     # replaces it (fmnist16, batch 250, one thread: the forward takes 0.79-0.83x the time;
     # bench/group_norm.py).
     if device.type == "cpu":
-        model = use_channels_last_group_norm(model.to(memory_format=torch.channels_last))
+        model = channels_last_inference(model)
     return model
 
 
