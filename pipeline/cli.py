@@ -26,6 +26,7 @@ from pipeline.io.lock import claim_stage_outputs, release_outputs
 STAGES = {
     "prepare": "pipeline.stages.prepare",
     "fid-reference": "pipeline.stages.fid_reference",
+    "kid-reference": "pipeline.stages.kid_reference",
     "calibration-samples": "pipeline.stages.calibration",
     "train": "pipeline.stages.train",
     "quantize": "pipeline.stages.quantize",

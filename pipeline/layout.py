@@ -21,6 +21,11 @@ def fid_reference(results: str, dataset: str, extractor: str) -> str:
     return f"{dataset_dir(results, dataset)}/fid_ref_{extractor}.h5"
 
 
+def kid_reference(results: str, dataset: str, extractor: str) -> str:
+    """The reference's KID bootstrap terms (stage kid-reference), beside fid_reference."""
+    return f"{dataset_dir(results, dataset)}/kid_ref_{extractor}.h5"
+
+
 CALIBRATION_KINDS = ("floor", "static")
 
 

@@ -255,6 +255,13 @@ class FidSettings(FidReferenceSettings):
 
 
 @dataclasses.dataclass(frozen=True)
+class KidReferenceSettings(StageSettings):
+    """Config `fid.bootstrap`: the replicates and seed whose reference KID terms kid-reference computes."""
+
+    bootstrap: dict[str, Any] = setting("fid.bootstrap", OMITTED)
+
+
+@dataclasses.dataclass(frozen=True)
 class QuantizeSettings(StageSettings):
     """A config slice: quantization.clip for the clip-and-round precisions, nothing for min-max."""
 
@@ -345,6 +352,11 @@ def _fid_reference(config: Mapping[str, Any]) -> FidReferenceSettings:
     return FidReferenceSettings(**{k: v for k, v in section(config, "fid").items() if k not in FID_ONLY_KEYS})
 
 
+def _kid_reference(config: Mapping[str, Any]) -> KidReferenceSettings:
+    bootstrap = section(config, "fid").get("bootstrap")
+    return KidReferenceSettings() if bootstrap is None else KidReferenceSettings(bootstrap=bootstrap)
+
+
 def _quantize(config: Mapping[str, Any], precision: str) -> QuantizeSettings:
     # Only clip-and-round reads the config: a clip edit reruns the intBclip jobs and leaves the
     # min-max ones (and their samples) alone.
@@ -382,6 +394,7 @@ METRICS = ("lpf", "perturbation", "surface", "hessian", "exposure")
 SETTINGS: dict[str, tuple[type[StageSettings], Callable[..., StageSettings]]] = {
     "prepare": (PrepareSettings, lambda config, dataset, **_: _prepare(config, dataset)),
     "fid_reference": (FidReferenceSettings, lambda config, **_: _fid_reference(config)),
+    "kid_reference": (KidReferenceSettings, lambda config, **_: _kid_reference(config)),
     "calibration_floor": (CalibrationSettings, lambda config, **_: _calibration(config, "floor")),
     "calibration_static": (CalibrationSettings, lambda config, **_: _calibration(config, "static")),
     "train": (TrainSettings, lambda config, dataset, recipe, seed, **_: _train(config, dataset, recipe, seed)),

@@ -163,3 +163,47 @@ def test_symmetric_kernel_blocks_give_the_full_quadratic_forms(block_rows):
     weights = rng.integers(0, 3, (4, 23)).astype(float)
     full = np.einsum("wi,ij,wj->w", weights, polynomial_kernel(x, x), weights)
     np.testing.assert_allclose(_symmetric_quadratic_forms(x, weights, block_rows), full, rtol=1e-12)
+
+
+def test_kid_reference_terms_give_the_fid_stage_the_same_bits(tmp_path, monkeypatch):
+    """kid-reference computes the reference's share of the KID bootstrap once; a fid job reading it
+    writes the numbers it computes alone, and refuses terms of another reference or bootstrap."""
+    data = write_images(tmp_path / "data.h5", blobs(80, seed=0))
+    reference = build_reference(data, resolve_extractor(TINY), tmp_path / "fid_ref_tiny.h5",
+                                kid_rows=50, batch_size=40)
+    samples = write_images(tmp_path / "good.h5", blobs(60, seed=9))
+
+    def kid_reference(name: str, replicates: int, seed: int):
+        out = tmp_path / name
+        settings = '{"bootstrap": {"fd_replicates": 0, "kid_replicates": %d, "seed": %d}}' % (replicates, seed)
+        assert run_cli(["kid-reference", "--reference", str(reference), "--out", str(out),
+                        "--settings", settings], monkeypatch) == 0
+        return out
+
+    def fid(name: str, *flags: str) -> int:
+        settings = ('{"extractor": "%s", "inception_weights": null, "reference_images": null, "batch_size": 30, '
+                    '"kid_rows": 40, "bootstrap": {"fd_replicates": 3, "kid_replicates": 30, "seed": 1}}' % TINY)
+        return run_cli(["fid", "--samples", str(samples), "--reference", str(reference), "--out",
+                        str(tmp_path / name), "--settings", settings, "--no-progress", *flags], monkeypatch)
+
+    terms = kid_reference("kid_ref_tiny.h5", 40, 1)  # more replicates than the job draws: a prefix serves
+    with h5py.File(terms) as f:
+        assert f["within"].shape == (41,) and f.attrs["bootstrap_seed"] == 1 and f.attrs["n_kid_rows"] == 50
+    assert fid("alone.h5") == 0 and fid("shared.h5", "--kid-reference", str(terms)) == 0
+    alone, shared = read_fid_replicates(tmp_path / "alone.h5"), read_fid_replicates(tmp_path / "shared.h5")
+    assert shared.kid_value == alone.kid_value and np.array_equal(shared.kid_replicates, alone.kid_replicates)
+    assert np.array_equal(shared.fd_replicates, alone.fd_replicates)
+
+    for name, replicates, seed, problem in (("seed.h5", 30, 0, "seed 0"), ("few.h5", 20, 1, "holds 20 replicates")):
+        with pytest.raises(PipelineError, match=problem):
+            evaluate_with(tmp_path, samples, reference, kid_reference(name, replicates, seed))
+    other = build_reference(data, resolve_extractor(TINY), tmp_path / "other" / "fid_ref_tiny.h5",
+                            kid_rows=49, batch_size=40)
+    with pytest.raises(PipelineError, match="another reference file"):
+        evaluate_with(tmp_path, samples, other, terms)
+
+
+def evaluate_with(tmp_path, samples, reference, terms):
+    from pipeline.stages.fid import evaluate
+    return evaluate(samples, reference, tmp_path / "refused.h5", kid_rows=40, fd_bootstrap=0, kid_bootstrap=30,
+                    bootstrap_seed=1, kid_reference=terms)

@@ -40,8 +40,8 @@ from pipeline.stages.fid_reference import build_reference
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = "tiny-random-test-fidelity"
-OUR_STAGES = {"fid-reference": cli.STAGES["fid-reference"], "fid": cli.STAGES["fid"],
-              "calibration-samples": cli.STAGES["calibration-samples"]}
+OUR_STAGES = {"fid-reference": cli.STAGES["fid-reference"], "kid-reference": cli.STAGES["kid-reference"],
+              "fid": cli.STAGES["fid"], "calibration-samples": cli.STAGES["calibration-samples"]}
 
 
 class TinyRandomFeatures(FeatureExtractorBase):

@@ -428,6 +428,7 @@ STAGE_CALLS = {
     "sample": (["--weights", "w.pt", "--dataset", "fashion_mnist", "--steps", "2", "--out", "s.h5"], "sample",
                {"dataset": "fashion_mnist"}),
     "fid": (["--samples", "s.h5", "--reference", "r.h5"], "fid", {}),
+    "kid-reference": (["--reference", "r.h5"], "kid_reference", {}),
     **{metric: (["--weights", "w.pt", "--out", "m.h5", "--dataset", "fashion_mnist"], metric,
                 {"dataset": "fashion_mnist"})
        for metric in ("lpf", "perturbation", "surface", "hessian", "exposure")},

@@ -64,14 +64,17 @@ def test_bad_config_gives_one_clear_message(tmp_path, overlay, message):
 # demo: 3 runs; 3 averages x (fp32 at T' 20, 100 + int8 at 20) = 9 scored variants per run; LPF and
 # exposure on 3 averages, perturbation, surface and Hessian on the raw weights = 9 metric jobs per run.
 # The negative control adds one ADM run (seed 100): its training, raw fp32 samples at T'=20, their FD, its LPF.
-DEMO_PLAN = {"prepare": 1, "calibration_samples": 2, "fid_calibration": 2, "fid_reference": 1, "train": 4,
+# One kid_reference job per dataset: the reference's share of every KID bootstrap.
+DEMO_PLAN = {"prepare": 1, "calibration_samples": 2, "fid_calibration": 2, "fid_reference": 1, "kid_reference": 1,
+             "train": 4,
              "quantize": 9, "sample": 28, "fid": 28, "sample_validation": 1, "fid_validation": 1, "metric": 28,
              "report": 1, "all": 1}
 # cpu-study: ADM and SAM rho 0.1 x 3 seeds at every variant (raw and EMA in fp32 and int8, SWA in fp32: 5
 # scored variants at T'=20; 9 metric jobs: LPF and exposure on 3 averages, the rest on raw weights); SAM rho
 # 0.01, SGD, fSGLD, fSGLD-Adam and IP x 3 seeds on raw weights only (fp32 and int8; 5 metric jobs); three
 # negative-control ADM runs (raw fp32 and LPF). rho is fixed, so no selection samples.
-CPU_STUDY_PLAN = {"prepare": 1, "calibration_samples": 2, "fid_calibration": 2, "fid_reference": 1, "train": 24,
+CPU_STUDY_PLAN = {"prepare": 1, "calibration_samples": 2, "fid_calibration": 2, "fid_reference": 1,
+                  "kid_reference": 1, "train": 24,
                   "quantize": 27, "sample": 63, "fid": 63, "metric": 132, "report": 1, "all": 1}
 
 

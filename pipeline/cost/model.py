@@ -10,7 +10,8 @@ A work unit is one thing calibration times on a device (`python -m pipeline plan
 * `hvp/<model>/b<batch>`       one image's share of a Hessian-vector product.
 * `extract/<extractor>/<res>px/c<channels>`  the features of one image.
 * `fid_fixed/<extractor>/n<N>` what an FD job costs beyond extraction: the extractor's start,
-  moments and the paired bootstrap of FD and KID on N samples.
+  moments and the paired bootstrap of FD and KID on N samples (the reference's KID terms read).
+* `kid_reference/<extractor>/r<rows>/b<replicates>`  the reference's KID bootstrap terms (one job).
 
 <model> is preset, resolution and image channels. Every job also pays `startup_seconds` (the
 start-up of `python -m pipeline.launch <stage>` forked by the fork server of a local run; a
@@ -74,6 +75,13 @@ def fid_fixed_key(config: Mapping[str, Any], n: int) -> str:
     return f"fid_fixed/{section(config, 'fid', 'extractor')}/n{int(n)}"
 
 
+def kid_reference_key(config: Mapping[str, Any], dataset: str) -> str:
+    fid = section(config, "fid")
+    rows = min(reference_count(config, dataset), int(fid["kid_rows"]))
+    replicates = int((fid.get("bootstrap") or {}).get("kid_replicates", 0))
+    return f"kid_reference/{fid['extractor']}/r{rows}/b{replicates}"
+
+
 def reference_count(config: Mapping[str, Any], dataset: str) -> int:
     chosen = section(config, "fid", "reference_images")
     if chosen is not None:
@@ -132,6 +140,8 @@ def job_units(job: Job, config: Mapping[str, Any]) -> dict[str, float]:
         return _fid_units(config, w["dataset"], int(w["n"]))
     if rule == "fid_reference":
         return {extract_key(config, w["dataset"]): reference_count(config, w["dataset"])}
+    if rule == "kid_reference":
+        return {kid_reference_key(config, w["dataset"]): 1}
     if rule == "metric":
         return metric_units(config, w["dataset"], w["metric"])
     raise PipelineError(f"no cost model for rule '{rule}'; add it to pipeline/cost/model.py.")

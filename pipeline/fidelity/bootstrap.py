@@ -20,12 +20,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable, Mapping
 
 import numpy as np
 
 from pipeline.errors import PipelineError
-from pipeline.io.integrity import open_verified_h5
+from pipeline.io.integrity import open_verified_h5, sealed_h5
+from pipeline.io.provenance import write_attrs
 
 SAMPLES = "samples"
 REFERENCE = "reference"
@@ -172,15 +173,30 @@ def _within_term(features: np.ndarray, counts: np.ndarray) -> np.ndarray:
     return (total - squared @ diagonal) / (counts.sum(axis=1) ** 2 - squared.sum(axis=1))
 
 
+def reference_within_terms(reference_features: np.ndarray, replicates: int, seed: int) -> np.ndarray:
+    """The reference's within-set kernel means of kid_replicates, (1 + replicates,) float64.
+
+    Entry 0 is the mean over all rows, entry 1 + b that of replicate b's resample. They depend on
+    the reference rows, the seed and b only, so every fid job against one reference shares them;
+    the kid-reference stage computes them once (the largest kernel of an FD job: r^2 entries).
+    """
+    y = np.asarray(reference_features, dtype=np.float64)
+    if y.shape[0] < 2:
+        raise PipelineError(f"KID needs at least 2 reference feature rows; got {y.shape[0]}.")
+    return _within_term(y, _counts(y.shape[0], seed, replicates, REFERENCE))
+
+
 def kid_replicates(sample_features: np.ndarray, reference_features: np.ndarray, replicates: int,
-                   seed: int) -> tuple[float, np.ndarray]:
+                   seed: int, reference_within: np.ndarray | None = None) -> tuple[float, np.ndarray]:
     """Unbiased polynomial-kernel MMD^2 on all rows and on `replicates` paired resamples.
 
     sample_features (m, D) in sample order, reference_features (r, D). Replicate b resamples the
     sample rows at resample_positions(m, seed, b, "samples") and the reference rows at
     resample_positions(r, seed, b, "reference"); within-set means skip pairs of a row with itself
     (see _within_term). Returns (KID on all rows, float64 (replicates,)).
-    The kernel matrices are built once, in blocks, for all replicates together.
+    The kernel matrices are built once, in blocks, for all replicates together; reference_within,
+    reference_within_terms(reference_features, R, seed) for any R >= replicates, skips the
+    reference's own (the same numbers, computed once per reference).
     """
     x = np.asarray(sample_features, dtype=np.float64)
     y = np.asarray(reference_features, dtype=np.float64)
@@ -192,7 +208,15 @@ def kid_replicates(sample_features: np.ndarray, reference_features: np.ndarray, 
     cx = _counts(m, seed, replicates, SAMPLES)
     cy = _counts(r, seed, replicates, REFERENCE)
     cross = _quadratic_forms(x, y, cx, cy, polynomial_kernel) / (m * r)
-    mmd = _within_term(x, cx) + _within_term(y, cy) - 2.0 * cross
+    if reference_within is None:
+        within_y = _within_term(y, cy)
+    elif len(reference_within) < 1 + replicates:
+        raise PipelineError(f"the reference's KID terms cover {len(reference_within) - 1} replicates, "
+                            f"fewer than the {replicates} asked for; rerun kid-reference with "
+                            f"fid.bootstrap.kid_replicates >= {replicates}.")
+    else:
+        within_y = np.asarray(reference_within, dtype=np.float64)[:1 + replicates]
+    mmd = _within_term(x, cx) + within_y - 2.0 * cross
     return float(mmd[0]), mmd[1:]
 
 
@@ -251,3 +275,32 @@ def check_paired(a: FidReplicates, b: FidReplicates) -> None:
     if differing:
         raise PipelineError(f"{a.path} and {b.path} are not paired: {', '.join(differing)} differ; "
                             f"compute both with the same N, seeds and reference.")
+
+
+# ------------------------------------------------------------------------------------------
+# The reference's KID terms, computed once per reference by the kid-reference stage.
+
+def write_reference_within(path: str | Path, within: np.ndarray, attrs: Mapping[str, Any]) -> None:
+    """Write the (1 + R,) terms of reference_within_terms as dataset "within", with `attrs`."""
+    with sealed_h5(path) as f:
+        f.create_dataset("within", data=np.asarray(within, dtype=np.float64))
+        write_attrs(f, dict(attrs))
+
+
+def read_reference_within(path: str | Path, reference_sha256: str, replicates: int, seed: int) -> np.ndarray:
+    """The terms of a kid-reference file, checked against the reference and the bootstrap in use."""
+    path = Path(path)
+    fix = "delete it and rerun its kid_reference job"
+    with open_verified_h5(path, fix) as f:
+        if "within" not in f or "reference_sha256" not in f.attrs:
+            raise PipelineError(f"{path} is not a kid-reference file (no 'within' terms); {fix}.")
+        attrs = {key: _plain(f.attrs[key]) for key in ("reference_sha256", "bootstrap_seed", "kid_replicates")}
+        within = f["within"][...]
+    if attrs["reference_sha256"] != reference_sha256:
+        raise PipelineError(f"{path} was computed from another reference file than the one given "
+                            f"(sha256 {attrs['reference_sha256'][:12]}... vs {reference_sha256[:12]}...); {fix}.")
+    if attrs["bootstrap_seed"] != seed or attrs["kid_replicates"] < replicates:
+        raise PipelineError(f"{path} holds {attrs['kid_replicates']} replicates of bootstrap seed "
+                            f"{attrs['bootstrap_seed']}, but this fid job draws {replicates} with seed {seed}; {fix} "
+                            f"with the same fid.bootstrap.")
+    return within

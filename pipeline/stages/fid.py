@@ -35,7 +35,7 @@ import torch_fidelity
 
 from pipeline.arguments import add_config_arguments, int_at_least, nonnegative_int, positive_int
 from pipeline.errors import PipelineError
-from pipeline.fidelity.bootstrap import fd_replicates, kid_replicates
+from pipeline.fidelity.bootstrap import fd_replicates, kid_replicates, read_reference_within
 from pipeline.fidelity.extractors import resolve_extractor
 from pipeline.fidelity.stats import (DEFAULT_KID_ROWS, H5Images, feature_statistics, frechet_distance,
                                      h5_attrs, h5_safe_attrs, image_shape, kernel_distance,
@@ -53,11 +53,13 @@ def evaluate(samples: str | Path, reference: str | Path, out: str | Path | None 
              kid_rows: int = DEFAULT_KID_ROWS, kid_subsets: int = 0, kid_subset_size: int = 1000,
              batch_size: int = 64, seed: int = 0, progress: bool = False,
              fd_bootstrap: int = 0, kid_bootstrap: int = 0, bootstrap_seed: int = 0,
+             kid_reference: str | Path | None = None,
              settings: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """Compute FD and KID of `samples` against `reference`, write `out`, return its attributes.
 
     fd_bootstrap / kid_bootstrap: paired bootstrap replicates of FD and KID (0 = none), drawn
-    from bootstrap_seed. kid_subsets > 0 adds torch-fidelity's subset KID (kid_mean, kid_std). `out` defaults to fid_{extractor}.h5 beside the samples; the returned
+    from bootstrap_seed. kid_subsets > 0 adds torch-fidelity's subset KID (kid_mean, kid_std).
+    kid_reference: the reference's KID terms from `kid-reference` (same numbers, less work). `out` defaults to fid_{extractor}.h5 beside the samples; the returned
     mapping also holds the path written under "out" (the replicate arrays are in the file only).
     """
     start = time.time()
@@ -101,8 +103,11 @@ def evaluate(samples: str | Path, reference: str | Path, out: str | Path | None 
                       bar=progress) as bar:
             fd_reps = fd_replicates(stats.features, ref.stats.mu, ref.stats.sigma, ref.sigma_sqrt,
                                     fd_bootstrap, bootstrap_seed, on_replicate=bar.update)
+    reference_sha256 = artifact_sha256(reference, "delete it and rerun fid-reference")
+    within = (None if kid_reference is None else
+              read_reference_within(kid_reference, reference_sha256, kid_bootstrap, bootstrap_seed))
     kid_value, kid_reps = kid_replicates(stats.kid_features, ref.stats.kid_features, kid_bootstrap,
-                                         bootstrap_seed)
+                                         bootstrap_seed, reference_within=within)
 
     numbers = {"FD": value, "KID value": kid_value, "FD bootstrap replicates": fd_reps,
                "KID bootstrap replicates": kid_reps, **{name: subset_kid[name] for name in ("kid_mean", "kid_std")
@@ -147,7 +152,7 @@ def evaluate(samples: str | Path, reference: str | Path, out: str | Path | None 
         "samples_sha256": artifact_sha256(samples, "delete it and rerun the sample rule"),
         "samples_attrs_json": json.dumps(stable_attrs(h5_attrs(samples)), sort_keys=True, default=str),
         "reference_path": str(reference),
-        "reference_sha256": artifact_sha256(reference, "delete it and rerun fid-reference"),
+        "reference_sha256": reference_sha256,
         "reference_data_sha256": ref.attrs.get("data_sha256", ""),
         "wall_time_s": time.time() - start,
     })
@@ -163,6 +168,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--samples", required=True, help="samples.h5 with uint8 'images' (N, H, W, C)")
     parser.add_argument("--reference", required=True, help="fid_ref_{extractor}.h5 from fid-reference")
     parser.add_argument("--out", default=None, help="output (default: fid_{extractor}.h5 beside --samples)")
+    parser.add_argument("--kid-reference", default=None,
+                        help="kid_ref_{extractor}.h5 from kid-reference: the reference's KID bootstrap terms, "
+                             "computed once instead of in every job (same numbers)")
     add_config_arguments(parser, "the config's fid: entries (pipeline.settings.FidSettings)", reads="fid")
     parser.add_argument("--inception-weights", default=None, metavar="PATH",
                         help="Inception weights file (default: fid.inception_weights, then the torch "
@@ -212,7 +220,8 @@ def run(args: argparse.Namespace) -> None:
             raise PipelineError(f"--{flag} is {value}; it must be at least {least}.")
     samples = Path(args.samples)
     weights = args.inception_weights or fid.get("inception_weights")
-    settings = {"samples": str(samples), "reference": str(args.reference), "inception_weights": weights,
+    settings = {"samples": str(samples), "reference": str(args.reference), "kid_reference": args.kid_reference,
+                "inception_weights": weights,
                 "max_samples": args.max_samples, "kid_rows": kid_rows,
                 "kid_subsets": kid_subsets, "kid_subset_size": kid_subset_size,
                 "batch_size": batch_size, "seed": args.seed, "fd_replicates": fd_bootstrap,
@@ -222,6 +231,6 @@ def run(args: argparse.Namespace) -> None:
                      fd_bootstrap=fd_bootstrap, kid_bootstrap=kid_bootstrap, bootstrap_seed=bootstrap_seed,
                      kid_subsets=kid_subsets, kid_subset_size=kid_subset_size,
                      batch_size=batch_size, seed=args.seed, progress=not args.no_progress,
-                     settings=settings)
+                     kid_reference=args.kid_reference, settings=settings)
     logger.info(f"fid: wrote {attrs['out']}: {attrs['metric_name']} = {attrs['value']:.4f}, KID = "
                 f"{attrs['kid_value']:.5f} (N = {attrs['n_samples']}, {attrs['extractor']})")

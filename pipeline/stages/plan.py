@@ -123,6 +123,11 @@ def unit_spec(key: str, config: Mapping[str, Any], device: str, max_batch: int, 
                     kid_replicates=int(bootstrap.get("kid_replicates", 0)),
                     kid_subsets=int(fid.get("kid_subsets", 0)), kid_subset_size=int(fid.get("kid_subset_size", 1000)),
                     inception_weights=fid.get("inception_weights"))
+    elif kind == "kid_reference":
+        extractor, rows, replicates = rest.split("/")
+        spec.update(extractor=extractor, rows=int(rows.removeprefix("r")),
+                    replicates=int(replicates.removeprefix("b")),
+                    inception_weights=section(config, "fid").get("inception_weights"))
     else:
         raise PipelineError(f"no calibration for work unit '{key}'.")
     return spec
@@ -177,6 +182,8 @@ def measure(spec: Mapping[str, Any]) -> dict[str, Any]:
         seconds = _measure_model_unit(spec, device, sync)
     elif kind == "extract":
         seconds = _measure_extract(spec, cuda, sync)
+    elif kind == "kid_reference":
+        seconds = _measure_kid_reference(spec)
     else:
         seconds = _measure_fid_fixed(spec, cuda)
     import resource
@@ -197,6 +204,7 @@ def _measure_model_unit(spec, device, sync) -> float:
     from pipeline.flatness.evalset import effective_terms, per_sample_loss
     from pipeline.flatness.hessian import HessianOperator, twice_differentiable
     from pipeline.flatness.weights import randn_like_params, trainable_parameters
+    from pipeline.nn.channels_last_norm import channels_last_inference
     from pipeline.nn.presets import build_unet
     from pipeline.stages.sample import build_sampling_model, sample_range, sampling_diffusion
 
@@ -223,6 +231,9 @@ def _measure_model_unit(spec, device, sync) -> float:
     t = torch.randint(0, diffusion.num_timesteps, (b,), generator=generator).to(device)
     noise = torch.randn(shape, generator=generator).to(device)
     if spec["kind"] == "loss":
+        if device.type == "cpu":  # as the loss-based measures run it (pipeline.stages.metric_common)
+            model = channels_last_inference(model)
+
         def run():
             with torch.no_grad():
                 per_sample_loss(model, diffusion, x0, t, noise, terms).sum().item()
@@ -290,7 +301,7 @@ def _measure_fid_fixed(spec, cuda) -> float:
     """Extractor construction plus the FD, KID and bootstrap arithmetic of one FD job."""
     import numpy as np
 
-    from pipeline.fidelity.bootstrap import fd_replicates, kid_replicates, psd_sqrt
+    from pipeline.fidelity.bootstrap import fd_replicates, kid_replicates, psd_sqrt, reference_within_terms
     from pipeline.fidelity.extractors import resolve_extractor
     from pipeline.fidelity.stats import frechet_distance, kernel_distance
 
@@ -298,7 +309,7 @@ def _measure_fid_fixed(spec, cuda) -> float:
     start = _clock()
     net = extractor.build(cuda)
     build = _clock() - start
-    dim = int(extractor.feature_layer) if extractor.feature_layer.isdigit() else 2048
+    dim = _feature_dim(extractor)
     del net
     rng = np.random.default_rng(0)
     n = int(spec["n"])
@@ -307,6 +318,8 @@ def _measure_fid_fixed(spec, cuda) -> float:
     ref_mu, ref_sigma = reference.mean(0).astype(np.float64), np.cov(reference, rowvar=False)
     ref_sqrt = psd_sqrt(ref_sigma)  # computed once per reference file, not per job; timed here anyway
     kid_features = features[: int(spec["kid_rows"])]
+    # Read from the kid_reference job's file, not computed (that job is costed on its own).
+    reference_within = reference_within_terms(reference, int(spec["kid_replicates"]), 0)
 
     def arithmetic():
         mu, sigma = features.mean(0).astype(np.float64), np.cov(features, rowvar=False)
@@ -316,11 +329,29 @@ def _measure_fid_fixed(spec, cuda) -> float:
                             subset_size=int(spec["kid_subset_size"]), seed=0)
         if spec["fd_replicates"]:
             fd_replicates(features, ref_mu, ref_sigma, ref_sqrt, int(spec["fd_replicates"]), 0)
-        kid_replicates(kid_features, reference, int(spec["kid_replicates"]), 0)
+        kid_replicates(kid_features, reference, int(spec["kid_replicates"]), 0, reference_within=reference_within)
 
     start = _clock()
     arithmetic()
     return build + _clock() - start
+
+
+def _feature_dim(extractor) -> int:
+    return int(extractor.feature_layer) if extractor.feature_layer.isdigit() else 2048
+
+
+def _measure_kid_reference(spec) -> float:
+    """The reference's KID bootstrap terms (kid-reference) for random features of the extractor's size."""
+    import numpy as np
+
+    from pipeline.fidelity.bootstrap import reference_within_terms
+    from pipeline.fidelity.extractors import resolve_extractor
+
+    dim = _feature_dim(resolve_extractor(spec["extractor"], spec.get("inception_weights")))
+    reference = np.random.default_rng(0).standard_normal((int(spec["rows"]), dim)).astype(np.float32)
+    start = _clock()
+    reference_within_terms(reference, int(spec["replicates"]), 0)
+    return _clock() - start
 
 
 # ---------------------------------------------------------------------------------------------

@@ -54,6 +54,7 @@ def code(stage):
 CODE = {
     "prepare": code("prepare"),
     "fid_reference": code("fid-reference"),
+    "kid_reference": code("kid-reference"),
     "calibration_samples": code("calibration-samples"),
     "train": code("train"),
     "quantize": code("quantize"),

@@ -45,6 +45,29 @@ rule fid_reference:
         "--settings {params.settings:q} --out {output:q} --no-progress 2> {log:q}"
 
 
+# The reference's share of every KID bootstrap, once for all the fid jobs (pipeline/stages/kid_reference.py).
+rule kid_reference:
+    input:
+        reference=layout.fid_reference(RESULTS, "{dataset}", "{extractor}"),
+        code=CODE["kid_reference"],
+    output:
+        layout.kid_reference(RESULTS, "{dataset}", "{extractor}"),
+    log:
+        f"{RESULTS}/logs/kid_reference/{{dataset}}_{{extractor}}.log",
+    conda:
+        "../envs/pipeline.yaml"
+    threads: 1
+    resources:
+        mem_mb=8000,
+        runtime=60,
+        gpu=0,
+    params:
+        settings=lambda w: as_settings(stage_settings(config, "kid_reference", dataset=w.dataset)),
+    shell:
+        f"{PIPELINE}kid-reference --reference {{input.reference:q}} --settings {{params.settings:q}} "
+        "--out {output:q} 2> {log:q}"
+
+
 rule calibration_samples:
     input:
         data=layout.data(RESULTS, "{dataset}"),

@@ -124,6 +124,7 @@ for fd_rule, (fd_samples, fd_out, fd_job) in FD_JOBS.items():
         input:
             samples=fd_samples,
             reference=layout.fid_reference(RESULTS, "{dataset}", "{extractor}"),
+            kid_reference=layout.kid_reference(RESULTS, "{dataset}", "{extractor}"),
             code=CODE["fid"],
         output:
             fd_out,
@@ -140,7 +141,8 @@ for fd_rule, (fd_samples, fd_out, fd_job) in FD_JOBS.items():
             settings=lambda w: as_settings(stage_settings(config, "fid", dataset=w.dataset)),
         shell:
             f"{PIPELINE}fid --samples {{input.samples:q}} --reference {{input.reference:q}} "
-            "--settings {params.settings:q} --out {output:q} --no-progress 2> {log:q}"
+            "--kid-reference {input.kid_reference:q} --settings {params.settings:q} --out {output:q} "
+            "--no-progress 2> {log:q}"
 
 
 # Which metrics need a GPU on the cluster: all of them run the UNet many times.
