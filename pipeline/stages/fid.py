@@ -58,9 +58,11 @@ def evaluate(samples: str | Path, reference: str | Path, out: str | Path | None 
     """Compute FD and KID of `samples` against `reference`, write `out`, return its attributes.
 
     fd_bootstrap / kid_bootstrap: paired bootstrap replicates of FD and KID (0 = none), drawn
-    from bootstrap_seed. kid_subsets > 0 adds torch-fidelity's subset KID (kid_mean, kid_std).
-    kid_reference: the reference's KID terms from `kid-reference` (same numbers, less work). `out` defaults to fid_{extractor}.h5 beside the samples; the returned
-    mapping also holds the path written under "out" (the replicate arrays are in the file only).
+    from bootstrap_seed; kid_reference: the reference's share of the KID replicates, from
+    `kid-reference` (the same numbers, computed once per reference). kid_subsets > 0 adds
+    torch-fidelity's subset KID (kid_mean, kid_std). `out` defaults to fid_{extractor}.h5 beside
+    the samples; the returned mapping also holds the path written under "out" (the replicate arrays
+    are in the file only).
     """
     start = time.time()
     samples, reference = Path(samples), Path(reference)
@@ -77,6 +79,11 @@ def evaluate(samples: str | Path, reference: str | Path, out: str | Path | None 
             f"differ from those of the reference {reference} (sha256 {ref.attrs['weights_sha256']}, "
             f"file {ref.attrs.get('weights_path', '?')}); pass the reference's weights with "
             f"--inception-weights or recompute the reference.")
+
+    # The reference's KID terms must be this reference's and this bootstrap's: checked before any work.
+    reference_sha256 = artifact_sha256(reference, "delete it and rerun fid-reference")
+    within = (None if kid_reference is None else
+              read_reference_within(kid_reference, reference_sha256, kid_bootstrap, bootstrap_seed))
 
     expected = (ref.attrs["image_height"], ref.attrs["image_width"], ref.attrs["image_channels"])
     if (height, width, channels) != tuple(expected):
@@ -103,15 +110,13 @@ def evaluate(samples: str | Path, reference: str | Path, out: str | Path | None 
                       bar=progress) as bar:
             fd_reps = fd_replicates(stats.features, ref.stats.mu, ref.stats.sigma, ref.sigma_sqrt,
                                     fd_bootstrap, bootstrap_seed, on_replicate=bar.update)
-    reference_sha256 = artifact_sha256(reference, "delete it and rerun fid-reference")
-    within = (None if kid_reference is None else
-              read_reference_within(kid_reference, reference_sha256, kid_bootstrap, bootstrap_seed))
     kid_value, kid_reps = kid_replicates(stats.kid_features, ref.stats.kid_features, kid_bootstrap,
                                          bootstrap_seed, reference_within=within)
 
     numbers = {"FD": value, "KID value": kid_value, "FD bootstrap replicates": fd_reps,
-               "KID bootstrap replicates": kid_reps, **{name: subset_kid[name] for name in ("kid_mean", "kid_std")
-                                                      if name in subset_kid}}
+               "KID bootstrap replicates": kid_reps,
+               **{label: subset_kid[key] for key, label in (("kid_mean", "KID mean"), ("kid_std", "KID std"))
+                  if key in subset_kid}}
     for label, number in numbers.items():
         if not np.isfinite(number).all():
             raise PipelineError(f"fid: the {label} of {samples} against {reference} is not finite, so "
