@@ -12,6 +12,7 @@ import socket
 import sys
 from typing import Sequence
 
+from pipeline.allocator import reexec_with_tuned_allocator, tuned_environment
 from pipeline.launch import wire
 
 # Signals a job's process can get from Snakemake or a terminal: the child gets them too.
@@ -27,6 +28,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         status = run_through_server(path, argv)
         if status is not None:
             return status
+    # Its own process from here on (a cluster job, a plain shell): glibc's tunables first.
+    reexec_with_tuned_allocator()
     from pipeline.cli import main as run_stage
     return run_stage(argv)
 
@@ -44,8 +47,11 @@ def run_through_server(path: str, argv: list[str]) -> int | None:
     with sock:
         # Our standard descriptors go to the child: it writes into this job's log, reads its stdin.
         targets = [fd for fd in (0, 1, 2) if wire.is_open(fd)]
-        request = {"argv": argv, "argv0": sys.argv[0], "cwd": os.getcwd(), "environment": dict(os.environ),
-                   "umask": _umask(), "targets": targets, "fingerprint": wire.fingerprint(dict(os.environ))}
+        # The environment this job would have in a process of its own, which re-executes itself
+        # with the malloc tunables (pipeline/allocator.py); the server has them too.
+        environment = tuned_environment(os.environ) or dict(os.environ)
+        request = {"argv": argv, "argv0": sys.argv[0], "cwd": os.getcwd(), "environment": environment,
+                   "umask": _umask(), "targets": targets, "fingerprint": wire.fingerprint(environment)}
         wire.send_message(sock, request, targets)
         reply, _ = wire.receive_message(sock)
         if reply is None:

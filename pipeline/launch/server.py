@@ -25,6 +25,7 @@ import socket
 import sys
 import traceback
 
+from pipeline.allocator import reexec_with_tuned_allocator
 from pipeline.launch import wire
 
 PRELOADED = ("torch", "torchvision", "torch_fidelity", "torch._dynamo")
@@ -311,6 +312,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--socket", required=True, help="path of the Unix socket to listen on")
     parser.add_argument("--watch-pid", type=int, help="stop taking jobs when this process (Snakemake) ends")
     args = parser.parse_args(argv)
+    # The children share the server's malloc, whose tunables glibc read when the server started.
+    reexec_with_tuned_allocator()
     # One thread per pool while importing: with more, torch's import starts OpenMP's pool, which
     # the children would inherit as a broken copy. Each child sets its job's count (wire.py).
     os.environ.update(wire.SERVER_THREADS)

@@ -17,14 +17,14 @@ SOCKET_VARIABLE = "PIPELINE_FORK_SERVER"
 OFF = "off"
 _LENGTH = struct.Struct("!I")
 
-# Variables read when torch, OpenMP, MKL, OpenBLAS or Python start: a forked child would keep the
-# server's values, so a job whose values differ runs in its own process instead. The server imports
-# with one thread of each pool (OMP_, MKL_ and OPENBLAS_NUM_THREADS=1); the child applies the job's
-# OMP_NUM_THREADS and MKL_NUM_THREADS (torch.set_num_threads sets both) before its first operation.
-# OpenBLAS (numpy, scipy) cannot be widened after fork: jobs with OPENBLAS_NUM_THREADS other than
-# 1 (Snakemake sets it to the job's threads) run in their own process.
+# Variables read when torch, OpenMP, MKL, OpenBLAS, Python or glibc (GLIBC_TUNABLES) start: a forked
+# child would keep the server's values, so a job whose values differ runs in its own process instead.
+# The server imports with one thread of each pool (OMP_, MKL_ and OPENBLAS_NUM_THREADS=1); the child
+# applies the job's OMP_NUM_THREADS and MKL_NUM_THREADS (torch.set_num_threads sets both) before its
+# first operation. OpenBLAS (numpy, scipy) cannot be widened after fork: jobs with
+# OPENBLAS_NUM_THREADS other than 1 (Snakemake sets it to the job's threads) run in their own process.
 IMPORT_TIME_PREFIXES = ("PYTHON", "TORCH", "PYTORCH", "OMP_", "GOMP_", "KMP_", "MKL_", "OPENBLAS_", "LD_",
-                        "CUDA_", "NVIDIA_", "TORCHINDUCTOR_", "TRITON_", "MALLOC_")
+                        "CUDA_", "NVIDIA_", "TORCHINDUCTOR_", "TRITON_", "MALLOC_", "GLIBC_")
 APPLIED_IN_CHILD = {"OMP_NUM_THREADS", "MKL_NUM_THREADS", SOCKET_VARIABLE}
 SERVER_THREADS = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}
 
