@@ -17,6 +17,7 @@ import h5py
 import pytest
 import torch
 
+from pipeline import allocator
 from pipeline.io.integrity import save_torch
 from pipeline.launch import wire
 from pipeline.nn.presets import build_unet
@@ -107,6 +108,17 @@ def test_server_imports_start_no_threads(server):
     OMP_NUM_THREADS, where `import torch` alone would start OpenMP's pool."""
     process, _ = server
     assert os.listdir(f"/proc/{process.pid}/task") == [str(process.pid)]
+
+
+@pytest.mark.skipif(not allocator._is_glibc_linux(), reason="GLIBC_TUNABLES is glibc's")
+def test_server_runs_with_the_malloc_tunables(server):
+    """Started without them, the server re-executed itself with them (its children share its malloc)."""
+    process, _ = server
+    assert "GLIBC_TUNABLES" not in os.environ
+    # The raw block, not split: glibc cuts the variable's copy there into pieces as it parses it.
+    raw = Path(f"/proc/{process.pid}/environ").read_bytes()
+    assert b"GLIBC_TUNABLES=" in raw
+    assert all(f"{key}={value}".encode() in raw for key, value in allocator.TUNABLES.items())
 
 
 def test_quantize_through_server_writes_the_same_content(server, tiny_weights, tmp_path):
