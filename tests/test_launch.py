@@ -111,6 +111,7 @@ def test_server_imports_start_no_threads(server):
 
 
 @pytest.mark.skipif(not allocator._is_glibc_linux(), reason="GLIBC_TUNABLES is glibc's")
+@pytest.mark.skipif(os.environ.get("PIPELINE_ALLOCATOR") == "system", reason="PIPELINE_ALLOCATOR=system set")
 def test_server_runs_with_the_malloc_tunables(server):
     """Started without them, the server re-executed itself with them (its children share its malloc)."""
     process, _ = server
